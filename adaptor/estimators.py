@@ -1,0 +1,86 @@
+"""Gradient estimators: step 1 of the generic algorithm, ``g_k = φ(θ_k, Z_k)``.
+
+An estimator leaves ``g_k`` in ``p.grad`` for the parameters it estimates and returns the
+loss (or ``None``). The explored optimizer then replaces the gradients in place and calls
+the base optimizer. The protocol is deliberately small so that users can write their own:
+
+    class MyEstimator(GradEstimator):
+        requires_closure = True
+        def estimate(self, closure, param_groups):
+            ...                     # write p.grad for every parameter of param_groups
+            return loss             # a tensor on the device, or None
+
+Estimators must not read device values on the host (no ``.item()``, ``bool(tensor)``):
+the explored optimizer's ``step()`` stays free of host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Closure = Callable[[], Any]
+
+
+class GradEstimator:
+    """Base class (and protocol) of gradient estimators.
+
+    Attributes:
+        requires_closure: ``True`` when ``estimate`` cannot work without a closure
+            (finite-difference estimators evaluate the loss themselves).
+    """
+
+    requires_closure: bool = False
+
+    def estimate(self, closure: Closure | None, param_groups: Sequence[dict]) -> Any:
+        """Leave ``g_k`` in ``p.grad`` of the parameters in ``param_groups``; return the loss."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever the estimator needs to resume bit-exactly (e.g. a random state)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state_dict:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state but the state dict holds "
+                f"{sorted(state_dict)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Autograd(GradEstimator):
+    """First-order estimation by backpropagation: ``g_k = ∇ℓ(θ_k, Z_k)``.
+
+    Without a closure the gradients already in ``p.grad`` (from the user's
+    ``loss.backward()``) are used as they are. With a closure, the closure is run under
+    ``torch.enable_grad()`` and must call ``backward()`` itself, as torch's closures do.
+    """
+
+    requires_closure = False
+
+    def estimate(self, closure: Closure | None, param_groups: Sequence[dict]) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+def check_estimator(estimator: object) -> GradEstimator:
+    """Validate the estimator argument of :func:`adaptor.explore`."""
+    if isinstance(estimator, type):
+        raise TypeError(
+            f"grad_estimator must be an instance, got the class {estimator.__name__}; "
+            f"write {estimator.__name__}()"
+        )
+    if not callable(getattr(estimator, "estimate", None)):
+        raise TypeError(
+            "grad_estimator must implement estimate(closure, param_groups) "
+            f"(see adaptor.GradEstimator), got {type(estimator).__name__}"
+        )
+    return estimator  # type: ignore[return-value]

@@ -1,0 +1,328 @@
+"""The explored optimizer: ``explore(grad_estimator, base_update)`` and ``E(base)``.
+
+At every step (the paper's Algorithm 5):
+
+1. gradient estimation — the estimator leaves ``g_k`` in ``p.grad``;
+2. gradient replacement — ``a_k = β·a_{k-1} + (1-β)·(g_k - g_{k-1})``, ``g̃_k = g_k + α·a_k``,
+   in place on ``p.grad`` with one buffer per parameter (:mod:`adaptor.replacement`);
+3. base update — ``base.step()`` with no closure, so the base sees ``g̃_k``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adaptor.estimators import Autograd, Closure, GradEstimator, check_estimator
+from adaptor.replacement import (
+    check_alpha_beta,
+    fused_supported,
+    replace_foreach_,
+    replace_fused_,
+)
+from adaptor.telemetry import Telemetry
+
+ALPHA_KEY = "explore_alpha"
+BETA_KEY = "explore_beta"
+BUFFER_KEY = "explore_buffer"
+ESTIMATOR_KEY = "explore_estimator"
+
+
+def _needs_own_closure(base: Optimizer) -> bool:
+    """True for bases such as L-BFGS whose ``step`` must re-evaluate the loss itself."""
+    if isinstance(base, torch.optim.LBFGS):
+        return True
+    try:
+        parameter = inspect.signature(base.step).parameters.get("closure")
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+class ExploredOptimizer(Optimizer):
+    r"""A ``torch.optim.Optimizer`` that explores: the base optimizer fed ``g̃ = g + α·a``.
+
+    .. math::
+        a_k = β a_{k-1} + (1-β)(g_k - g_{k-1}),\quad \tilde g_k = g_k + α a_k,\quad
+        θ_{k+1} = ψ(θ_k, \tilde g_k, …)
+
+    Build it with :func:`explore` or :func:`E`. It shares the base's ``param_groups`` (the
+    same list and dicts), so LR schedulers, ``add_param_group`` and per-group α/β work; α
+    and β live in each group under ``explore_alpha`` and ``explore_beta`` and may be
+    changed between steps (``|α| < 1/(1-β)``, ``0 <= β < 1``, checked at every step before
+    anything is modified). Changing β mid-run applies to the buffer formed under the old β.
+
+    After ``step()`` each ``p.grad`` holds ``g̃`` (the replacement is in place). Parameters
+    whose ``grad`` is ``None`` are skipped and their state is untouched. The adaptor keeps
+    exactly one buffer per parameter, ``state[p]["explore_buffer"]``.
+
+    Args:
+        grad_estimator: how ``g_k`` is obtained (:class:`Autograd`, ``backends.SPSA``, ...).
+        base_update: any ``torch.optim.Optimizer`` whose ``step()`` works without a closure.
+        alpha: scaling factor α; negative explores (flatter minima), positive exploits.
+        beta: persistence factor β of the EMA of gradient differences.
+        fused: run the replacement as one compiled pass per large tensor (``torch.compile``;
+            the first step compiles for some seconds). ``None`` (default) fuses on CUDA and
+            uses foreach ops elsewhere.
+        telemetry: record, per step and as device tensors (no host sync), ``‖g‖``, ``‖a‖``
+            and ``‖α·a‖/‖g‖`` in :attr:`telemetry`. Off by default; free when off.
+    """
+
+    def __init__(
+        self,
+        grad_estimator: GradEstimator,
+        base_update: Optimizer,
+        *,
+        alpha: float = -5.0,
+        beta: float = 0.99,
+        fused: bool | None = None,
+        telemetry: bool = False,
+    ) -> None:
+        estimator = check_estimator(grad_estimator)
+        if not isinstance(base_update, Optimizer):
+            raise TypeError(
+                "base_update must be a torch.optim.Optimizer instance, got "
+                f"{type(base_update).__name__}"
+            )
+        if isinstance(base_update, ExploredOptimizer):
+            raise TypeError("base_update is already an explored optimizer; wrap its base instead")
+        if _needs_own_closure(base_update):
+            raise TypeError(
+                f"{type(base_update).__name__} needs a closure inside its own step() to "
+                "re-evaluate the loss; the adaptor calls base.step() without one (passing it "
+                "on would recompute the gradients and drop α·a), so this base is not supported"
+            )
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be True, False or None, got {fused!r}")
+        check_alpha_beta(alpha, beta)
+
+        self.base = base_update
+        self.estimator = estimator
+        self.fused = fused
+        self._telemetry = Telemetry() if telemetry else None
+        self._initializing = True
+        defaults = {**base_update.defaults, ALPHA_KEY: float(alpha), BETA_KEY: float(beta)}
+        # Optimizer.__init__ wires hooks and the step profiler; the param groups it builds
+        # are the base's own dicts, read through the property below.
+        super().__init__(base_update.param_groups, defaults)
+        self._initializing = False
+
+    # -- the base's param groups, shared -------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if getattr(self, "_initializing", False):
+            return  # Optimizer.__init__ resets the list; ours is the base's.
+        self.base.param_groups = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base; it gets the adaptor's α and β unless it names its own."""
+        self._set_group_defaults(param_group)
+        if not self._initializing:
+            self.base.add_param_group(param_group)
+
+    def _set_group_defaults(self, group: dict[str, Any]) -> tuple[float, float]:
+        group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
+        group.setdefault(BETA_KEY, self.defaults[BETA_KEY])
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+        where = "new param group" if index is None else f"param group {index}"
+        return check_alpha_beta(group[ALPHA_KEY], group[BETA_KEY], where=where)
+
+    # -- stepping ------------------------------------------------------------------------
+
+    def _params_with_grad(self, group: dict[str, Any]) -> Iterator[Tensor]:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield p
+
+    def _check_grads(self) -> None:
+        for index, group in enumerate(self.param_groups):
+            for p in self._params_with_grad(group):
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"explore does not support sparse gradients (param group {index}); "
+                        "use a dense gradient or torch.optim.SparseAdam without the adaptor"
+                    )
+
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """Estimate the gradient, replace it in place, then run ``base.step()``.
+
+        ``closure`` is evaluated by the estimator (for :class:`Autograd`: under
+        ``enable_grad``, and it must call ``backward``). Returns the estimator's loss.
+        """
+        if closure is None and getattr(self.estimator, "requires_closure", False):
+            raise ValueError(
+                f"{type(self.estimator).__name__} needs a closure: pass "
+                "step(closure) with a closure that returns the loss"
+            )
+        # Everything that can fail is checked before anything is modified.
+        hparams = [self._set_group_defaults(group) for group in self.param_groups]
+        loss = self.estimator.estimate(closure, self.param_groups)
+        self._check_grads()
+        with torch.no_grad():
+            self._replace(hparams)
+        self.base.step()
+        return loss
+
+    def _replace(self, hparams: list[tuple[float, float]]) -> None:
+        telemetry = self._telemetry
+        if telemetry is not None:
+            telemetry.begin()
+        for group, (alpha, beta) in zip(self.param_groups, hparams):
+            grads, buffers = [], []
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                buffer = state.get(BUFFER_KEY)
+                if buffer is None:
+                    # c_1 = 0 (g_0 = a_0 = 0): allocated once, on the parameter's device.
+                    buffer = state[BUFFER_KEY] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+                grads.append(p.grad)
+                buffers.append(buffer)
+            if not grads:
+                continue
+            buckets = Optimizer._group_tensors_by_device_and_dtype([grads, buffers])
+            for (device, _), ((bucket_grads, bucket_buffers), _) in buckets.items():
+                if telemetry is not None:
+                    telemetry.observe(bucket_grads, bucket_buffers, alpha, beta)
+                fused = self.fused if self.fused is not None else device.type == "cuda"
+                if fused and fused_supported(device):
+                    replace_fused_(bucket_grads, bucket_buffers, alpha, beta)
+                else:
+                    replace_foreach_(bucket_grads, bucket_buffers, alpha, beta)
+        if telemetry is not None:
+            telemetry.end()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, as the base does (``set_to_none`` as in torch)."""
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def telemetry(self) -> dict[str, Tensor] | None:
+        """``{"grad_norm", "accel_norm", "ratio"}`` of the last step, or ``None`` when off.
+
+        ``grad_norm`` = ‖g_k‖, ``accel_norm`` = ‖a_k‖, ``ratio`` = ‖α·a_k‖/‖g_k‖ (= |α|·‖a‖/‖g‖
+        when all groups share α), each a 0-d tensor on the parameters' device.
+        """
+        return None if self._telemetry is None else self._telemetry.last
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _indexed_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base's state dict (torch's layout) with each parameter's ``explore_buffer``.
+
+        The estimator's state (e.g. SPSA's random state) goes under ``explore_estimator``.
+        """
+        state_dict = self.base.state_dict()
+        packed = dict(state_dict["state"])
+        for index, p in enumerate(self._indexed_params()):
+            buffer = self.state.get(p, {}).get(BUFFER_KEY)
+            if buffer is not None:
+                # A new dict: the base's entries are its live state objects.
+                packed[index] = {**packed.get(index, {}), BUFFER_KEY: buffer}
+        state_dict["state"] = packed
+        estimator_state = self.estimator.state_dict()
+        if estimator_state:
+            state_dict[ESTIMATOR_KEY] = estimator_state
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load what :meth:`state_dict` produced (a plain base state dict also loads).
+
+        Everything is checked before anything is loaded.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        params = self._indexed_params()
+        base_state: dict[Any, Any] = {}
+        buffers: dict[int, Tensor] = {}
+        for key, entry in state_dict["state"].items():
+            if isinstance(entry, dict) and BUFFER_KEY in entry:
+                entry = dict(entry)
+                buffer = entry.pop(BUFFER_KEY)
+                if not isinstance(key, int) or not 0 <= key < len(params):
+                    raise ValueError(
+                        f"state_dict has an explore buffer for parameter index {key!r}, "
+                        f"but the optimizer has {len(params)} parameters"
+                    )
+                if not isinstance(buffer, Tensor) or buffer.shape != params[key].shape:
+                    shape = getattr(buffer, "shape", type(buffer).__name__)
+                    raise ValueError(
+                        f"state_dict explore buffer of parameter {key} has shape {shape}, "
+                        f"the parameter has {tuple(params[key].shape)}"
+                    )
+                buffers[key] = buffer
+            if entry:
+                base_state[key] = entry
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            if ALPHA_KEY in group or BETA_KEY in group:
+                check_alpha_beta(
+                    group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),
+                    group.get(BETA_KEY, self.defaults[BETA_KEY]),
+                    where=f"state_dict param group {index}",
+                )
+        estimator_state = state_dict.get(ESTIMATOR_KEY, {})
+
+        self.base.load_state_dict({**state_dict, "state": base_state})
+        for group in self.param_groups:  # a base-only state dict carries no α/β
+            self._set_group_defaults(group)
+        self.estimator.load_state_dict(estimator_state)
+        self.state.clear()
+        for index, buffer in buffers.items():
+            p = params[index]
+            self.state[p][BUFFER_KEY] = buffer.to(device=p.device, dtype=p.dtype, copy=True)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            f"{g.get(ALPHA_KEY)}/{g.get(BETA_KEY)}" for g in self.param_groups
+        )
+        return (
+            f"{type(self).__name__}(estimator={self.estimator!r}, "
+            f"alpha/beta per group=[{groups}], base={self.base!r})"
+        )
+
+
+def explore(
+    grad_estimator: GradEstimator,
+    base_update: Optimizer,
+    *,
+    alpha: float = -5.0,
+    beta: float = 0.99,
+    fused: bool | None = None,
+    telemetry: bool = False,
+) -> ExploredOptimizer:
+    """Adapt ``base_update`` with the exploration adaptor E and the given gradient estimator.
+
+    ``g̃_k = g_k + α·a_k`` with ``a_k = β·a_{k-1} + (1-β)·(g_k - g_{k-1})`` is fed to the
+    unchanged ``base_update.step()``. See :class:`ExploredOptimizer` for the arguments.
+    """
+    return ExploredOptimizer(
+        grad_estimator, base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+    )
+
+
+def E(
+    base_update: Optimizer,
+    alpha: float = -5.0,
+    beta: float = 0.99,
+    *,
+    fused: bool | None = None,
+    telemetry: bool = False,
+) -> ExploredOptimizer:
+    """``explore(Autograd(), base_update, ...)``: the paper's E for a backprop optimizer."""
+    return explore(
+        Autograd(), base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+    )

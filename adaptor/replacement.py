@@ -1,0 +1,121 @@
+"""Step 2 of the generic algorithm: the gradient replacement, with one buffer per parameter.
+
+The paper keeps the EMA ``a`` and the previous gradient ``g_{k-1}``::
+
+    a_k = β·a_{k-1} + (1-β)·(g_k - g_{k-1}),     g̃_k = g_k + α·a_k,     a_0 = g_0 = 0
+
+With ``s = 1-β`` and ``c_k = a_k - s·g_k`` the same sequence needs only ``c``::
+
+    c_1 = 0,   c_{k+1} = β·c_k - s²·g_k,   g̃_k = (1 + α·s)·g_k + α·c_k
+
+In place on the gradient ``g`` and the buffer ``c`` (``k₁ = 1 + α·s > 0`` because ``|α| < 1/s``)::
+
+    g ← k₁·g + α·c
+    c ← ((β + α·s)·c − s²·g) / k₁          # g is already g̃ here
+
+``theory/README.md`` has the proof; the tests compare both forms in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# A tensor passed as α or β would make the bound check read the device; refuse it.
+_REAL = (numbers.Real,)
+
+
+def check_alpha_beta(alpha: object, beta: object, *, where: str = "") -> tuple[float, float]:
+    """Validate ``0 <= β < 1`` and ``|α| < 1/(1-β)``; return them as floats.
+
+    Raises ``TypeError`` for non-numbers and ``ValueError`` naming the bound otherwise.
+    """
+    suffix = f" ({where})" if where else ""
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, _REAL):
+            raise TypeError(
+                f"explore {name} must be a real number (a Python float), got "
+                f"{type(value).__name__}{suffix}"
+            )
+    alpha_f, beta_f = float(alpha), float(beta)  # type: ignore[arg-type]
+    if not 0.0 <= beta_f < 1.0:
+        raise ValueError(f"explore beta must satisfy 0 <= beta < 1, got beta={beta_f}{suffix}")
+    bound = 1.0 / (1.0 - beta_f)
+    if not math.isfinite(alpha_f) or not abs(alpha_f) < bound:
+        raise ValueError(
+            f"explore alpha must satisfy |alpha| < 1/(1-beta) = {bound:.6g} for beta={beta_f}, "
+            f"got alpha={alpha_f}{suffix}"
+        )
+    return alpha_f, beta_f
+
+
+def replacement_coefficients(alpha: float, beta: float) -> tuple[float, float, float]:
+    """``(k₁, p, q)`` of the in-place form: ``g ← k₁·g + α·c``, ``c ← p·c + q·g̃``."""
+    s = 1.0 - beta
+    k1 = 1.0 + alpha * s
+    return k1, (beta + alpha * s) / k1, -(s * s) / k1
+
+
+def replace_foreach_(
+    grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
+) -> None:
+    """The replacement on lists of same-device, same-dtype tensors with foreach ops."""
+    k1, p, q = replacement_coefficients(alpha, beta)
+    torch._foreach_mul_(grads, k1)
+    torch._foreach_add_(grads, buffers, alpha=alpha)
+    torch._foreach_mul_(buffers, p)
+    torch._foreach_add_(buffers, grads, alpha=q)
+
+
+def _replace_pointwise_(g: Tensor, c: Tensor, k1: float, alpha: float, p: float, q: float) -> None:
+    # One read of g and c and one write of each when compiled (the foreach chain needs four
+    # passes over both).
+    g_tilde = g * k1 + c * alpha
+    c.copy_(c * p + g_tilde * q)
+    g.copy_(g_tilde)
+
+
+_compiled_kernel = None
+
+
+def _kernel():
+    """The compiled pointwise kernel, built on first use (compiling costs seconds)."""
+    global _compiled_kernel
+    if _compiled_kernel is None:
+        # dynamic=True: one kernel for every shape; floats are not specialised in recent
+        # torch, so scheduling α does not recompile.
+        _compiled_kernel = torch.compile(_replace_pointwise_, dynamic=True, fullgraph=True)
+    return _compiled_kernel
+
+
+def fused_supported(device: torch.device) -> bool:
+    """Whether the compiled kernel can run on ``device`` (not on meta, not while tracing)."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+# Tensors below this size go through the foreach path even when fused is requested:
+# the per-call overhead of a compiled kernel outweighs its saved memory traffic there.
+FUSED_MIN_NUMEL = 1 << 16
+
+
+def replace_fused_(
+    grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
+) -> None:
+    """The replacement with one compiled pass per large tensor, foreach for the small ones."""
+    k1, p, q = replacement_coefficients(alpha, beta)
+    small_g, small_c = [], []
+    kernel = _kernel()
+    for g, c in zip(grads, buffers):
+        if g.numel() >= FUSED_MIN_NUMEL:
+            kernel(g, c, k1, alpha, p, q)
+        else:
+            small_g.append(g)
+            small_c.append(c)
+    if small_g:
+        replace_foreach_(small_g, small_c, alpha, beta)
