@@ -1,0 +1,1 @@
+"""One module per suite; each defines ``SUITE`` (see ``benchmarks.harness``)."""

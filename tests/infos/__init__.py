@@ -1,0 +1,1 @@
+"""Capability-table entries, one module per family; each defines ``INFOS``."""

@@ -1,0 +1,136 @@
+"""The capability table: one ``OptimizerInfo`` per optimizer of the library.
+
+Like torch's own ``OptimizerInfo`` database, every entry gets the generic tests of
+``tests/test_optimizers.py`` (meta-device step, host-read probe, bit-exact resume,
+``grad=None``, param groups, error messages, α = 0 equals the base). Entries live in the
+modules of ``tests/infos/`` (one per family); each module defines ``INFOS``. Adding an
+optimizer to the generic tests means adding one entry there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+Params = Any  # an iterable of tensors or of param-group dicts
+Factory = Callable[..., Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What the generic tests need to know about one optimizer.
+
+    Attributes:
+        name: test id.
+        build: ``build(params, **overrides) -> Optimizer`` with the entry's default settings.
+        base: for explored optimizers, ``base(params, **overrides)`` builds the same optimizer
+            without the adaptor; ``build(params, alpha=0.0)`` must then equal it bit for bit.
+        closure_kind: ``"backward"`` (the closure calls backward; step may also run without a
+            closure) or ``"loss"`` (a zero-order estimator: the closure only returns the
+            loss, and step requires it).
+        supports_complex: complex parameters are allowed.
+        matrix_only: every parameter must be at least 2-D.
+        group_override: hyperparameters given to a second param group in the param-group test.
+        groups_independent: the update of one group does not depend on the other group's
+            parameters (false for estimators that perturb all parameters together).
+        invalid: ``(make, exception, match)``: ``make(params)`` must raise ``exception`` whose
+            message matches ``match`` (a regex naming the argument and its range).
+        fused_compile: the entry compiles a kernel on first use (slow; fewer tests run it).
+    """
+
+    name: str
+    build: Factory
+    base: Factory | None = None
+    closure_kind: str = "backward"
+    supports_complex: bool = True
+    matrix_only: bool = False
+    group_override: dict[str, Any] = field(default_factory=lambda: {"lr": 3e-3})
+    groups_independent: bool = True
+    invalid: Sequence[tuple[Callable[[Params], Any], type[BaseException], str]] = ()
+    fused_compile: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _collect() -> list[OptimizerInfo]:
+    import tests.infos as package
+
+    infos: list[OptimizerInfo] = []
+    for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        infos.extend(importlib.import_module(f"tests.infos.{module.name}").INFOS)
+    names = [info.name for info in infos]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise RuntimeError(f"duplicate OptimizerInfo names: {sorted(duplicates)}")
+    return infos
+
+
+OPTIMIZERS: list[OptimizerInfo] = _collect()
+EXPLORED = [info for info in OPTIMIZERS if info.base is not None]
+
+
+# -- a small deterministic problem shared by the generic tests ------------------------------
+
+
+def make_params(
+    info: OptimizerInfo,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> list[Tensor]:
+    """A handful of parameters of assorted shapes (only matrices for matrix-only entries)."""
+    shapes = [(6, 5), (4, 6), (3, 2, 2, 2)] if info.matrix_only else [(6, 5), (6,), (4, 6), (4,)]
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_()
+        for shape in shapes
+    ]
+
+
+def loss_fn(params: Sequence[Tensor], step: int) -> Tensor:
+    """A smooth non-quadratic loss whose data changes with ``step`` (deterministically)."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    total = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    for p in params:
+        target = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        diff = p - target
+        total = total + (diff * diff).sum() + 0.1 * torch.cos(p).sum()
+    return total
+
+
+def make_closure(
+    info: OptimizerInfo, optimizer: Optimizer, params: Sequence[Tensor], step: int
+) -> Callable[[], Tensor]:
+    """The closure for ``step``: autograd entries backprop, zero-order entries only evaluate."""
+    if info.closure_kind == "loss":
+
+        def evaluate() -> Tensor:
+            return loss_fn(params, step)
+
+        return evaluate
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(params, step)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def run_steps(
+    info: OptimizerInfo,
+    optimizer: Optimizer,
+    params: Sequence[Tensor],
+    steps: range,
+) -> None:
+    for step in steps:
+        optimizer.step(make_closure(info, optimizer, params, step))
