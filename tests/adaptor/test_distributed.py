@@ -1,0 +1,95 @@
+"""The adaptor runs unchanged under torch.distributed: DDP and FSDP2 (gloo, two CPU processes).
+
+Each rank trains on its half of a batch; the result must match one process training on the
+whole batch (DDP and FSDP2 average the gradients, the loss is a mean over equal halves).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adaptor import E
+
+STEPS = 5
+WORLD = 2
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(8, 8, generator=generator), torch.randn(8, 2, generator=generator)
+
+
+def _train(model, optimizer, rank: int | None) -> None:
+    for step in range(STEPS):
+        x, y = _batch(step)
+        if rank is not None:
+            half = len(x) // WORLD
+            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def _worker(rank: int, port: int, wrapper: str, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        if wrapper == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+        optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)
+        _train(model, optimizer, rank)
+        params = [
+            p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            for p in model.parameters()
+        ]
+        buffers = [optimizer.state[p]["explore_buffer"] for p in model.parameters()]
+        buffers = [b.full_tensor() if hasattr(b, "full_tensor") else b for b in buffers]
+        if rank == 0:
+            torch.save({"params": params, "buffers": buffers}, os.path.join(out_dir, "out.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_distributed_matches_single_process(wrapper, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), wrapper, str(tmp_path)), nprocs=WORLD, join=True)
+    result = torch.load(tmp_path / "out.pt")
+
+    model = _model()
+    optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)
+    _train(model, optimizer, rank=None)
+    start = list(_model().parameters())
+    for got, want, init in zip(result["params"], model.parameters(), start):
+        assert not torch.equal(want.detach(), init.detach())
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    for got, p in zip(result["buffers"], model.parameters()):
+        torch.testing.assert_close(got, optimizer.state[p]["explore_buffer"], rtol=1e-5, atol=1e-7)
