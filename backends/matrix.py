@@ -1,0 +1,447 @@
+r"""Matrix-based base update: Muon, orthogonalised momentum (Keller Jordan, 2024).
+
+For a weight matrix ``W ∈ R^{r×c}`` (convolution weights are flattened to
+``r = out_channels``, ``c = in_channels·kh·kw``) with gradient ``G``:
+
+.. math::
+    B_t = μ B_{t-1} + (1-μ) G_t, \qquad
+    U_t = \begin{cases} (1-μ) G_t + μ B_t & \text{nesterov} \\ B_t & \text{otherwise} \end{cases}
+
+    O_t = \mathrm{NS}_5(U_t), \qquad
+    W_t = (1 - ηλ) W_{t-1} - η·s(r, c)·O_t
+
+``NS_k`` is the quintic Newton–Schulz iteration ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ``,
+``(a, b, c) = (3.4445, −4.7750, 2.0315)``, started from ``X_0 = U/max(‖U‖_F, ε)`` (on
+``Uᵀ`` when ``r > c``, so that the Gram matrix is the smaller one): it maps every singular
+value of ``U`` to roughly ``[0.7, 1.2]`` and keeps the singular vectors, an approximate
+``UVᵀ``. ``s(r, c) = √max(1, r/c)`` ("original") or ``0.2·√max(r, c)``
+("match_rms_adamw", Moonshot's, which lets Muon reuse AdamW's lr and weight decay).
+
+Parameters that are not matrices (biases, norms; embeddings and heads when the user says
+so) take an internal AdamW step with its own learning rate, so one :class:`Muon` serves a
+whole model and one ``state_dict`` covers both kinds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["Muon", "newton_schulz", "DEFAULT_NS_COEFFICIENTS"]
+
+DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# Same-shaped matrices are orthogonalised together, at most this many elements per batch
+# (the stacked copy is a temporary: 2**26 elements are 128 MiB in bfloat16).
+MAX_BATCH_NUMEL = 1 << 26
+
+
+# -- Newton–Schulz ---------------------------------------------------------------------------
+
+
+def _newton_schulz_owned_(
+    x: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float
+) -> Tensor:
+    """The iteration on ``x`` of shape ``(m, n)`` or ``(B, m, n)`` with ``m <= n``.
+
+    ``x`` is a contiguous buffer owned by the caller and is overwritten; the result may be
+    ``x`` or a buffer of the same shape.
+    """
+    a, b, c = coefficients
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x.div_(norm.clamp_(min=eps))
+    batched = x.dim() == 3
+    gram_shape = (*x.shape[:-1], x.shape[-2])
+    gram = torch.empty(gram_shape, dtype=x.dtype, device=x.device)
+    poly = torch.empty_like(gram)
+    out = torch.empty_like(x)
+    for _ in range(steps):
+        if batched:
+            torch.bmm(x, x.mT, out=gram)
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+            torch.baddbmm(x, poly, x, beta=a, out=out)
+        else:
+            torch.mm(x, x.mT, out=gram)
+            torch.addmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+            torch.addmm(x, poly, x, beta=a, out=out)
+        x, out = out, x
+    return x
+
+
+def newton_schulz(
+    matrix: Tensor,
+    *,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    r"""Approximate orthogonalisation ``≈ UVᵀ`` of a matrix or a batch ``(B, m, n)`` of them.
+
+    .. math::
+        X_0 = G/\max(‖G‖_F, ε),\quad A = X_k X_kᵀ,\quad X_{k+1} = a X_k + (b A + c A^2) X_k
+
+    run on ``Gᵀ`` when ``G`` is tall, in ``dtype``. Returns a new tensor of ``dtype`` with
+    the shape of ``matrix`` (the input is never modified). Each matrix of a batch is
+    normalised by its own Frobenius norm.
+    """
+    if matrix.dim() not in (2, 3):
+        raise ValueError(
+            f"newton_schulz takes a matrix or a batch (B, m, n), got shape {tuple(matrix.shape)}"
+        )
+    transpose = matrix.shape[-2] > matrix.shape[-1]
+    x = matrix.mT if transpose else matrix
+    x = x.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    x = _newton_schulz_owned_(x, steps, coefficients, eps)
+    return x.mT if transpose else x
+
+
+def lr_adjustment(rows: int, cols: int, adjust_lr_fn: str) -> float:
+    """``√max(1, rows/cols)`` ("original") or ``0.2·√max(rows, cols)`` ("match_rms_adamw")."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """Every hyperparameter of a group, with a message naming it and its range."""
+    suffix = f" ({where})" if where else ""
+
+    def real(name: str, value: object, ok: Callable[[float], bool], rule: str) -> None:
+        if not _is_real(value) or not math.isfinite(float(value)) or not ok(float(value)):
+            raise ValueError(f"Muon {name} must satisfy {rule}, got {name}={value!r}{suffix}")
+
+    real("lr", group["lr"], lambda v: v >= 0, "lr >= 0")
+    real("momentum", group["momentum"], lambda v: 0 <= v < 1, "0 <= momentum < 1")
+    real("weight_decay", group["weight_decay"], lambda v: v >= 0, "weight_decay >= 0")
+    real("eps", group["eps"], lambda v: v > 0, "eps > 0")
+    steps = group["ns_steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
+        raise ValueError(f"Muon ns_steps must be an int with 1 <= ns_steps <= 100, got {steps!r}{suffix}")
+    coefficients = group["ns_coefficients"]
+    if (
+        not isinstance(coefficients, (tuple, list))
+        or len(coefficients) != 3
+        or not all(_is_real(v) and math.isfinite(float(v)) for v in coefficients)
+    ):
+        raise ValueError(
+            f"Muon ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}{suffix}"
+        )
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(
+            f"Muon adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}{suffix}"
+        )
+    ns_dtype = group["ns_dtype"]
+    if not isinstance(ns_dtype, torch.dtype) or not ns_dtype.is_floating_point:
+        raise TypeError(
+            f"Muon ns_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {ns_dtype!r}{suffix}"
+        )
+    for name in ("nesterov", "batched"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"Muon {name} must be True or False, got {group[name]!r}{suffix}")
+    if group["use_muon"] not in (None, True, False):
+        raise TypeError(
+            f"Muon use_muon must be None (matrices by ndim), True or False, got "
+            f"{group['use_muon']!r}{suffix}"
+        )
+    if group["adamw_lr"] is not None:
+        real("adamw_lr", group["adamw_lr"], lambda v: v >= 0, "adamw_lr >= 0 (or None: use lr)")
+    betas = group["adamw_betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Muon adamw_betas must be a pair (beta1, beta2), got {betas!r}{suffix}")
+    for i, beta in enumerate(betas):
+        real(f"adamw_betas[{i}]", beta, lambda v: 0 <= v < 1, f"0 <= adamw_betas[{i}] < 1")
+    real("adamw_eps", group["adamw_eps"], lambda v: v >= 0, "adamw_eps >= 0")
+    real("adamw_weight_decay", group["adamw_weight_decay"], lambda v: v >= 0, "adamw_weight_decay >= 0")
+
+
+def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
+    use_muon = group["use_muon"]
+    return p.dim() >= 2 if use_muon is None else use_muon
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+# -- the optimizer ---------------------------------------------------------------------------
+
+
+class Muon(Optimizer):
+    r"""Muon for the matrices of a model, AdamW for everything else, as one optimizer.
+
+    Matrices (``use_muon``: by default every parameter with ``ndim >= 2``; convolution
+    weights are flattened to ``(out, in·kh·kw)``):
+
+    .. math::
+        B_t = μ B_{t-1} + (1-μ) g_t,\quad
+        U_t = \mathrm{lerp}(g_t, B_t, μ) \text{ (nesterov) or } B_t,\quad
+        θ_t = (1 - ηλ)θ_{t-1} - η·s(r, c)·\mathrm{NS}_k(U_t)
+
+    with ``s = √max(1, r/c)`` ("original") or ``0.2·√max(r, c)`` ("match_rms_adamw"); the
+    update equals ``torch.optim.Muon``'s. ``NS_k`` runs in ``ns_dtype`` (bfloat16 by default,
+    as in the reference) and never touches the momentum buffer (``torch.optim.Muon`` in torch
+    2.13 normalises a bfloat16 buffer in place when ``nesterov=False``; this one does not).
+    Same-shaped matrices of a (device, dtype) are orthogonalised together in one batched
+    matmul chain (``batched=True``).
+
+    Other parameters (AdamW with decoupled weight decay, bias-corrected):
+
+    .. math::
+        m_t = β_1 m_{t-1} + (1-β_1) g_t,\quad v_t = β_2 v_{t-1} + (1-β_2) g_t^2,\quad
+        θ_t = (1 - η_a λ_a)θ_{t-1} - η_a \frac{m_t/(1-β_1^t)}{\sqrt{v_t/(1-β_2^t)} + ε_a}
+
+    Param groups may set any argument below. ``use_muon=None`` routes each parameter by its
+    ``ndim``; ``use_muon=False`` sends a whole group (e.g. embeddings and the output head)
+    to AdamW; ``use_muon=True`` insists that every parameter of the group is a matrix.
+    LR schedulers scale ``lr`` only; set ``adamw_lr=None`` to step the AdamW parameters with
+    ``lr`` too (natural with ``adjust_lr_fn="match_rms_adamw"``).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate η of the matrices.
+        momentum: momentum μ, ``0 <= μ < 1``.
+        nesterov: Nesterov momentum.
+        weight_decay: decoupled weight decay λ of the matrices (multiplied by ``lr``).
+        ns_steps: Newton–Schulz iterations k.
+        ns_coefficients: the quintic's ``(a, b, c)``.
+        eps: floor ε of the Frobenius norm used to normalise the input of Newton–Schulz.
+        adjust_lr_fn: ``"original"`` or ``"match_rms_adamw"``.
+        ns_dtype: dtype of the Newton–Schulz iteration.
+        use_muon: ``None`` (by ndim), ``True`` or ``False``, see above.
+        adamw_lr: learning rate η_a of the AdamW parameters (``None``: ``lr``).
+        adamw_betas: ``(β_1, β_2)`` of AdamW.
+        adamw_eps: ε_a of AdamW.
+        adamw_weight_decay: decoupled weight decay λ_a of AdamW (multiplied by ``adamw_lr``).
+        batched: orthogonalise same-shaped matrices in one batched matmul chain.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        *,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_coefficients: tuple[float, float, float] = DEFAULT_NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        adjust_lr_fn: str = "original",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        use_muon: bool | None = None,
+        adamw_lr: float | None = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        batched: bool = True,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ns_steps": ns_steps,
+            "ns_coefficients": tuple(ns_coefficients)
+            if isinstance(ns_coefficients, (tuple, list))
+            else ns_coefficients,
+            "eps": eps,
+            "adjust_lr_fn": adjust_lr_fn,
+            "ns_dtype": ns_dtype,
+            "use_muon": use_muon,
+            "adamw_lr": adamw_lr,
+            "adamw_betas": tuple(adamw_betas)
+            if isinstance(adamw_betas, (tuple, list))
+            else adamw_betas,
+            "adamw_eps": adamw_eps,
+            "adamw_weight_decay": adamw_weight_decay,
+            "batched": batched,
+        }
+        _check_group(defaults, "")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated; nothing is added when it is invalid)."""
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, f"param group {index}")
+            for i, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise TypeError(
+                        f"Muon does not support complex parameters; parameter {i} of param "
+                        f"group {index} is {p.dtype}"
+                    )
+                if group["use_muon"] is True and p.dim() < 2:
+                    raise ValueError(
+                        f"Muon with use_muon=True orthogonalises matrices only, but parameter "
+                        f"{i} of param group {index} has shape {tuple(p.shape)}; use "
+                        "use_muon=None to send non-matrices to the internal AdamW"
+                    )
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # -- stepping --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One Muon step for the matrices and one AdamW step for the rest."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):  # checked before anything moves
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"Muon does not support sparse gradients (param group {index})"
+                    )
+        for group in self.param_groups:
+            self._muon_group(group)
+            self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group: dict[str, Any]) -> None:
+        params, grads, buffers = [], [], []
+        for p in group["params"]:
+            if p.grad is None or not _uses_muon(group, p):
+                continue
+            state = self.state[p]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format
+                )
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(buffer)
+        if not params:
+            return
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        buckets = Optimizer._group_tensors_by_device_and_dtype([params, grads, buffers])
+        for (b_params, b_grads, b_buffers), _ in buckets.values():
+            torch._foreach_lerp_(b_buffers, b_grads, 1.0 - momentum)
+            if weight_decay != 0:
+                torch._foreach_mul_(b_params, 1.0 - lr * weight_decay)
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for i, p in enumerate(b_params):
+                by_shape.setdefault(_matrix_shape(p), []).append(i)
+            for shape, indices in by_shape.items():
+                chunk = max(1, MAX_BATCH_NUMEL // max(1, shape[0] * shape[1]))
+                for start in range(0, len(indices), chunk):
+                    part = indices[start : start + chunk]
+                    self._orthogonal_update(
+                        group,
+                        shape,
+                        [b_params[i] for i in part],
+                        [b_grads[i] for i in part],
+                        [b_buffers[i] for i in part],
+                    )
+
+    def _orthogonal_update(
+        self,
+        group: dict[str, Any],
+        shape: tuple[int, int],
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        buffers: Sequence[Tensor],
+    ) -> None:
+        """``θ ← θ − η·s·NS(U)`` for same-shaped matrices; ``U`` never aliases the buffer."""
+        rows, cols = shape
+        if group["nesterov"]:
+            updates = torch._foreach_lerp(grads, buffers, group["momentum"])
+        else:
+            updates = list(buffers)  # read only: copied into the iteration's own buffer
+        steps, coefficients, eps = group["ns_steps"], group["ns_coefficients"], group["eps"]
+        transpose = rows > cols
+        m, n = (cols, rows) if transpose else (rows, cols)
+        sources = [u.reshape(rows, cols) for u in updates]
+        if transpose:
+            sources = [s.mT for s in sources]
+        device, ns_dtype = params[0].device, group["ns_dtype"]
+        if group["batched"] and len(params) > 1:
+            x = torch.empty((len(params), m, n), dtype=ns_dtype, device=device)
+            torch._foreach_copy_(list(x.unbind(0)), sources)
+            outputs = list(_newton_schulz_owned_(x, steps, coefficients, eps).unbind(0))
+        else:
+            outputs = []
+            for source in sources:
+                x = source.to(dtype=ns_dtype, memory_format=torch.contiguous_format, copy=True)
+                outputs.append(_newton_schulz_owned_(x, steps, coefficients, eps))
+        if transpose:
+            outputs = [o.mT for o in outputs]
+        outputs = [o.reshape(p.shape) for o, p in zip(outputs, params)]
+        scale = lr_adjustment(rows, cols, group["adjust_lr_fn"])
+        torch._foreach_add_(list(params), outputs, alpha=-group["lr"] * scale)
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None or _uses_muon(group, p):
+                continue
+            state = self.state[p]
+            if "exp_avg" not in state:
+                # The step count lives on the parameter's device: bias corrections are
+                # computed there, with no host read.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
+        beta1, beta2 = group["adamw_betas"]
+        weight_decay, eps = group["adamw_weight_decay"], group["adamw_eps"]
+        buckets = Optimizer._group_tensors_by_device_and_dtype(
+            [params, grads, exp_avgs, exp_avg_sqs, steps]
+        )
+        for (b_params, b_grads, b_m, b_v, b_steps), _ in buckets.values():
+            torch._foreach_add_(b_steps, 1.0)
+            if weight_decay != 0:
+                torch._foreach_mul_(b_params, 1.0 - lr * weight_decay)
+            torch._foreach_lerp_(b_m, b_grads, 1.0 - beta1)
+            torch._foreach_mul_(b_v, beta2)
+            torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1.0 - beta2)
+            # 1 − β^t as 0-d device tensors
+            correction1 = torch._foreach_pow(beta1, b_steps)
+            torch._foreach_neg_(correction1)
+            torch._foreach_add_(correction1, 1.0)
+            correction2 = torch._foreach_pow(beta2, b_steps)
+            torch._foreach_neg_(correction2)
+            torch._foreach_add_(correction2, 1.0)
+            torch._foreach_sqrt_(correction2)
+            # θ −= η·m/((√v/√c₂ + ε)·c₁)
+            denominators = torch._foreach_sqrt(b_v)
+            torch._foreach_div_(denominators, correction2)
+            torch._foreach_add_(denominators, eps)
+            torch._foreach_mul_(denominators, correction1)
+            torch._foreach_addcdiv_(b_params, b_m, denominators, value=-lr)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """torch's loading, then each AdamW step count moved to its parameter's device."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            step = state.get("step")
+            if isinstance(step, Tensor):
+                state["step"] = step.to(device=p.device, dtype=torch.float32)
