@@ -1,0 +1,825 @@
+r"""First-order base updates: Lamb, AdaBelief and ALTO (the paper's adapted Lamb).
+
+    from backends import Lamb, AdaBelief, ALTO, param_groups_for, SGD, Adam, AdamW
+
+All three are ``torch.optim.Optimizer`` subclasses written like ``torch/optim/adamw.py``:
+hyperparameters are validated when a group is added (messages name the argument and its
+range), there is a multi-tensor implementation (``torch._foreach_*`` on tensors grouped by
+device and dtype, the default) and a single-tensor one (``foreach=False``), and ``step``
+never reads a device value on the host: step counters are 0-d tensors on the parameter's
+device, bias corrections and trust ratios are computed as tensors. Every step runs on
+``meta`` parameters. Complex parameters are updated as their real views
+(``torch.view_as_real``); sparse gradients raise ``RuntimeError``.
+
+Lamb and ALTO also have a compiled path (``fused=True``; the default on CUDA, opt-in on CPU
+because the first step compiles for tens of seconds): two ``torch.compile``\d passes per
+large tensor (moments, replacement and the two squared norms in the first; the update in the
+second) instead of some twenty foreach passes; small tensors still take the foreach path.
+
+``SGD``, ``Adam`` and ``AdamW`` are torch's own, re-exported so that one import gives every
+first-order base.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+from adaptor.explore import BUFFER_KEY
+from adaptor.replacement import (
+    FUSED_MIN_NUMEL,
+    check_alpha_beta,
+    fused_supported,
+    replace_foreach_,
+    replacement_coefficients,
+)
+
+__all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
+
+Closure = Callable[[], Any]
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _real(owner: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    result = float(value)
+    if math.isnan(result):
+        raise ValueError(f"{owner}: {name} must not be NaN")
+    return result
+
+
+def _check_lr(owner: str, lr: object) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{owner}: a tensor lr must have exactly one element")
+        return
+    if not 0.0 <= _real(owner, "lr", lr) < math.inf:
+        raise ValueError(f"{owner}: invalid lr={lr}, must satisfy 0 <= lr < inf")
+
+
+def _check_unit(owner: str, name: str, value: object) -> None:
+    if not 0.0 <= _real(owner, name, value) < 1.0:
+        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 <= {name} < 1")
+
+
+def _check_nonneg(owner: str, name: str, value: object) -> None:
+    if not 0.0 <= _real(owner, name, value) < math.inf:
+        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 <= {name} < inf")
+
+
+def _check_positive(owner: str, name: str, value: object) -> None:
+    if not 0.0 < _real(owner, name, value) < math.inf:
+        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 < {name} < inf")
+
+
+def _check_betas(owner: str, betas: object, count: int) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"{owner}: betas must be a tuple of {count} numbers, got {betas!r}")
+    for i, beta in enumerate(betas):
+        _check_unit(owner, f"betas[{i}]", beta)
+
+
+def _check_flag(owner: str, name: str, value: object, *, allow_none: bool = False) -> None:
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    allowed = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{owner}: {name} must be {allowed}, got {value!r}")
+
+
+def _check_trust_clip(owner: str, trust_clip: object) -> None:
+    if trust_clip is None:
+        return
+    if not isinstance(trust_clip, (tuple, list)) or len(trust_clip) != 2:
+        raise ValueError(
+            f"{owner}: trust_clip must be None or a pair (low, high), got {trust_clip!r}"
+        )
+    low = _real(owner, "trust_clip[0]", trust_clip[0])
+    high = _real(owner, "trust_clip[1]", trust_clip[1])
+    if not 0.0 <= low <= high:
+        raise ValueError(
+            f"{owner}: invalid trust_clip={tuple(trust_clip)}, must satisfy 0 <= low <= high"
+        )
+
+
+# -- shared machinery ------------------------------------------------------------------------
+
+
+def _step_dtype(p: Tensor) -> torch.dtype:
+    """Step counters count exactly in float32 up to 2**24 steps; float64 params get float64."""
+    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _scale(values: Tensor, lr: float | Tensor) -> Tensor:
+    return values * (-lr)
+
+
+class _FirstOrder(Optimizer):
+    """What Lamb, ALTO and AdaBelief share: validation, state, closure, grouping."""
+
+    _state_keys: tuple[str, ...] = ()
+
+    def _validate(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyperparameters (merged with the defaults) are validated first."""
+        if isinstance(param_group, dict):
+            self._validate({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_grads(self) -> None:
+        name = type(self).__name__
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{name} does not support sparse gradients (param group {index}); "
+                        "use a dense gradient or torch.optim.SparseAdam"
+                    )
+
+    def _run_closure(self, closure: Closure | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], list[Tensor]]:
+        """``[params, grads, *state tensors, steps]`` as real views, creating state lazily."""
+        lists: list[list[Tensor]] = [[] for _ in range(3 + len(self._state_keys))]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=_step_dtype(p), device=p.device)
+                for key in self._state_keys:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists[0].append(_real_view(p))
+            lists[1].append(_real_view(p.grad))
+            for i, key in enumerate(self._state_keys):
+                lists[2 + i].append(_real_view(state[key]))
+            lists[-1].append(state["step"])
+        return lists
+
+    def _buckets(self, lists: list[list[Tensor]]) -> Iterable[tuple[torch.device, list]]:
+        grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+        for (device, _), (tensors, _) in grouped.items():
+            yield device, tensors
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, then each step counter moved to its parameter's device and dtype."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            step = state.get("step")
+            if isinstance(step, Tensor):
+                state["step"] = step.to(device=p.device, dtype=_step_dtype(p), copy=True)
+            elif step is not None:
+                state["step"] = torch.tensor(float(step), dtype=_step_dtype(p), device=p.device)
+
+
+# -- Lamb and ALTO ---------------------------------------------------------------------------
+
+
+def _lamb_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    buffers: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    trust_eps: float,
+    norm_eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    layer_adaptation: bool,
+    trust_clip: tuple[float, float] | None,
+    alpha: float,
+    beta: float,
+) -> None:
+    if buffers is not None:
+        replace_foreach_(grads, buffers, alpha, beta)
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
+    torch._foreach_mul_(exp_avg_sqs, beta3)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta3)
+    # denom = (1-β₂^k)·(√(v/(1-β₃^k)) + ε₁), so that m/denom = m̂/(√v̂ + ε₁)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        k = torch.stack(steps)
+        bias1 = (1.0 - torch.pow(beta2, k)).unbind(0)
+        bias3_sqrt = (1.0 - torch.pow(beta3, k)).sqrt_().unbind(0)
+        torch._foreach_div_(denom, bias3_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, bias1)
+    else:
+        torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if layer_adaptation:
+        phi = torch.stack(torch._foreach_norm(params)).add_(norm_eps)
+        ratio = phi / torch.stack(torch._foreach_norm(updates)).add_(phi, alpha=trust_eps)
+        if trust_clip is not None:
+            ratio = ratio.clamp_(trust_clip[0], trust_clip[1])
+        torch._foreach_mul_(updates, _scale(ratio, lr).unbind(0))
+        torch._foreach_add_(params, updates)
+    elif isinstance(lr, Tensor):
+        torch._foreach_mul_(updates, -lr)
+        torch._foreach_add_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _lamb_single(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    buffers: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    trust_eps: float,
+    norm_eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    layer_adaptation: bool,
+    trust_clip: tuple[float, float] | None,
+    alpha: float,
+    beta: float,
+) -> None:
+    k1, persist, inject = replacement_coefficients(alpha, beta)
+    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        if buffers is not None:
+            c = buffers[i]
+            g.mul_(k1).add_(c, alpha=alpha)
+            c.mul_(persist).add_(g, alpha=inject)
+        step.add_(1)
+        m.lerp_(g, 1.0 - beta2)
+        v.mul_(beta3).addcmul_(g, g, value=1.0 - beta3)
+        denom = v.sqrt()
+        if bias_correction:
+            denom.div_((1.0 - torch.pow(beta3, step)).sqrt_()).add_(eps)
+            denom.mul_(1.0 - torch.pow(beta2, step))
+        else:
+            denom.add_(eps)
+        update = torch.div(m, denom)
+        if weight_decay != 0:
+            update.add_(p, alpha=weight_decay)
+        if layer_adaptation:
+            phi = torch.linalg.vector_norm(p).add_(norm_eps)
+            ratio = phi / torch.linalg.vector_norm(update).add_(phi, alpha=trust_eps)
+            if trust_clip is not None:
+                ratio = ratio.clamp_(trust_clip[0], trust_clip[1])
+            p.add_(update.mul_(_scale(ratio, lr)))
+        elif isinstance(lr, Tensor):
+            p.add_(update.mul_(-lr))
+        else:
+            p.add_(update, alpha=-lr)
+
+
+# The compiled path: pass 1 updates the moments (and the replacement) in place and returns
+# ‖r‖² and ‖θ‖²; pass 2 recomputes r from the new moments and applies the trust-ratio step.
+# Each reads and writes every tensor once, where the foreach chain needs some twenty passes.
+
+
+def _lamb_direction(p, m, v, k, beta2, beta3, eps, weight_decay, bias_correction: bool):
+    if bias_correction:
+        r = (m / (1.0 - beta2**k)) / (torch.sqrt(v / (1.0 - beta3**k)) + eps)
+    else:
+        r = m / (torch.sqrt(v) + eps)
+    return r + weight_decay * p
+
+
+def _lamb_moments(p, g, m, v, step, beta2, beta3, eps, weight_decay, bias_correction: bool):
+    k = step + 1
+    step.copy_(k)
+    m_new = torch.lerp(m, g, 1.0 - beta2)
+    v_new = v * beta3 + (g * g) * (1.0 - beta3)
+    r = _lamb_direction(p, m_new, v_new, k, beta2, beta3, eps, weight_decay, bias_correction)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    return (r * r).sum(), (p * p).sum()
+
+
+def _alto_moments(
+    p, g, c, m, v, step, k1, alpha, persist, inject, beta2, beta3, eps, weight_decay,
+    bias_correction: bool,
+):
+    g_tilde = g * k1 + c * alpha
+    c.copy_(c * persist + g_tilde * inject)
+    g.copy_(g_tilde)
+    return _lamb_moments(p, g_tilde, m, v, step, beta2, beta3, eps, weight_decay, bias_correction)
+
+
+def _lamb_apply(
+    p, m, v, step, r_sq, w_sq, lr, beta2, beta3, eps, trust_eps, norm_eps, weight_decay,
+    low, high, bias_correction: bool,
+):
+    r = _lamb_direction(p, m, v, step, beta2, beta3, eps, weight_decay, bias_correction)
+    phi = torch.sqrt(w_sq) + norm_eps
+    ratio = torch.clamp(phi / (torch.sqrt(r_sq) + trust_eps * phi), low, high)
+    p.copy_(p - (lr * ratio) * r)
+
+
+_compiled: dict[str, Callable[..., Any]] = {}
+
+
+def _kernel(name: str) -> Callable[..., Any]:
+    kernel = _compiled.get(name)
+    if kernel is None:
+        source = {"lamb": _lamb_moments, "alto": _alto_moments, "apply": _lamb_apply}[name]
+        kernel = _compiled[name] = torch.compile(source, dynamic=True, fullgraph=True)
+    return kernel
+
+
+def _lamb_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    buffers: list[Tensor] | None,
+    steps: list[Tensor],
+    *,
+    fallback: Callable[..., None],
+    **hp: Any,
+) -> None:
+    """Large tensors through the two compiled passes, small ones through ``fallback``."""
+    large = [i for i, p in enumerate(params) if p.numel() >= FUSED_MIN_NUMEL]
+    if not hp["layer_adaptation"] or not large:
+        fallback(params, grads, exp_avgs, exp_avg_sqs, buffers, steps, **hp)
+        return
+    small = [i for i, p in enumerate(params) if p.numel() < FUSED_MIN_NUMEL]
+    if small:
+        pick = lambda xs: [xs[i] for i in small]  # noqa: E731
+        fallback(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+            None if buffers is None else pick(buffers), pick(steps), **hp,
+        )
+    low, high = hp["trust_clip"] if hp["trust_clip"] is not None else (0.0, math.inf)
+    common = (hp["beta2"], hp["beta3"], hp["eps"], hp["weight_decay"])
+    bias_correction = hp["bias_correction"]
+    if buffers is not None:
+        k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
+    moments = _kernel("lamb" if buffers is None else "alto")
+    apply = _kernel("apply")
+    for i in large:
+        p, g, m, v, step = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
+        if buffers is None:
+            r_sq, w_sq = moments(p, g, m, v, step, *common, bias_correction)
+        else:
+            r_sq, w_sq = moments(
+                p, g, buffers[i], m, v, step, k1, hp["alpha"], persist, inject, *common,
+                bias_correction,
+            )
+        apply(
+            p, m, v, step, r_sq, w_sq, hp["lr"], hp["beta2"], hp["beta3"], hp["eps"],
+            hp["trust_eps"], hp["norm_eps"], hp["weight_decay"], low, high, bias_correction,
+        )
+
+
+class Lamb(_FirstOrder):
+    r"""Lamb as in the paper's Algorithm 2 without the replacement (layer-wise adaptive Adam).
+
+    Per parameter tensor θ with gradient g, at step k (β₂, β₃ = ``betas``, λ = ``weight_decay``,
+    ε₁ = ``eps``, ε₂ = ``trust_eps``, ε₃ = ``norm_eps``):
+
+    .. math::
+        m_k = β_2 m_{k-1} + (1-β_2) g,\qquad v_k = β_3 v_{k-1} + (1-β_3) g^2 \\
+        \hat m_k = m_k/(1-β_2^k),\qquad \hat v_k = v_k/(1-β_3^k) \\
+        r_k = \hat m_k/(\sqrt{\hat v_k} + ε_1) + λθ_k \\
+        θ_{k+1} = θ_k - η\,\frac{φ(‖θ_k‖)}{‖r_k‖ + ε_2 φ(‖θ_k‖)}\, r_k,\qquad φ(x) = x + ε_3
+
+    ``bias_correction=False`` drops the two divisions (the paper's "Vanilla" form, the one
+    its theorems cover). The trust ratio is applied to every tensor, including zero ones
+    (whose ratio ≈ ε₃/‖r‖ makes their step tiny); a group with ``layer_adaptation=False``
+    uses ratio 1 (see :func:`param_groups_for`). ``trust_clip=(low, high)`` clamps the
+    ratio (the LAMB paper's clipping; the ALTO paper has none).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: η (a float, or a 0-d tensor).
+        betas: (β₂, β₃), the moment decay rates, each in [0, 1).
+        eps: ε₁, added to √v̂ (outside the square root).
+        weight_decay: λ ≥ 0, decoupled: added to ``r`` so the trust ratio scales it too.
+        trust_eps: ε₂ > 0 in the trust ratio's denominator.
+        norm_eps: ε₃ > 0 in φ.
+        bias_correction: divide by (1-β^k) (default) or not (the "Vanilla" form).
+        layer_adaptation: apply the trust ratio (default) or use ratio 1.
+        trust_clip: ``None`` (default) or ``(low, high)`` with ``0 <= low <= high``.
+        max_grad_norm: ``None`` (default, as in the paper's algorithm) or a positive float:
+            first clip all gradients of the optimizer in place to this global 2-norm
+            (``torch.nn.utils.clip_grad_norm_``; the reference code always clips at 1.0).
+            An optimizer-wide setting, not a group key.
+        foreach: multi-tensor implementation (``None``/``True``, default) or a Python loop
+            over tensors (``False``).
+        fused: two compiled passes per tensor of at least 65536 elements (``torch.compile``;
+            the first step compiles). ``None`` (default): on CUDA only.
+
+    State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
+    ``exp_avg_sq`` (v).
+    """
+
+    _owner = "Lamb"
+    _nbetas = 2
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        trust_eps: float = 1e-6,
+        norm_eps: float = 1e-10,
+        bias_correction: bool = True,
+        layer_adaptation: bool = True,
+        trust_clip: tuple[float, float] | None = None,
+        max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if max_grad_norm is not None:
+            _check_positive(self._owner, "max_grad_norm", max_grad_norm)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, trust_eps=trust_eps, norm_eps=norm_eps,
+            bias_correction=bias_correction, layer_adaptation=layer_adaptation,
+            trust_clip=trust_clip, foreach=foreach, fused=fused, **self._more_defaults(),
+        )
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        owner = self._owner
+        _check_lr(owner, group["lr"])
+        _check_betas(owner, group["betas"], self._nbetas)
+        _check_nonneg(owner, "eps", group["eps"])
+        _check_nonneg(owner, "weight_decay", group["weight_decay"])
+        _check_positive(owner, "trust_eps", group["trust_eps"])
+        _check_positive(owner, "norm_eps", group["norm_eps"])
+        _check_flag(owner, "bias_correction", group["bias_correction"])
+        _check_flag(owner, "layer_adaptation", group["layer_adaptation"])
+        _check_trust_clip(owner, group["trust_clip"])
+        _check_flag(owner, "foreach", group["foreach"], allow_none=True)
+        _check_flag(owner, "fused", group["fused"], allow_none=True)
+
+    def _more_defaults(self) -> dict[str, Any]:
+        return {}
+
+    def _explore_hparams(self) -> list[tuple[float, float] | None]:
+        return [None for _ in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One Lamb step; ``closure`` (optional) is run under ``torch.enable_grad()``."""
+        loss = self._run_closure(closure)
+        self._check_grads()
+        explore = self._explore_hparams()  # validated before anything is modified
+        if self.max_grad_norm is not None:
+            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        for group, alpha_beta in zip(self.param_groups, explore):
+            lists = self._gather(group)
+            if not lists[0]:
+                continue
+            alpha, beta = alpha_beta if alpha_beta is not None else (0.0, 0.0)
+            beta2, beta3 = group["betas"][-2:]
+            hp = dict(
+                lr=group["lr"], beta2=beta2, beta3=beta3, eps=group["eps"],
+                trust_eps=group["trust_eps"], norm_eps=group["norm_eps"],
+                weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                layer_adaptation=group["layer_adaptation"], trust_clip=group["trust_clip"],
+                alpha=alpha, beta=beta,
+            )
+            for device, tensors in self._buckets(lists):
+                params, grads, exp_avgs, exp_avg_sqs, *rest = tensors
+                buffers = rest[0] if alpha_beta is not None else None
+                steps = rest[-1]
+                fallback = _lamb_single if group["foreach"] is False else _lamb_foreach
+                fused = group["fused"] if group["fused"] is not None else device.type == "cuda"
+                if fused and fused_supported(device):
+                    _lamb_fused(
+                        params, grads, exp_avgs, exp_avg_sqs, buffers, steps,
+                        fallback=fallback, **hp,
+                    )
+                else:
+                    fallback(params, grads, exp_avgs, exp_avg_sqs, buffers, steps, **hp)
+        return loss
+
+
+class ALTO(Lamb):
+    r"""ALTO, the paper's adapted Lamb (Algorithm 2): Lamb fed ``g̃ = g + α·a``.
+
+    .. math::
+        a_k = β a_{k-1} + (1-β)(g_k - g_{k-1}),\qquad \tilde g_k = g_k + α a_k,
+        \qquad a_0 = g_0 = 0
+
+    then exactly :class:`Lamb` on ``g̃`` (``m`` and ``v`` of ``g̃``, bias correction, the
+    trust ratio φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖)), φ(x) = x + ε₃). The replacement is the adaptor's
+    one-buffer form (:mod:`adaptor.replacement`), so the state per parameter is ``step``
+    and three parameter-sized buffers: ``exp_avg`` (m), ``exp_avg_sq`` (v) and
+    ``explore_buffer`` (c). The trajectory equals ``explore(Autograd(), Lamb(...,
+    betas=(β₂, β₃)), alpha=α, beta=β)``; ``alpha=0`` is :class:`Lamb`. After ``step()``,
+    ``p.grad`` holds ``g̃`` (the replacement is in place, as in the adaptor).
+
+    Defaults are the paper's for batches ≥ 1K: ``betas=(β, β₂, β₃) = (0.99, 0.9, 0.99)``,
+    ``alpha=-5``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient clipping
+    (``max_grad_norm=1.0`` reproduces the reference code's clipping, which happens before
+    the replacement, so ``a`` is built from clipped gradients). For batches < 1K the paper
+    uses ``alpha=0.5`` and β = 0.01.
+
+    Args:
+        betas: (β, β₂, β₃): the persistence factor of the replacement and Lamb's two
+            moment rates, each in [0, 1).
+        alpha: α, with ``|α| < 1/(1-β)``; negative explores, positive exploits. Each group
+            may have its own ``alpha`` and ``betas``; both are checked at every step.
+
+    The other arguments are :class:`Lamb`'s.
+    """
+
+    _owner = "ALTO"
+    _nbetas = 3
+    _state_keys = ("exp_avg", "exp_avg_sq", BUFFER_KEY)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.99, 0.9, 0.99),
+        alpha: float = -5.0,
+        eps: float = 1e-6,
+        weight_decay: float = 1e-4,
+        *,
+        trust_eps: float = 1e-6,
+        norm_eps: float = 1e-10,
+        bias_correction: bool = True,
+        layer_adaptation: bool = True,
+        trust_clip: tuple[float, float] | None = None,
+        max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        self._alpha = alpha
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            trust_eps=trust_eps, norm_eps=norm_eps, bias_correction=bias_correction,
+            layer_adaptation=layer_adaptation, trust_clip=trust_clip,
+            max_grad_norm=max_grad_norm, foreach=foreach, fused=fused,
+        )
+
+    def _more_defaults(self) -> dict[str, Any]:
+        return {"alpha": self._alpha}
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        super()._validate(group)
+        check_alpha_beta(group["alpha"], group["betas"][0], where="ALTO: beta is betas[0]")
+
+    def _explore_hparams(self) -> list[tuple[float, float] | None]:
+        return [
+            check_alpha_beta(
+                g["alpha"], g["betas"][0], where=f"ALTO param group {i}: beta is betas[0]"
+            )
+            for i, g in enumerate(self.param_groups)
+        ]
+
+
+# -- AdaBelief -------------------------------------------------------------------------------
+
+
+def _adabelief_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # type: ignore[arg-type]
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    residual = torch._foreach_sub(grads, exp_avgs)
+    torch._foreach_mul_(exp_avg_vars, beta2)
+    torch._foreach_addcmul_(exp_avg_vars, residual, residual, value=1.0 - beta2)
+    torch._foreach_add_(exp_avg_vars, eps)
+    del residual
+    k = torch.stack(steps)
+    bias1 = 1.0 - torch.pow(beta1, k)
+    bias2_sqrt = (1.0 - torch.pow(beta2, k)).sqrt_()
+    # θ ← θ + (−η/(1-β₁^k))·m/(√ŝ + ε), with the step size folded into the denominator
+    step_size = (-lr) / bias1
+    denom = torch._foreach_sqrt(exp_avg_vars)
+    torch._foreach_div_(denom, bias2_sqrt.unbind(0))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, step_size.unbind(0))
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def _adabelief_single(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    for p, g, m, s, step in zip(params, grads, exp_avgs, exp_avg_vars, steps):
+        if weight_decay != 0:
+            if decoupled:
+                p.mul_(1.0 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        step.add_(1)
+        m.lerp_(g, 1.0 - beta1)
+        residual = g - m
+        s.mul_(beta2).addcmul_(residual, residual, value=1.0 - beta2).add_(eps)
+        step_size = (-lr) / (1.0 - torch.pow(beta1, step))
+        denom = s.sqrt().div_((1.0 - torch.pow(beta2, step)).sqrt_()).add_(eps)
+        p.addcdiv_(m, denom.div_(step_size))
+
+
+class AdaBelief(_FirstOrder):
+    r"""AdaBelief (Zhuang et al., 2020): Adam whose second moment tracks the "belief" (g − m)².
+
+    .. math::
+        m_k = β_1 m_{k-1} + (1-β_1) g,\qquad s_k = β_2 s_{k-1} + (1-β_2)(g - m_k)^2 + ε \\
+        θ_{k+1} = θ_k - η\,\frac{m_k/(1-β_1^k)}{\sqrt{s_k/(1-β_2^k)} + ε}
+
+    Weight decay λ is decoupled by default (``θ ← (1-ηλ)θ`` before the update, as AdamW and
+    the official AdaBelief ≥ 0.1); ``decoupled_weight_decay=False`` adds λθ to g instead
+    (without touching ``p.grad``). No rectification and no AMSGrad variant.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: η (a float, or a 0-d tensor).
+        betas: (β₁, β₂), each in [0, 1).
+        eps: ε ≥ 0, added inside s at every step and to √ŝ (default 1e-16 as in the
+            official implementation).
+        weight_decay: λ ≥ 0.
+        decoupled_weight_decay: see above.
+        foreach: multi-tensor implementation (``None``/``True``, default) or a loop (``False``).
+
+    State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
+    ``exp_avg_var`` (s).
+    """
+
+    _owner = "AdaBelief"
+    _state_keys = ("exp_avg", "exp_avg_var")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = True,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+        )
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        owner = self._owner
+        _check_lr(owner, group["lr"])
+        _check_betas(owner, group["betas"], 2)
+        _check_nonneg(owner, "eps", group["eps"])
+        _check_nonneg(owner, "weight_decay", group["weight_decay"])
+        _check_flag(owner, "decoupled_weight_decay", group["decoupled_weight_decay"])
+        _check_flag(owner, "foreach", group["foreach"], allow_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One AdaBelief step; ``closure`` (optional) is run under ``torch.enable_grad()``."""
+        loss = self._run_closure(closure)
+        self._check_grads()
+        for group in self.param_groups:
+            lists = self._gather(group)
+            if not lists[0]:
+                continue
+            beta1, beta2 = group["betas"]
+            hp = dict(
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled=group["decoupled_weight_decay"],
+            )
+            update = _adabelief_single if group["foreach"] is False else _adabelief_foreach
+            for _, tensors in self._buckets(lists):
+                update(*tensors, **hp)
+        return loss
+
+
+# -- param groups ----------------------------------------------------------------------------
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+        nn.LayerNorm,
+        nn.GroupNorm,
+        getattr(nn, "RMSNorm", None),
+        nn.LocalResponseNorm,
+    )
+    if t is not None
+)
+
+
+def param_groups_for(
+    model: nn.Module,
+    weight_decay: float = 1e-4,
+    *,
+    exclude_bias: bool = True,
+    exclude_norm: bool = True,
+    exclude_from_layer_adaptation: bool = False,
+    exclude: Callable[[str, nn.Parameter], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """The usual two param groups: weight decay for weights, none for biases and norms.
+
+    Returns ``[{"params": decayed, "weight_decay": weight_decay},
+    {"params": excluded, "weight_decay": 0.0}]`` (an empty group is left out), ready for any
+    optimizer of this library or torch's. Excluded are parameters named ``bias`` (when
+    ``exclude_bias``), every parameter of a normalisation layer (BatchNorm, InstanceNorm,
+    LayerNorm, GroupNorm, RMSNorm; when ``exclude_norm``) and those for which
+    ``exclude(name, param)`` is true. With ``exclude_from_layer_adaptation=True`` the
+    excluded group also gets ``layer_adaptation=False`` (Lamb/ALTO then use trust ratio 1
+    there, so zero-initialised biases are not frozen by φ(0)/‖r‖ ≈ 0); torch's optimizers
+    ignore that key. This is the job of the reference package's ``create_ALTO_optimizer``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups_for: model must be an nn.Module, got {type(model).__name__}")
+    _check_nonneg("param_groups_for", "weight_decay", weight_decay)
+    if exclude is not None and not callable(exclude):
+        raise TypeError("param_groups_for: exclude must be a callable (name, param) -> bool")
+    norm_params: set[int] = set()
+    if exclude_norm:
+        for module in model.modules():
+            if isinstance(module, _NORM_TYPES):
+                norm_params.update(id(p) for p in module.parameters(recurse=False))
+    decayed: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        skip = (
+            (exclude_bias and name.rsplit(".", 1)[-1] == "bias")
+            or id(p) in norm_params
+            or (exclude is not None and exclude(name, p))
+        )
+        (excluded if skip else decayed).append(p)
+    groups: list[dict[str, Any]] = []
+    if decayed:
+        groups.append({"params": decayed, "weight_decay": float(weight_decay)})
+    if excluded:
+        group: dict[str, Any] = {"params": excluded, "weight_decay": 0.0}
+        if exclude_from_layer_adaptation:
+            group["layer_adaptation"] = False
+        groups.append(group)
+    if not groups:
+        raise ValueError("param_groups_for: the model has no parameters")
+    return groups
