@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["Muon", "newton_schulz", "DEFAULT_NS_COEFFICIENTS"]
+__all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
@@ -130,7 +130,9 @@ def _check_group(group: dict[str, Any], where: str) -> None:
     real("eps", group["eps"], lambda v: v > 0, "eps > 0")
     steps = group["ns_steps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
-        raise ValueError(f"Muon ns_steps must be an int with 1 <= ns_steps <= 100, got {steps!r}{suffix}")
+        raise ValueError(
+            f"Muon ns_steps must be an int with 1 <= ns_steps <= 100, got {steps!r}{suffix}"
+        )
     coefficients = group["ns_coefficients"]
     if (
         not isinstance(coefficients, (tuple, list))
@@ -138,16 +140,19 @@ def _check_group(group: dict[str, Any], where: str) -> None:
         or not all(_is_real(v) and math.isfinite(float(v)) for v in coefficients)
     ):
         raise ValueError(
-            f"Muon ns_coefficients must be three finite numbers (a, b, c), got {coefficients!r}{suffix}"
+            "Muon ns_coefficients must be three finite numbers (a, b, c), got "
+            f"{coefficients!r}{suffix}"
         )
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(
-            f"Muon adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}{suffix}"
+            f"Muon adjust_lr_fn must be one of {ADJUST_LR_FNS}, got "
+            f"{group['adjust_lr_fn']!r}{suffix}"
         )
     ns_dtype = group["ns_dtype"]
     if not isinstance(ns_dtype, torch.dtype) or not ns_dtype.is_floating_point:
         raise TypeError(
-            f"Muon ns_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {ns_dtype!r}{suffix}"
+            "Muon ns_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got "
+            f"{ns_dtype!r}{suffix}"
         )
     for name in ("nesterov", "batched"):
         if not isinstance(group[name], bool):
@@ -165,7 +170,12 @@ def _check_group(group: dict[str, Any], where: str) -> None:
     for i, beta in enumerate(betas):
         real(f"adamw_betas[{i}]", beta, lambda v: 0 <= v < 1, f"0 <= adamw_betas[{i}] < 1")
     real("adamw_eps", group["adamw_eps"], lambda v: v >= 0, "adamw_eps >= 0")
-    real("adamw_weight_decay", group["adamw_weight_decay"], lambda v: v >= 0, "adamw_weight_decay >= 0")
+    real(
+        "adamw_weight_decay",
+        group["adamw_weight_decay"],
+        lambda v: v >= 0,
+        "adamw_weight_decay >= 0",
+    )
 
 
 def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
