@@ -1,0 +1,407 @@
+r"""Zero-order gradient estimation: SPSA (simultaneous perturbation stochastic approximation).
+
+The gradient estimator φ of the generic E-adapted algorithm becomes a finite difference of
+the loss along random directions, for models where backpropagation is unavailable or too
+memory-hungry. For each of ``n`` samples a direction ``Δ`` (Rademacher ``±1`` or standard
+Gaussian, one entry per parameter element) is drawn and
+
+.. math::
+    \hat g = \frac1n \sum_{s=1}^{n} \frac{f(θ + cΔ_s) - f(θ - cΔ_s)}{2c}\, Δ_s,
+    \qquad \mathbb E[\hat g] = ∇f(θ) + O(c^2)
+
+(exactly unbiased for a quadratic, since ``E[ΔΔᵀ] = I``). Use it with any base optimizer,
+with or without the adaptor::
+
+    opt = explore(SPSA(perturbation=1e-3), torch.optim.SGD(params, lr=1e-3), alpha=0.5, beta=0.01)
+    loss = opt.step(closure)          # the closure only evaluates the loss (no backward)
+
+    spsa, sgd = SPSA(), torch.optim.SGD(params, lr=1e-3)      # without the adaptor
+    loss = spsa.estimate(closure, sgd.param_groups); sgd.step()
+
+Memory is that of inference: the parameters are perturbed in place and ``Δ`` is regenerated
+from a per-step seed instead of being stored. See :class:`SPSA` for the details.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptor.estimators import Closure, GradEstimator
+
+DISTRIBUTIONS = ("rademacher", "gaussian")
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit seed from integers (SplitMix64 finaliser, chained); host integers only."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class SPSA(GradEstimator):
+    r"""SPSA gradient estimator for :func:`adaptor.explore`: the closure only evaluates the loss.
+
+    .. math::
+        g = \frac1n \sum_{s=1}^{n} \frac{f(θ + cΔ_s) - f(θ - cΔ_s)}{2c}\, Δ_s,\qquad
+        Δ_s \sim \text{Rademacher } (\pm 1) \text{ or } \mathcal N(0, I)
+
+    written into ``p.grad`` (overwritten, not accumulated) of every parameter of the param
+    groups with ``requires_grad=True``; frozen parameters are neither perturbed nor given a
+    gradient. The closure only computes the loss; it runs under ``torch.no_grad()`` and
+    may return a 0-d (or one-element) tensor or a Python number. With the paper's
+    ``E[ΔΔᵀ] = I`` the estimate is unbiased up to ``O(c²)`` (exactly for a quadratic);
+    its per-coordinate variance for one sample is ``‖∇f‖² − (∇f)ᵢ²`` (Rademacher) or
+    ``‖∇f‖² + (∇f)ᵢ²`` (Gaussian), divided by ``n``.
+
+    **Returned loss.** ``estimate`` (and so ``step``) returns
+    ``(1/n) Σ_s (f(θ+cΔ_s) + f(θ−cΔ_s))/2``, a second-order accurate estimate of ``f(θ)``:
+    its error is ``(c²/2)·ΔᵀHΔ + O(c⁴)`` (``(c²/2)·tr H`` on average). No extra evaluation
+    of ``f(θ)`` is made. It is a tensor on the loss's device when the closure returns
+    tensors (no host read), a Python float when it returns floats.
+
+    **Memory.** The parameters are perturbed in place — ``θ += cΔ``, evaluate, ``θ −= 2cΔ``,
+    evaluate, ``θ += cΔ`` — and nothing of parameter size is stored. With ``samples=1``
+    ``Δ`` is drawn straight into ``p.grad`` and scaled there: no temporary at all beyond the
+    gradients themselves. With ``samples > 1`` the gradient accumulates, so ``Δ_s`` is
+    regenerated (three times per sample) into a scratch block of at most ``chunk`` elements.
+
+    **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
+    block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
+    from a ``torch.Generator`` on the parameter's device seeded with
+    ``mix(seed, step, sample, i, j)``. The whole random state is two Python integers,
+    ``seed`` and ``step`` (:meth:`state_dict`); the explored optimizer saves it under
+    ``explore_estimator``, so a resumed run draws the same directions. Seeding a generator is
+    host-side; no device value is ever read.
+
+    **Round-off.** The in-place restore is not exact in floating point: after one sample
+    ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit roundoff,
+    ``2⁻²⁴`` in float32), i.e. a few ulps of ``|θ|`` (and of ``c`` where ``|θ| < c``). A
+    power-of-two ``c`` with Rademacher directions does not make it exact in general (the
+    low bits of a small ``|θ|`` are lost in ``θ + c``). The drift is deterministic, so
+    resuming stays bit-exact. If the closure raises, the current perturbation is undone
+    (to this accuracy) before the error propagates; ``p.grad`` is then unspecified.
+
+    Args:
+        perturbation: ``c > 0``, the finite-difference step.
+        samples: ``n >= 1``, directions averaged per step (2 closure calls each).
+        distribution: ``"rademacher"`` (default) or ``"gaussian"``.
+        seed: an integer; ``None`` draws one from torch's global generator at construction.
+        chunk: block size of the regenerated directions (elements); bounds the scratch
+            memory when ``samples > 1``. Part of the definition of ``Δ``.
+    """
+
+    requires_closure = True
+
+    def __init__(
+        self,
+        perturbation: float = 1e-3,
+        samples: int = 1,
+        distribution: str = "rademacher",
+        seed: int | None = None,
+        *,
+        chunk: int = 1 << 20,
+    ) -> None:
+        if isinstance(perturbation, bool) or not isinstance(perturbation, numbers.Real):
+            raise TypeError(
+                "SPSA perturbation must be a real number c > 0, got "
+                f"{type(perturbation).__name__}"
+            )
+        if not 0.0 < float(perturbation) < float("inf"):
+            raise ValueError(f"SPSA perturbation must satisfy 0 < c < inf, got {perturbation}")
+        if not _is_int(samples) or samples < 1:
+            raise ValueError(f"SPSA samples must be an integer >= 1, got {samples!r}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"SPSA distribution must be one of {DISTRIBUTIONS}, got {distribution!r}"
+            )
+        if seed is not None and not _is_int(seed):
+            raise TypeError(f"SPSA seed must be an integer or None, got {type(seed).__name__}")
+        if not _is_int(chunk) or chunk < 1:
+            raise ValueError(f"SPSA chunk must be an integer >= 1, got {chunk!r}")
+        if seed is None:
+            # Host-side, at construction: follows torch.manual_seed.
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.perturbation = float(perturbation)
+        self.samples = int(samples)
+        self.distribution = distribution
+        self.chunk = int(chunk)
+        self.seed = int(seed) & _MASK64
+        self.step = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    # -- random directions -----------------------------------------------------------
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            # Nothing is drawn on meta; a CPU generator is accepted there.
+            where = "cpu" if device.type == "meta" else device
+            generator = self._generators[device] = torch.Generator(device=where)
+        return generator
+
+    def _blocks(self, flat: Tensor) -> list[tuple[int, Tensor]]:
+        return [
+            (j, flat[start : start + self.chunk])
+            for j, start in enumerate(range(0, flat.numel(), self.chunk))
+        ]
+
+    def _draw_(self, out: Tensor, sample: int, index: int, block: int) -> Tensor:
+        """Fill ``out`` with block ``block`` of ``Δ`` for parameter ``index``, sample ``sample``."""
+        generator = self._generator(out.device)
+        generator.manual_seed(_mix(self.seed, self.step, sample, index, block))
+        if self.distribution == "gaussian":
+            return out.normal_(generator=generator)
+        return out.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+
+    def _fill_direction_(self, out: Tensor, sample: int, index: int) -> None:
+        """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``."""
+        for block, view in self._blocks(out.view(-1)):
+            self._draw_(view, sample, index, block)
+
+    def _apply_direction_(
+        self,
+        entries: Sequence[tuple[int, Tensor, Tensor]],
+        sample: int,
+        scale: float,
+        weight: Tensor | float | None = None,
+        first: bool = False,
+    ) -> None:
+        """``θ += scale·Δ_s`` from ``Δ_s`` regenerated block by block (``samples > 1``).
+
+        With ``weight`` (the sample's ``(f₊−f₋)/(2cn)``) also ``g += weight·Δ_s``
+        (``g = weight·Δ_s`` when ``first``), from the same regenerated blocks. A
+        non-contiguous parameter gets a scratch of its own size (its blocks are not views).
+        """
+        scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        for index, p, grad in entries:
+            w = None if weight is None else _on(weight, p.device)
+            if p.is_contiguous():
+                key = (p.device, p.dtype)
+                size = min(p.numel(), self.chunk)
+                buffer = scratch.get(key)
+                if buffer is None or buffer.numel() < size:
+                    buffer = scratch[key] = torch.empty(size, device=p.device, dtype=p.dtype)
+                pairs = [
+                    (block, p_view, g_view)
+                    for (block, p_view), (_, g_view) in zip(
+                        self._blocks(p.view(-1)), self._blocks(grad.view(-1))
+                    )
+                ]
+            else:
+                buffer = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
+                self._fill_direction_(buffer, sample, index)
+                pairs = [(-1, p, grad.view(-1))]
+            for block, p_view, g_view in pairs:
+                if block < 0:  # whole non-contiguous parameter, already drawn
+                    delta = buffer
+                    p_view.add_(delta.view(p.shape), alpha=scale)
+                else:
+                    delta = self._draw_(buffer[: p_view.numel()], sample, index, block)
+                    p_view.add_(delta, alpha=scale)
+                if w is None:
+                    continue
+                if first:
+                    torch.mul(delta, w, out=g_view)
+                elif isinstance(w, Tensor):
+                    g_view.addcmul_(delta, w)
+                else:
+                    g_view.add_(delta, alpha=w)
+
+    # -- the estimate ----------------------------------------------------------------
+
+    def _entries(self, param_groups: Sequence[dict]) -> list[tuple[int, Tensor, Tensor]]:
+        """``(index, p, grad)`` for trainable parameters; grads reused or allocated."""
+        trainable: list[tuple[int, Tensor]] = []
+        index = 0
+        for group in param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    if not p.is_floating_point():
+                        raise TypeError(
+                            "SPSA supports real floating-point parameters, got a parameter "
+                            f"of dtype {p.dtype} (param index {index})"
+                        )
+                    if p.layout is not torch.strided:
+                        raise TypeError(
+                            f"SPSA supports dense (strided) parameters, got {p.layout} "
+                            f"(param index {index})"
+                        )
+                    trainable.append((index, p))
+                index += 1
+        entries = []
+        for index, p in trainable:
+            grad = p.grad
+            if (
+                grad is None
+                or grad.shape != p.shape
+                or grad.dtype != p.dtype
+                or grad.device != p.device
+                or grad.layout is not torch.strided
+                or not grad.is_contiguous()
+            ):
+                grad = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            entries.append((index, p, grad))
+        return entries
+
+    @staticmethod
+    def _evaluate(closure: Closure) -> Tensor | float:
+        with torch.no_grad():
+            loss = closure()
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    "SPSA closure must return a scalar loss (a one-element tensor or a "
+                    f"number), got a tensor of shape {tuple(loss.shape)}"
+                )
+            return loss.detach().reshape(())
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            return float(loss)
+        raise TypeError(
+            "SPSA closure must return the loss (a tensor or a number), got "
+            f"{type(loss).__name__}"
+        )
+
+    def estimate(self, closure: Closure | None, param_groups: Sequence[dict]) -> Any:
+        """Write the SPSA estimate into ``p.grad``; return ``mean_s (f₊ + f₋)/2``."""
+        if closure is None:
+            raise ValueError(
+                "SPSA needs a closure that returns the loss (it evaluates the loss at "
+                "θ ± cΔ); got closure=None"
+            )
+        if not callable(closure):
+            raise TypeError(f"SPSA closure must be callable, got {type(closure).__name__}")
+        entries = self._entries(param_groups)
+        total: Tensor | float
+        if entries:
+            if self.samples == 1:
+                total = self._estimate_one(closure, entries)
+            else:
+                total = self._estimate_many(closure, entries)
+        else:  # nothing to perturb: the loss at θ is exact
+            total = self._evaluate(closure)
+        for _, p, grad in entries:
+            if p.grad is not grad:
+                p.grad = grad
+        self.step += 1
+        return total
+
+    def _buckets(
+        self, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> list[tuple[torch.device, list[Tensor], list[Tensor]]]:
+        buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for _, p, grad in entries:
+            params, grads = buckets.setdefault((p.device, p.dtype), ([], []))
+            params.append(p)
+            grads.append(grad)
+        return [(device, params, grads) for (device, _), (params, grads) in buckets.items()]
+
+    def _estimate_one(
+        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> Tensor | float:
+        """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
+        c = self.perturbation
+        for index, _, grad in entries:
+            self._fill_direction_(grad, 0, index)
+        buckets = self._buckets(entries)
+
+        def shift(scale: float) -> None:
+            with torch.no_grad():
+                for _, params, grads in buckets:
+                    torch._foreach_add_(params, grads, alpha=scale)
+
+        offset = 0.0  # the multiple of cΔ currently added to θ
+        try:
+            shift(c)
+            offset = 1.0
+            f_plus = self._evaluate(closure)
+            shift(-2.0 * c)
+            offset = -1.0
+            f_minus = self._evaluate(closure)
+        finally:
+            if offset:
+                shift(-offset * c)
+        scale = (f_plus - f_minus) / (2.0 * c)
+        for device, _, grads in buckets:
+            torch._foreach_mul_(grads, _on(scale, device))
+        return (f_plus + f_minus) / 2.0
+
+    def _estimate_many(
+        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> Tensor | float:
+        """``samples > 1``: ``Δ_s`` regenerated block by block; ``g`` accumulates."""
+        c, n = self.perturbation, self.samples
+        total: Tensor | float = 0.0
+        with torch.no_grad():
+            for sample in range(n):
+                offset = 0.0
+                try:
+                    self._apply_direction_(entries, sample, c)
+                    offset = 1.0
+                    f_plus = self._evaluate(closure)
+                    self._apply_direction_(entries, sample, -2.0 * c)
+                    offset = -1.0
+                    f_minus = self._evaluate(closure)
+                    weight = (f_plus - f_minus) / (2.0 * c * n)
+                    offset = 0.0
+                    # restore θ and accumulate g from the same regenerated blocks
+                    self._apply_direction_(entries, sample, c, weight, first=sample == 0)
+                except BaseException:
+                    if offset:
+                        self._apply_direction_(entries, sample, -offset * c)
+                    raise
+                total = total + (f_plus + f_minus) / (2.0 * n)
+        return total
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed": int, "step": int}``: the whole random state (host integers)."""
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``seed`` and ``step``; an empty dict (a base-only checkpoint) changes nothing."""
+        if not state_dict:
+            return
+        if not isinstance(state_dict, dict) or set(state_dict) != {"seed", "step"}:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else state_dict
+            raise ValueError(f"SPSA state dict must have keys ['seed', 'step'], got {keys}")
+        seed, step = state_dict["seed"], state_dict["step"]
+        if not _is_int(seed) or not _is_int(step) or step < 0:
+            raise ValueError(
+                f"SPSA state dict needs an integer seed and an integer step >= 0, got "
+                f"seed={seed!r}, step={step!r}"
+            )
+        self.seed = int(seed) & _MASK64
+        self.step = int(step)
+
+    def __repr__(self) -> str:
+        return (
+            f"SPSA(perturbation={self.perturbation}, samples={self.samples}, "
+            f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk})"
+        )
+
+
+def _on(scale: Tensor | float, device: torch.device) -> Tensor | float:
+    """``scale`` usable with tensors on ``device`` without a device→host read."""
+    if not isinstance(scale, Tensor) or scale.device == device:
+        return scale
+    if scale.device.type == "cpu" and scale.dim() == 0:
+        return scale  # a CPU scalar is accepted by ops on any device
+    return scale.to(device, non_blocking=True)
+

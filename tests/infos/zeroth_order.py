@@ -1,0 +1,86 @@
+"""Entries for the zero-order backend: SPSA estimates under the adaptor (loss-only closures)."""
+
+from __future__ import annotations
+
+import torch
+
+from adaptor import explore
+from backends.zeroth_order import SPSA
+from tests.optim_db import OptimizerInfo
+
+
+class SPSAThenBase:
+    """SPSA + a base optimizer without the adaptor: ``estimate`` then ``base.step()``.
+
+    The reference for the α = 0 test: it shares no code with the explored optimizer.
+    """
+
+    def __init__(self, estimator: SPSA, base: torch.optim.Optimizer) -> None:
+        self.estimator = estimator
+        self.base = base
+
+    def step(self, closure):
+        loss = self.estimator.estimate(closure, self.base.param_groups)
+        self.base.step()
+        return loss
+
+
+def _sgd(params, lr=1e-2, **kw):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, **kw)
+
+
+def _adam(params, lr=1e-2, **kw):
+    return torch.optim.Adam(params, lr=lr, **kw)
+
+
+def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_base=True):
+    spsa = {"seed": 0, **(spsa or {})}
+
+    def build(params, alpha=alpha, beta=beta, **overrides):
+        return explore(SPSA(**spsa), base_factory(params, **overrides), alpha=alpha, beta=beta)
+
+    def base(params, **overrides):
+        return SPSAThenBase(SPSA(**spsa), base_factory(params, **overrides))
+
+    def estimate_without_closure(params):
+        SPSA(**spsa).estimate(None, [{"params": params}])
+
+    invalid = (
+        (lambda params: build(params).step(), ValueError, r"SPSA needs a closure"),
+        (estimate_without_closure, ValueError, r"SPSA needs a closure"),
+        (lambda params: explore(SPSA(perturbation=0.0), _sgd(params)), ValueError,
+         r"perturbation must satisfy 0 < c"),
+        (lambda params: explore(SPSA(samples=0), _sgd(params)), ValueError,
+         r"samples must be an integer >= 1"),
+        (lambda params: explore(SPSA(samples=1.5), _sgd(params)), ValueError,
+         r"samples must be an integer >= 1"),
+        (lambda params: explore(SPSA(distribution="uniform"), _sgd(params)), ValueError,
+         r"distribution must be one of \('rademacher', 'gaussian'\)"),
+        (lambda params: build(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),
+    )
+    return OptimizerInfo(
+        name=name,
+        build=build,
+        base=base if with_base else None,
+        closure_kind="loss",
+        supports_complex=False,
+        groups_independent=False,
+        invalid=invalid,
+    )
+
+
+INFOS = [
+    _spsa_entry("SPSA+E(SGD)", _sgd, alpha=0.5, beta=0.01),
+    _spsa_entry("SPSA+SGD (alpha=0)", _sgd, alpha=0.0, with_base=False),
+    _spsa_entry("SPSA+E(Adam)", _adam),
+    _spsa_entry(
+        "SPSA(gaussian, 2 samples, blocks of 7)+E(SGD)",
+        _sgd,
+        spsa={"distribution": "gaussian", "samples": 2, "chunk": 7, "perturbation": 2e-3},
+        alpha=0.5,
+        beta=0.01,
+    ),
+    _spsa_entry(
+        "SPSA(seed=None)+E(Adam)", _adam, spsa={"seed": None}, with_base=False
+    ),
+]
