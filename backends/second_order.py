@@ -1,0 +1,618 @@
+r"""Second-order backend: Shampoo, Kronecker-factored preconditioning with Adam grafting.
+
+For a parameter whose gradient is viewed as a matrix ``G`` (``m × n``; a tensor of ``ndim > 2``
+such as a conv weight is flattened to ``shape[0] × prod(shape[1:])``), Shampoo keeps two
+statistics and preconditions with their inverse fourth roots::
+
+    L ← β₂·L + (1-β₂)·G Gᵀ              R ← β₂·R + (1-β₂)·Gᵀ G
+    D = L̂^{-1/4} · M̂ · R̂^{-1/4}         M̂ = m/(1-β₁ᵗ), m ← β₁·m + (1-β₁)·G
+
+with ``L̂ = L/(1-β₂ᵗ)`` (likewise ``R̂``). Matrices with a side larger than
+``max_preconditioner_dim`` are split into near-equal blocks of at most that size (as in
+distributed_shampoo); each block has its own ``L`` and ``R``. 0-d and 1-D parameters (biases,
+norms) are preconditioned diagonally: their update is Adam's.
+
+Everything runs on the parameters' device; ``step()`` reads no tensor value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["Shampoo", "matrix_inverse_root"]
+
+GRAFTINGS = ("adam", "none")
+ROOT_METHODS = ("eigh", "newton")
+# State keys of a preconditioned (matrix) parameter.
+MATRIX_KEYS = ("left", "right", "left_root", "right_root")
+
+
+# -- the inverse root ---------------------------------------------------------------------
+
+
+def _floor(dtype: torch.dtype) -> float:
+    """An absolute floor added to the ridge so that an all-zero statistic stays finite."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def matrix_inverse_root(
+    matrix: Tensor,
+    root: int = 4,
+    *,
+    eps: float = 1e-6,
+    method: str = "eigh",
+    newton_iterations: int = 40,
+) -> Tensor:
+    r"""``(A + ρ·I)^{-1/root}`` for a (batch of) symmetric positive semi-definite ``A``.
+
+    The ridge is relative to the statistic's scale: ``ρ = eps·‖A‖_F + floor`` (``floor`` =
+    ``sqrt(finfo.tiny)``, only there to keep an all-zero ``A`` finite). Computed in
+    ``matrix.dtype`` on ``matrix.device``, batched over leading dimensions.
+
+    - ``method="eigh"``: ``A = Q diag(λ) Qᵀ`` (``torch.linalg.eigh``), then
+      ``Q diag((max(λ, 0) + ρ)^{-1/root}) Qᵀ``. Exact; on CUDA torch's eigh synchronises
+      internally (its convergence check).
+    - ``method="newton"``: the coupled Newton iteration (Guo & Higham 2006, as in Google's
+      Scalable Shampoo) for ``B = A + ρI``: ``z = (1+p)/(2‖B‖_F)``, ``X₀ = z^{1/p}·I``,
+      ``M₀ = z·B``; repeat ``Mᵢ = ((p+1)·I - M)/p``, ``X ← X·Mᵢ``, ``M ← Mᵢᵖ·M``. Matmuls
+      only, a fixed number of iterations (no convergence test, hence no sync at all). The
+      condition number of ``B`` is at most ``1 + 1/eps``; ``newton_iterations`` must grow like
+      ``log(1/eps)`` (40 covers ``eps ≥ 1e-8`` in float32/float64).
+    """
+    if not isinstance(root, int) or isinstance(root, bool) or root < 1:
+        raise ValueError(f"matrix_inverse_root: root must be an int >= 1, got {root!r}")
+    if method not in ROOT_METHODS:
+        raise ValueError(
+            f"matrix_inverse_root: method must be one of {ROOT_METHODS}, got {method!r}"
+        )
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"matrix_inverse_root: expected a (batch of) square matrices, got {tuple(matrix.shape)}"
+        )
+    n = matrix.shape[-1]
+    ridge = eps * torch.linalg.matrix_norm(matrix) + _floor(matrix.dtype)  # (...,)
+    if method == "eigh":
+        eigenvalues, vectors = torch.linalg.eigh(matrix)
+        scale = (eigenvalues.clamp_min(0) + ridge.unsqueeze(-1)).pow(-1.0 / root)
+        return (vectors * scale.unsqueeze(-2)) @ vectors.mT
+    identity = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    damped = matrix + ridge[..., None, None] * identity
+    z = (1.0 + root) / (2.0 * torch.linalg.matrix_norm(damped))
+    m_k = damped * z[..., None, None]
+    x_k = identity * z.pow(1.0 / root)[..., None, None]
+    for _ in range(newton_iterations):
+        m_i = ((root + 1.0) * identity - m_k) / root
+        x_k = x_k @ m_i
+        m_k = torch.linalg.matrix_power(m_i, root) @ m_k
+    return x_k
+
+
+# -- blocking -----------------------------------------------------------------------------
+
+
+class _Layout:
+    """How a parameter is cut into ``count`` blocks of ``rows × cols`` (zero-padded when uneven).
+
+    The matrix view is ``m × n`` (``shape[0] × prod(shape[1:])``); a side larger than
+    ``block`` is split into ``ceil(side/block)`` near-equal parts, so padding is at most one
+    row (column) per part.
+    """
+
+    __slots__ = ("shape", "m", "n", "row_parts", "rows", "col_parts", "cols")
+
+    def __init__(self, shape: torch.Size, block: int) -> None:
+        self.shape = shape
+        self.m = shape[0]
+        self.n = math.prod(shape[1:])
+        self.row_parts = -(-self.m // block)
+        self.rows = -(-self.m // self.row_parts)
+        self.col_parts = -(-self.n // block)
+        self.cols = -(-self.n // self.col_parts)
+
+    @property
+    def count(self) -> int:
+        return self.row_parts * self.col_parts
+
+    def to_blocks(self, tensor: Tensor) -> Tensor:
+        """``(count, rows, cols)`` blocks of ``tensor`` (a view when there is one block)."""
+        x = tensor.reshape(self.m, self.n)
+        pad_rows = self.row_parts * self.rows - self.m
+        pad_cols = self.col_parts * self.cols - self.n
+        if pad_rows or pad_cols:
+            x = F.pad(x, (0, pad_cols, 0, pad_rows))
+        if self.count == 1:
+            return x.unsqueeze(0)
+        x = x.reshape(self.row_parts, self.rows, self.col_parts, self.cols).transpose(1, 2)
+        return x.reshape(self.count, self.rows, self.cols)
+
+    def from_blocks(self, blocks: Tensor) -> Tensor:
+        """Inverse of :meth:`to_blocks` (padding dropped), shaped like the parameter."""
+        x = blocks.reshape(self.row_parts, self.col_parts, self.rows, self.cols).transpose(1, 2)
+        x = x.reshape(self.row_parts * self.rows, self.col_parts * self.cols)
+        return x[: self.m, : self.n].reshape(self.shape)
+
+
+def _cat(tensors: Sequence[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def _bucket(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+    buckets: dict[Any, list[Any]] = {}
+    for item in items:
+        buckets.setdefault(key(item), []).append(item)
+    return buckets
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _real(name: str, value: Any, *, low: float, low_open: bool = False,
+          high: float | None = None, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Shampoo {name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        left = "(" if low_open else "["
+        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"Shampoo {name} must be in {left}{low}, {right}, got {value!r}")
+    return v
+
+
+def _int(name: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Shampoo {name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"Shampoo {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_group(group: dict[str, Any], where: str = "") -> None:
+    suffix = f" ({where})" if where else ""
+    try:
+        _real("lr", group["lr"], low=0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Shampoo betas must be a pair (beta1, beta2), got {betas!r}")
+        _real("betas[0] (momentum beta1)", betas[0], low=0.0, high=1.0)
+        _real("betas[1] (statistics beta2)", betas[1], low=0.0, high=1.0)
+        _real("eps", group["eps"], low=0.0, low_open=True)
+        _real("matrix_eps", group["matrix_eps"], low=0.0, low_open=True)
+        _real("weight_decay", group["weight_decay"], low=0.0)
+        _int("precondition_frequency", group["precondition_frequency"], low=1)
+        _int("start_preconditioning_step", group["start_preconditioning_step"], low=1)
+        _int("max_preconditioner_dim", group["max_preconditioner_dim"], low=1)
+        _int("newton_iterations", group["newton_iterations"], low=1)
+        if group["grafting"] not in GRAFTINGS:
+            raise ValueError(
+                f"Shampoo grafting must be one of {GRAFTINGS}, got {group['grafting']!r}"
+            )
+        if group["root_method"] not in ROOT_METHODS:
+            raise ValueError(
+                f"Shampoo root_method must be one of {ROOT_METHODS}, got {group['root_method']!r}"
+            )
+        dtype = group["preconditioner_dtype"]
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                "Shampoo preconditioner_dtype must be None, torch.float32 or torch.float64, "
+                f"got {dtype!r}"
+            )
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{error}{suffix}") from None
+
+
+# -- the optimizer ------------------------------------------------------------------------
+
+
+class Shampoo(Optimizer):
+    r"""Shampoo with Adam grafting, decoupled weight decay and blocked preconditioners.
+
+    Per parameter, with ``t`` its step count and ``g`` its gradient (``-g`` if ``maximize``)::
+
+        θ ← θ·(1 - lr·λ)                                     # decoupled weight decay
+        m ← β₁·m + (1-β₁)·g,     v ← β₂·v + (1-β₂)·g²         # Adam moments (grafting)
+        A = (m/(1-β₁ᵗ)) / (sqrt(v/(1-β₂ᵗ)) + eps)             # Adam's direction
+
+    1-D/0-d parameters, and every parameter before ``start_preconditioning_step``, take
+    ``θ ← θ - lr·A`` (AdamW exactly). For a matrix view ``G`` of ``g``, per block::
+
+        L ← β₂·L + (1-β₂)·G Gᵀ,  R ← β₂·R + (1-β₂)·Gᵀ G      # every step
+        P = L̂^{-1/4} · (m/(1-β₁ᵗ)) · R̂^{-1/4}                 # L̂ = L/(1-β₂ᵗ)
+        D = P·‖A‖/‖P‖  (grafting="adam")   or   D = P  (grafting="none")
+        θ ← θ - lr·D
+
+    The roots ``(L̂ + ρI)^{-1/4}`` (see :func:`matrix_inverse_root`, ``ρ = matrix_eps·‖L̂‖_F``)
+    are recomputed at the parameter's steps ``t = start, start + k, start + 2k, …``
+    (``k = precondition_frequency``) and reused in between. Grafting is per block (per
+    layer when the matrix fits in one block), as in distributed_shampoo: Shampoo picks the
+    direction, Adam the step size, so Adam's learning rate carries over.
+
+    Args:
+        params: parameters or param groups (every argument below may be set per group).
+        lr: learning rate ``lr >= 0``.
+        betas: ``(β₁, β₂)``, each in ``[0, 1)``: β₁ for the momentum ``m`` (the gradient fed
+            to the preconditioner, bias-corrected), β₂ for ``L``, ``R`` and Adam's ``v``.
+        eps: Adam's denominator term, ``> 0``.
+        matrix_eps: relative ridge of the inverse roots, ``> 0``.
+        weight_decay: decoupled weight decay ``λ >= 0`` (AdamW style).
+        precondition_frequency: recompute the inverse roots every ``k >= 1`` steps.
+        start_preconditioning_step: the first step (``>= 1``) that uses Shampoo's direction;
+            steps before it are Adam's.
+        max_preconditioner_dim: largest side of a preconditioner; larger matrix sides are
+            split into near-equal blocks (``>= 1``).
+        grafting: ``"adam"`` (default) or ``"none"`` (raw Shampoo direction, still
+            bias-corrected; 1-D parameters and steps before the start use Adam either way).
+        root_method: ``"eigh"`` (exact; default) or ``"newton"`` (coupled Newton iteration,
+            matmuls only, no device synchronisation even on CUDA).
+        newton_iterations: iterations of the Newton method.
+        preconditioner_dtype: dtype of ``L``, ``R`` and their roots: ``None`` (float32, or
+            float64 for float64 parameters), ``torch.float32`` or ``torch.float64``.
+        maximize: maximise the objective.
+
+    State per parameter: ``step`` (a 0-d tensor on the parameter's device, float32, or
+    float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same count as a Python int: it schedules the
+    root recomputations without reading the device, and is saved in the state dict),
+    ``exp_avg``, ``exp_avg_sq`` and, for matrices, ``left``/``right`` (``blocks × r × r``,
+    ``blocks × c × c``) and ``left_root``/``right_root``.
+
+    No host reads inside ``step()``; same-shaped blocks of all parameters of a group are
+    batched into one ``eigh``/``bmm``. On CUDA, ``torch.linalg.eigh`` itself synchronises
+    once per recomputation (its error check); ``root_method="newton"`` avoids even that.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        matrix_eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int = 10,
+        max_preconditioner_dim: int = 1024,
+        grafting: str = "adam",
+        root_method: str = "eigh",
+        newton_iterations: int = 40,
+        preconditioner_dtype: torch.dtype | None = None,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            matrix_eps=matrix_eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            max_preconditioner_dim=max_preconditioner_dim,
+            grafting=grafting,
+            root_method=root_method,
+            newton_iterations=newton_iterations,
+            preconditioner_dtype=preconditioner_dtype,
+            maximize=maximize,
+        )
+        _check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (checked: hyperparameter ranges, no complex parameters)."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        try:
+            _check_group(group, f"param group {index}")
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(
+                        f"Shampoo does not support complex parameters (param group {index})"
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _matrix_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+        if group["preconditioner_dtype"] is not None:
+            return group["preconditioner_dtype"]
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _is_matrix(p: Tensor) -> bool:
+        return p.dim() >= 2
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, layout: _Layout | None) -> None:
+        state = self.state[p]
+        if state:
+            return
+        step_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        state["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
+        state["host_step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if layout is not None:
+            dtype = self._matrix_dtype(group, p)
+            kw = dict(dtype=dtype, device=p.device)
+            count, rows, cols = layout.count, layout.rows, layout.cols
+            state["left"] = torch.zeros(count, rows, rows, **kw)
+            state["right"] = torch.zeros(count, cols, cols, **kw)
+            state["left_root"] = torch.eye(rows, **kw).expand(count, rows, rows).clone()
+            state["right_root"] = torch.eye(cols, **kw).expand(count, cols, cols).clone()
+
+    def _check_matrix_state(self, group: dict[str, Any], p: Tensor, state: dict, where: str) -> None:
+        layout = _Layout(p.shape, group["max_preconditioner_dim"])
+        dtype = self._matrix_dtype(group, p)
+        expected = {
+            "left": (layout.count, layout.rows, layout.rows),
+            "right": (layout.count, layout.cols, layout.cols),
+        }
+        expected["left_root"], expected["right_root"] = expected["left"], expected["right"]
+        for key, shape in expected.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"Shampoo state {key!r} of {where} has shape {got}, expected {shape} for a "
+                    f"parameter of shape {tuple(p.shape)} with max_preconditioner_dim="
+                    f"{group['max_preconditioner_dim']} (was it changed mid-run?)"
+                )
+            if value.dtype != dtype and where.startswith("state_dict"):
+                raise ValueError(
+                    f"Shampoo state {key!r} of {where} has dtype {value.dtype}, expected {dtype}"
+                )
+
+    # -- stepping ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Shampoo step for every parameter with a gradient (see the class docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Everything that can fail is checked before anything is modified.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            _check_group(group, f"param group {index}")
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"Shampoo does not support sparse gradients (param group {index})"
+                    )
+                if p.is_complex():
+                    raise TypeError(
+                        f"Shampoo does not support complex parameters (param group {index})"
+                    )
+                state = self.state.get(p)
+                if state and self._is_matrix(p):
+                    self._check_matrix_state(group, p, state, f"a parameter of group {index}")
+            work.append((group, params))
+        for group, params in work:
+            if params:
+                for (_, _), bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
+                    self._step_bucket(group, bucket)
+        return loss
+
+    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        block = group["max_preconditioner_dim"]
+        start = group["start_preconditioning_step"]
+        every = group["precondition_frequency"]
+        layouts = {p: _Layout(p.shape, block) if self._is_matrix(p) else None for p in params}
+        for p in params:
+            self._init_state(group, p, layouts[p])
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+
+        steps = [s["step"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        for s in states:
+            s["host_step"] += 1
+
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+        # Bias corrections as device scalars: 1 - β₁ᵗ and sqrt(1 - β₂ᵗ).
+        correction1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(correction1)
+        torch._foreach_add_(correction1, 1.0)
+        correction2 = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(correction2)
+        torch._foreach_add_(correction2, 1.0)
+        # Adam's direction A = (m/c₁) / (sqrt(v)/sqrt(c₂) + eps), and the momentum m̂ = m/c₁.
+        momentum = torch._foreach_div(exp_avgs, correction1)
+        denominator = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominator, torch._foreach_sqrt(correction2))
+        torch._foreach_add_(denominator, group["eps"])
+        directions = list(torch._foreach_div(momentum, denominator))
+
+        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
+        if matrices:
+            self._update_statistics(
+                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2
+            )
+            refresh = [
+                i for i in matrices
+                if states[i]["host_step"] >= start
+                and (states[i]["host_step"] - start) % every == 0
+            ]
+            if refresh:
+                self._refresh_roots(
+                    group, [params[i] for i in refresh], [correction2[i] for i in refresh]
+                )
+            active = [i for i in matrices if states[i]["host_step"] >= start]
+            if active:
+                shampoo = self._precondition(
+                    group,
+                    [params[i] for i in active],
+                    [momentum[i] for i in active],
+                    [directions[i] for i in active],
+                    layouts,
+                )
+                for i, direction in zip(active, shampoo):
+                    directions[i] = direction
+        torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _update_statistics(
+        self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float
+    ) -> None:
+        """``L ← β₂L + (1-β₂)GGᵀ``, ``R ← β₂R + (1-β₂)GᵀG``, batched over same-shaped blocks."""
+        items = list(zip(params, grads))
+        by_shape = _bucket(
+            items, lambda pg: (layouts[pg[0]].rows, layouts[pg[0]].cols, self.state[pg[0]]["left"].dtype)
+        )
+        for (_, _, dtype), bucket in by_shape.items():
+            blocks = _cat([layouts[p].to_blocks(g).to(dtype) for p, g in bucket])
+            counts = [layouts[p].count for p, _ in bucket]
+            gram_left = torch.bmm(blocks, blocks.mT).split(counts)
+            gram_right = torch.bmm(blocks.mT, blocks).split(counts)
+            lefts = [self.state[p]["left"] for p, _ in bucket]
+            rights = [self.state[p]["right"] for p, _ in bucket]
+            torch._foreach_lerp_(lefts, list(gram_left), 1.0 - beta2)
+            torch._foreach_lerp_(rights, list(gram_right), 1.0 - beta2)
+
+    def _refresh_roots(
+        self, group: dict[str, Any], params: list[Tensor], corrections: list[Tensor]
+    ) -> None:
+        """Recompute ``(L̂ + ρI)^{-1/4}`` and ``(R̂ + ρI)^{-1/4}``, one batched call per size."""
+        jobs = []  # (statistic, target root, bias correction)
+        for p, correction in zip(params, corrections):
+            state = self.state[p]
+            jobs.append((state["left"], state["left_root"], correction))
+            jobs.append((state["right"], state["right_root"], correction))
+        for _, bucket in _bucket(jobs, lambda j: (j[0].shape[-1], j[0].dtype)).items():
+            stats = []
+            for statistic, _, correction in bucket:
+                stats.append(statistic / correction.to(statistic.dtype))
+            roots = matrix_inverse_root(
+                _cat(stats),
+                4,
+                eps=group["matrix_eps"],
+                method=group["root_method"],
+                newton_iterations=group["newton_iterations"],
+            )
+            targets = [target for _, target, _ in bucket]
+            torch._foreach_copy_(targets, list(roots.split([t.shape[0] for t in targets])))
+
+    def _precondition(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        momentum: list[Tensor],
+        adam: list[Tensor],
+        layouts: dict,
+    ) -> list[Tensor]:
+        """``L̂^{-1/4} m̂ R̂^{-1/4}`` per block, grafted to Adam's per-block norm."""
+        out: dict[int, Tensor] = {}
+        order = list(range(len(params)))
+        by_shape = _bucket(
+            order,
+            lambda i: (layouts[params[i]].rows, layouts[params[i]].cols,
+                       self.state[params[i]]["left_root"].dtype),
+        )
+        graft = group["grafting"] == "adam"
+        for (_, _, dtype), bucket in by_shape.items():
+            lay = [layouts[params[i]] for i in bucket]
+            states = [self.state[params[i]] for i in bucket]
+            blocks = _cat([lay_i.to_blocks(momentum[i]).to(dtype) for lay_i, i in zip(lay, bucket)])
+            left = _cat([s["left_root"] for s in states])
+            right = _cat([s["right_root"] for s in states])
+            direction = torch.bmm(torch.bmm(left, blocks), right)
+            if graft:
+                adam_blocks = _cat(
+                    [lay_i.to_blocks(adam[i]).to(dtype) for lay_i, i in zip(lay, bucket)]
+                )
+                adam_norm = torch.linalg.matrix_norm(adam_blocks)
+                shampoo_norm = torch.linalg.matrix_norm(direction).clamp_min(_floor(dtype))
+                direction = direction * (adam_norm / shampoo_norm)[:, None, None]
+            pieces = direction.split([lay_i.count for lay_i in lay])
+            for i, lay_i, piece in zip(bucket, lay, pieces):
+                out[i] = lay_i.from_blocks(piece).to(params[i].dtype)
+        return [out[i] for i in order]
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer, keeping the saved dtypes of every state tensor.
+
+        (torch's loader casts floating state to the parameter's dtype, which would round
+        float32 preconditioners of bf16 parameters.) The state is checked before loading.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or (
+            "param_groups" not in state_dict
+        ):
+            raise ValueError("Shampoo state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Shampoo state_dict has {len(saved_groups)} param groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        group_of = {
+            id(p): {**g, **{k: v for k, v in sg.items() if k != "params"}}
+            for g, sg in zip(self.param_groups, saved_groups)
+            for p in g["params"]
+        }
+        for index, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"Shampoo state_dict param group {index} has {len(sg['params'])} "
+                    f"parameters, the optimizer has {len(g['params'])}"
+                )
+            _check_group({**g, **sg}, f"state_dict param group {index}")
+        for key, entry in state_dict["state"].items():
+            p = id_map.get(key)
+            if p is None:
+                raise ValueError(f"Shampoo state_dict has state for unknown parameter {key!r}")
+            where = f"state_dict parameter {key}"
+            for name in ("exp_avg", "exp_avg_sq"):
+                value = entry.get(name)
+                if not isinstance(value, Tensor) or value.shape != p.shape:
+                    raise ValueError(
+                        f"Shampoo {where} {name!r} must be a tensor of shape {tuple(p.shape)}"
+                    )
+            if not isinstance(entry.get("host_step"), int) or not isinstance(
+                entry.get("step"), Tensor
+            ):
+                raise ValueError(f"Shampoo {where} needs 'step' (tensor) and 'host_step' (int)")
+            if self._is_matrix(p):
+                self._check_matrix_state(group_of[id(p)], p, entry, where)
+
+        super().load_state_dict(state_dict)
+        # torch's loader leaves 'step' where it was saved and casts the rest to the
+        # parameter's dtype: put every tensor on the parameter's device with its saved dtype.
+        for key, entry in state_dict["state"].items():
+            p = id_map[key]
+            state = self.state[p]
+            for name, value in entry.items():
+                if isinstance(value, Tensor):
+                    state[name] = value.to(device=p.device, copy=True)
