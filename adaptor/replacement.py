@@ -60,11 +60,24 @@ def replacement_coefficients(alpha: float, beta: float) -> tuple[float, float, f
     return k1, (beta + alpha * s) / k1, -(s * s) / k1
 
 
+# Near α = -1/(1-β), k₁ = 1 + α·(1-β) -> 0 and the in-place form's division by k₁ amplifies
+# rounding by about 1/k₁ (k₁ = 1e-9 loses 9 digits). Below this k₁ the replacement keeps α·c
+# in a temporary instead and divides by nothing: c ← β·c − s²·g, g ← k₁·g + (α·c)_old.
+WELL_CONDITIONED_K1 = 0.125
+
+
 def replace_foreach_(
     grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
 ) -> None:
     """The replacement on lists of same-device, same-dtype tensors with foreach ops."""
     k1, p, q = replacement_coefficients(alpha, beta)
+    if k1 < WELL_CONDITIONED_K1:
+        scaled = torch._foreach_mul(buffers, alpha)  # α·c_k, a temporary
+        torch._foreach_mul_(buffers, beta)
+        torch._foreach_add_(buffers, grads, alpha=-(1.0 - beta) ** 2)  # c_{k+1}
+        torch._foreach_mul_(grads, k1)
+        torch._foreach_add_(grads, scaled)  # g̃_k = k₁·g_k + α·c_k
+        return
     torch._foreach_mul_(grads, k1)
     torch._foreach_add_(grads, buffers, alpha=alpha)
     torch._foreach_mul_(buffers, p)
@@ -109,11 +122,16 @@ def replace_fused_(
 ) -> None:
     """The replacement with one compiled pass per large tensor, foreach for the small ones."""
     k1, p, q = replacement_coefficients(alpha, beta)
+    if k1 < WELL_CONDITIONED_K1:  # the kernel divides by k₁: see WELL_CONDITIONED_K1
+        replace_foreach_(grads, buffers, alpha, beta)
+        return
     small_g, small_c = [], []
     kernel = _kernel()
     for g, c in zip(grads, buffers):
-        if g.numel() >= FUSED_MIN_NUMEL:
-            kernel(g, c, k1, alpha, p, q)
+        if g.numel() >= FUSED_MIN_NUMEL and g.is_contiguous() and c.is_contiguous():
+            # Flat views: the kernel compiles once per dtype and device, not once per rank
+            # (fullgraph=True raises past torch's recompile limit of 8).
+            kernel(g.view(-1), c.view(-1), k1, alpha, p, q)
         else:
             small_g.append(g)
             small_c.append(c)
