@@ -1,0 +1,477 @@
+"""SPSA (backends.zeroth_order): unbiasedness, convergence, memory, round-off, errors.
+
+The generic tests (meta step, host reads, bit-exact resume, frozen parameters, α = 0 equals
+SPSA + the base without the adaptor, bad input) run over the entries of
+``tests/infos/zeroth_order.py``; this file holds what is specific to a zero-order estimator.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from statistics import NormalDist
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from adaptor import explore
+from backends import SPSA
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+class SPSAThenBase:
+    """SPSA + a base optimizer without the adaptor: ``estimate`` then ``base.step()``."""
+
+    def __init__(self, estimator, base):
+        self.estimator, self.base = estimator, base
+
+    def step(self, closure):
+        loss = self.estimator.estimate(closure, self.base.param_groups)
+        self.base.step()
+        return loss
+
+
+def _quadratic(dim: int, seed: int, dtype=torch.float64):
+    """``f(x) = ½ xᵀAx + bᵀx`` with ``A`` symmetric positive definite; returns ``(A, b)``."""
+    generator = torch.Generator().manual_seed(seed)
+    m = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    a = m @ m.T / dim + torch.eye(dim, dtype=torch.float64)
+    b = torch.randn(dim, generator=generator, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+def _two_params(seed: int = 0, dtype=torch.float64):
+    """Parameters of two shapes, so that the estimate couples separate tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(6, generator=generator, dtype=dtype).requires_grad_(),
+        torch.randn(2, 2, generator=generator, dtype=dtype).requires_grad_(),
+    ]
+
+
+def _flat(params):
+    return torch.cat([p.reshape(-1) for p in params])
+
+
+def _bonferroni_z(count: int, family_error: float = 1e-6) -> float:
+    """Two-sided critical |z| so that ``count`` checks all pass with probability 1 - error."""
+    return NormalDist().inv_cdf(1.0 - family_error / (2.0 * count))
+
+
+# -- the estimate is unbiased -----------------------------------------------------------------
+
+
+def _max_z_of_mean(estimates, true, variance):
+    """max over coordinates of ``|mean − true| / sqrt(variance / N)``."""
+    n = estimates.shape[0]
+    return ((estimates.mean(0) - true).abs() / (variance / n).sqrt()).max().item()
+
+
+@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 1),
+                                                       ("rademacher", 3), ("gaussian", 2)])
+def test_estimate_is_unbiased_for_a_quadratic(distribution, samples):
+    """The mean of N estimates matches ∇f within a bound from the estimator's variance.
+
+    For a quadratic the central difference is exact, so ``ĝ = (1/n) Σ Δ_s Δ_sᵀ ∇f``. With
+    ``E[ΔΔᵀ] = I`` it is unbiased, with per-coordinate variance ``(‖∇f‖² − ∇ᵢ²)/n``
+    (Rademacher, ``Δᵢ² = 1``) or ``(‖∇f‖² + ∇ᵢ²)/n`` (Gaussian, ``E Δᵢ⁴ = 3``). The mean over
+    N estimates is then within ``z·sqrt(var/N)`` of ``∇f`` for every coordinate, with ``z`` the
+    Bonferroni bound for a family error of 1e-6 (the seeds are fixed: the test is
+    deterministic). The same statistic rejects an estimate that is off by the factor 2 of
+    the central difference, so the check has power. The sample variance is checked against
+    the formula too, within ``z`` standard errors estimated from the fourth moment.
+    """
+    params = _two_params()
+    dim = sum(p.numel() for p in params)
+    a, b = _quadratic(dim, seed=1)
+
+    def loss():
+        x = _flat(params)
+        return 0.5 * x @ a @ x + b @ x
+
+    spsa = SPSA(perturbation=1e-2, samples=samples, distribution=distribution, seed=7, chunk=5)
+    groups = [{"params": params}]
+    true = a @ _flat(params).detach() + b
+    n = 1500
+    estimates = torch.empty(n, dim, dtype=torch.float64)
+    for i in range(n):
+        spsa.estimate(loss, groups)
+        estimates[i] = _flat([p.grad for p in params])
+    sign = -1.0 if distribution == "rademacher" else 1.0
+    variance = (true.square().sum() + sign * true.square()) / samples
+
+    z = _bonferroni_z(dim)
+    assert _max_z_of_mean(estimates, true, variance) < z
+    assert _max_z_of_mean(2.0 * estimates, true, variance) > z, "the check has no power"
+
+    centred = estimates - estimates.mean(0)
+    sample_var = centred.square().mean(0)
+    fourth = centred.pow(4).mean(0)
+    standard_error = ((fourth - sample_var.square()) / n).sqrt()
+    assert ((sample_var - variance).abs() / standard_error).max().item() < z
+
+
+def test_estimate_of_a_linear_loss_is_rank_one_and_exact():
+    """``f = bᵀθ`` gives exactly ``ĝ = Δ(Δᵀb)`` with ``Δ = ±sign(ĝ)`` (float64 reference)."""
+    params = _two_params()
+    dim = sum(p.numel() for p in params)
+    _, b = _quadratic(dim, seed=2)
+    spsa = SPSA(perturbation=2.0**-8, seed=3)
+    for _ in range(5):
+        spsa.estimate(lambda: b @ _flat(params), [{"params": params}])
+        g = _flat([p.grad for p in params])
+        delta = torch.sign(g)
+        assert delta.abs().min() == 1.0
+        torch.testing.assert_close(g, delta * (delta @ b), rtol=1e-9, atol=0.0)
+
+
+def test_returned_loss_is_the_mean_of_the_two_evaluations():
+    """For ``f = ½Σλᵢθᵢ²`` and Rademacher Δ: ``(f₊+f₋)/2 = f(θ) + (c²/2)·Σλᵢ`` exactly."""
+    theta = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64).requires_grad_()
+    lam = torch.arange(1.0, 10.0, dtype=torch.float64)
+    c = 1e-2
+    spsa = SPSA(perturbation=c, samples=3, seed=0)
+
+    def loss():
+        return 0.5 * (lam * theta * theta).sum()
+
+    with torch.no_grad():
+        expected = loss() + 0.5 * c * c * lam.sum()
+    returned = spsa.estimate(loss, [{"params": [theta]}])
+    assert isinstance(returned, torch.Tensor) and returned.dim() == 0
+    torch.testing.assert_close(returned, expected, rtol=1e-12, atol=0.0)
+    as_float = spsa.estimate(lambda: loss().item(), [{"params": [theta]}])
+    assert isinstance(as_float, float)
+    assert math.isclose(as_float, expected.item(), rel_tol=1e-12)
+
+
+# -- convergence ------------------------------------------------------------------------------
+
+
+def _replacement_noise_gain(alpha: float, beta: float) -> float:
+    """``Σ wⱼ²`` of the filter ``g̃ = Σ wⱼ g_{k−j}``: how much E amplifies white noise.
+
+    ``w₀ = 1 + α·s`` and ``wⱼ = −α·s²·β^{j−1}`` for ``j ≥ 1`` (``s = 1−β``; ``Σ wⱼ = 1``).
+    """
+    s = 1.0 - beta
+    return (1.0 + alpha * s) ** 2 + alpha**2 * s**4 / (1.0 - beta**2)
+
+
+@pytest.mark.parametrize(
+    "adaptor", [None, (-5.0, 0.99), (0.5, 0.01)], ids=["SGD", "E(SGD)-large-batch",
+                                                      "E(SGD)-small-batch"]
+)
+@settings(max_examples=3, deadline=None)
+@given(
+    dim=st.integers(10, 100),
+    condition=st.floats(1.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_spsa_sgd_reduces_a_convex_quadratic_100_fold(adaptor, dim, condition, seed):
+    """SPSA-SGD, with and without E, divides ``f − f*`` by 100 within a fixed budget.
+
+    With Rademacher Δ, ``E ĝ = ∇f`` and ``E‖ĝ‖² = d‖∇f‖²``. For ``f = ½ eᵀAe`` with
+    eigenvalues in ``[μ, L]`` and ``η = 1/(L(d+2))`` one step gives
+    ``E f⁺ ≤ f − η‖∇f‖²/2 ≤ (1 − 1/(κ(d+2)))·f``, so after
+    ``K = 3·ln(100)·κ(d+2)`` steps ``E f_K ≤ 10⁻⁶ f₀`` and, by Markov, ``f_K ≤ f₀/100``
+    fails with probability ≤ 1e-4. Under E the same budget is used with η divided (and K
+    multiplied) by ``max(1, Σwⱼ²)``, the replacement's white-noise gain; that part is a
+    heuristic (the replacement also delays the signal) which the test checks empirically.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.linspace(1.0, condition, dim, dtype=torch.float64)
+    a = ((q * eigenvalues) @ q.T).float()
+    optimum = torch.randn(dim, generator=generator)
+    x = (optimum + torch.randn(dim, generator=generator)).requires_grad_()
+
+    def loss():
+        e = x - optimum
+        return 0.5 * e @ (a @ e)
+
+    gain = 1.0 if adaptor is None else max(1.0, _replacement_noise_gain(*adaptor))
+    lr = 1.0 / (condition * (dim + 2) * gain)
+    budget = math.ceil(3.0 * math.log(100.0) * condition * (dim + 2) * gain)
+    spsa = SPSA(perturbation=1e-3, seed=seed)
+    sgd = torch.optim.SGD([x], lr=lr)
+    if adaptor is None:
+        optimizer = SPSAThenBase(spsa, sgd)
+    else:
+        optimizer = explore(spsa, sgd, alpha=adaptor[0], beta=adaptor[1])
+    with torch.no_grad():
+        start = loss().item()
+    for _ in range(budget):
+        optimizer.step(loss)
+    with torch.no_grad():
+        end = loss().item()
+    assert end <= start / 100.0, (start, end, budget)
+
+
+def test_spsa_adam_lowers_the_training_loss_of_a_small_mlp():
+    """SPSA-Adam (under E with α = 0.5, β = 0.01) on 4 Gaussian blobs, a 2-32-4 MLP (228 params).
+
+    Chance level is ln 4 ≈ 1.39; after 300 steps the training loss must be at most half its
+    start (observed: about a fifth) and above-chance accuracy must follow.
+    """
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    labels = torch.randint(0, 4, (256,), generator=generator)
+    inputs = centers[labels] + 0.7 * torch.randn(256, 2, generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def loss():
+        return nn.functional.cross_entropy(model(inputs), labels)
+
+    optimizer = explore(
+        SPSA(perturbation=1e-3, seed=0), torch.optim.Adam(model.parameters(), lr=1e-2),
+        alpha=0.5, beta=0.01,
+    )
+    with torch.no_grad():
+        start = loss().item()
+    for _ in range(300):
+        optimizer.step(loss)
+    with torch.no_grad():
+        end = loss().item()
+        accuracy = (model(inputs).argmax(1) == labels).float().mean().item()
+    assert end <= 0.5 * start, (start, end)
+    assert accuracy > 0.5
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records the element count of every new storage an op creates (views and in-place ops
+    return existing storages and are not counted). ``paused`` skips ops (the closure's)."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in existing}
+        self.new: list[int] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self.known:
+                        self.known.add(ptr)
+                        self.new.append(t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def _memory_problem():
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).requires_grad_() for s in [(64, 32), (32,),
+                                                                              (10, 64), (10,)]]
+    targets = [torch.randn(p.shape, generator=generator) for p in params]
+    return params, targets
+
+
+def _recorded_step(step, params, targets):
+    existing = [*params, *targets, *(p.grad for p in params if p.grad is not None)]
+    recorder = AllocationRecorder(existing)
+
+    def closure():  # the forward pass is the user's; it is not counted
+        recorder.paused = True
+        try:
+            return sum(((p - t) ** 2).sum() for p, t in zip(params, targets))
+        finally:
+            recorder.paused = False
+
+    with recorder:
+        step(closure)
+    return recorder.new
+
+
+def test_one_sample_step_allocates_nothing_but_the_gradients():
+    params, targets = _memory_problem()
+    spsa = SPSA(seed=0)
+
+    def estimate(closure):
+        spsa.estimate(closure, [{"params": params}])
+
+    first = _recorded_step(estimate, params, targets)
+    big = sorted(n for n in first if n > 1)
+    assert big == sorted(p.numel() for p in params), "the first step allocates the grads"
+    steady = _recorded_step(estimate, params, targets)
+    assert max(steady, default=0) <= 1, f"steady-state step allocated {steady}"
+
+    # the whole explored step (replacement and SGD in place) allocates nothing either
+    optimizer = explore(SPSA(seed=0), torch.optim.SGD(params, lr=1e-3), alpha=0.5, beta=0.01)
+    optimizer.step(lambda: sum(((p - t) ** 2).sum() for p, t in zip(params, targets)))
+    steady = _recorded_step(optimizer.step, params, targets)
+    assert max(steady, default=0) <= 1, f"steady-state explored step allocated {steady}"
+
+
+def test_several_samples_use_one_block_sized_scratch():
+    params, targets = _memory_problem()
+    chunk = 48
+    spsa = SPSA(samples=3, seed=0, chunk=chunk)
+
+    def estimate(closure):
+        spsa.estimate(closure, [{"params": params}])
+
+    _recorded_step(estimate, params, targets)
+    steady = _recorded_step(estimate, params, targets)
+    assert max(steady) == chunk, f"scratch sizes {steady}"
+    assert all(n <= chunk for n in steady)
+
+
+# -- round-off, devices, resume, errors -------------------------------------------------------
+
+
+def test_restore_drift_is_within_the_documented_bound():
+    """``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` per sample (float32, Rademacher ``|Δ| = 1``).
+
+    Values span 2⁻³⁰ to 2⁶, so some lose low bits in ``θ + c``: the drift is not zero (the
+    docs say a power-of-two ``c`` is not exact in general), but it is within the bound.
+    """
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp2(torch.empty(4096).uniform_(-30, 6, generator=generator))
+    signs = torch.randint(0, 2, (4096,), generator=generator) * 2.0 - 1.0
+    theta = (magnitudes * signs).float().requires_grad_()
+    start = theta.detach().clone()
+    c = 2.0**-10
+    u = 2.0**-24
+    for samples in (1, 2):
+        before = theta.detach().clone()
+        SPSA(perturbation=c, samples=samples, seed=samples).estimate(
+            lambda: theta.sum(), [{"params": [theta]}]
+        )
+        bound = samples * u * (3 * before.abs() + 2 * c) * (1 + 1e-5)
+        assert ((theta.detach() - before).abs() <= bound).all()
+    assert not torch.equal(theta.detach(), start), "expected some round-off drift"
+
+
+@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 3)])
+def test_step_on_meta_device_with_both_paths(distribution, samples):
+    params = [torch.empty(5, 4, device="meta", requires_grad=True),
+              torch.empty(7, device="meta", requires_grad=True)]
+    optimizer = explore(
+        SPSA(distribution=distribution, samples=samples, chunk=6),
+        torch.optim.Adam(params, lr=1e-3),
+    )
+    for _ in range(2):
+        loss = optimizer.step(lambda: sum((p * p).sum() for p in params))
+    assert loss.device.type == "meta"
+    assert all(p.grad.device.type == "meta" for p in params)
+
+
+def test_non_contiguous_parameters_match_their_contiguous_twins():
+    base = torch.randn(8, 6, dtype=torch.float64)
+    contiguous = base.t().contiguous().requires_grad_()
+    strided = base.clone().t().requires_grad_()  # same values, transposed strides
+    assert not strided.is_contiguous()
+    for samples in (1, 2):
+        grads = []
+        for p in (contiguous, strided):
+            spsa = SPSA(samples=samples, seed=5, chunk=7)
+            # .contiguous(): the same summation order for both layouts
+            spsa.estimate(
+                lambda p=p: (p.contiguous().sin() * torch.arange(48.0).view(6, 8)).sum(),
+                [{"params": [p]}],
+            )
+            grads.append(p.grad.clone())
+        assert torch.equal(grads[0], grads[1])
+        assert torch.equal(contiguous.detach(), strided.detach())
+
+
+def test_resume_of_the_estimator_is_bit_exact_and_seed_none_follows_torch_seed():
+    torch.manual_seed(123)
+    first = SPSA(samples=2, distribution="gaussian")
+    torch.manual_seed(123)
+    assert SPSA().seed == first.seed
+
+    params = _two_params(dtype=torch.float32)
+
+    def closure(ps):
+        return lambda: sum((p.cos() * (1 + i)).sum() for i, p in enumerate(ps))
+
+    first.estimate(closure(params), [{"params": params}])
+    saved = copy.deepcopy(first.state_dict())
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    assert saved == {"seed": first.seed, "step": 1}
+    first.estimate(closure(params), [{"params": params}])
+
+    resumed = SPSA(samples=2, distribution="gaussian", seed=999)
+    resumed.load_state_dict(saved)
+    resumed.estimate(closure(twin), [{"params": twin}])
+    for p, q in zip(params, twin):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_frozen_parameter_keeps_its_value_and_no_grad():
+    params = _two_params()
+    params[1].requires_grad_(False)
+    frozen = params[1].detach().clone()
+    SPSA(seed=0).estimate(lambda: sum((p * p).sum() for p in params), [{"params": params}])
+    assert params[1].grad is None
+    assert torch.equal(params[1], frozen)
+    assert params[0].grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exception", "match"),
+    [
+        ({"perturbation": -1.0}, ValueError, r"perturbation must satisfy 0 < c < inf"),
+        ({"perturbation": float("inf")}, ValueError, r"perturbation must satisfy 0 < c < inf"),
+        ({"perturbation": "small"}, TypeError, r"perturbation must be a real number c > 0"),
+        ({"samples": True}, ValueError, r"samples must be an integer >= 1"),
+        ({"distribution": "Gaussian"}, ValueError, r"distribution must be one of"),
+        ({"seed": 1.5}, TypeError, r"seed must be an integer or None"),
+        ({"chunk": 0}, ValueError, r"chunk must be an integer >= 1"),
+    ],
+)
+def test_invalid_arguments_name_the_argument_and_range(kwargs, exception, match):
+    with pytest.raises(exception, match=match):
+        SPSA(**kwargs)
+
+
+def test_bad_closures_and_parameters_raise_clear_errors():
+    params = _two_params()
+    groups = [{"params": params}]
+    spsa = SPSA(seed=0)
+    with pytest.raises(ValueError, match="SPSA needs a closure"):
+        spsa.estimate(None, groups)
+    with pytest.raises(ValueError, match="needs a closure"):
+        explore(spsa, torch.optim.SGD(params, lr=1e-3)).step()
+    with pytest.raises(ValueError, match="scalar loss"):
+        spsa.estimate(lambda: params[0] * 2, groups)
+    with pytest.raises(TypeError, match="must return the loss"):
+        spsa.estimate(lambda: None, groups)
+    complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(TypeError, match="real floating-point parameters"):
+        spsa.estimate(lambda: 0.0, [{"params": [complex_param]}])
+    with pytest.raises(ValueError, match=r"keys \['seed', 'step'\]"):
+        spsa.load_state_dict({"seed": 1})
+    assert spsa.step == 0, "nothing counted by failed calls"
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_a_raising_closure_leaves_the_parameters_restored(samples):
+    theta = torch.linspace(-2.0, 2.0, 33).requires_grad_()
+    start = theta.detach().clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:  # while θ − cΔ is in place
+            raise RuntimeError("data loader failed")
+        return theta.square().sum()
+
+    with pytest.raises(RuntimeError, match="data loader failed"):
+        SPSA(perturbation=2.0**-7, samples=samples, seed=0).estimate(
+            closure, [{"params": [theta]}]
+        )
+    bound = 2 * 2.0**-24 * (3 * start.abs() + 2 * 2.0**-7)
+    assert ((theta.detach() - start).abs() <= bound).all()
