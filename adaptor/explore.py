@@ -226,6 +226,8 @@ class ExploredOptimizer(Optimizer):
 
         The estimator's state (e.g. SPSA's random state) goes under ``explore_estimator``.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state_dict = self.base.state_dict()
         packed = dict(state_dict["state"])
         for index, p in enumerate(self._indexed_params()):
@@ -237,6 +239,10 @@ class ExploredOptimizer(Optimizer):
         estimator_state = self.estimator.state_dict()
         if estimator_state:
             state_dict[ESTIMATOR_KEY] = estimator_state
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hooked = post_hook(self, state_dict)
+            if hooked is not None:
+                state_dict = hooked
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
@@ -244,6 +250,10 @@ class ExploredOptimizer(Optimizer):
 
         Everything is checked before anything is loaded.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            if hooked is not None:
+                state_dict = hooked
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         params = self._indexed_params()
@@ -284,6 +294,16 @@ class ExploredOptimizer(Optimizer):
         for index, buffer in buffers.items():
             p = params[index]
             self.state[p][BUFFER_KEY] = buffer.to(device=p.device, dtype=p.dtype, copy=True)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults, state and param_groups; the explored
+        # optimizer also needs its base and estimator (for copy.deepcopy and pickle).
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         groups = ", ".join(

@@ -173,4 +173,4 @@ def test_alpha_zero_is_the_base_bit_for_bit(info):
 
 def test_names_are_unique_and_readable():
     for info in OPTIMIZERS:
-        assert re.fullmatch(r"[\w()\-.,+ ]+", info.name), info.name
+        assert re.fullmatch(r"[\w()\-.,+= ]+", info.name), info.name
