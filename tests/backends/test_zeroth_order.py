@@ -85,7 +85,8 @@ def test_estimate_is_unbiased_for_a_quadratic(distribution, samples):
     Bonferroni bound for a family error of 1e-6 (the seeds are fixed: the test is
     deterministic). The same statistic rejects an estimate that is off by the factor 2 of
     the central difference, so the check has power. The sample variance is checked against
-    the formula too, within ``z`` standard errors estimated from the fourth moment.
+    the formula too, within ``z`` standard errors estimated from the fourth moment, and
+    the other distribution's variance is rejected.
     """
     params = _two_params()
     dim = sum(p.numel() for p in params)
@@ -98,7 +99,7 @@ def test_estimate_is_unbiased_for_a_quadratic(distribution, samples):
     spsa = SPSA(perturbation=1e-2, samples=samples, distribution=distribution, seed=7, chunk=5)
     groups = [{"params": params}]
     true = a @ _flat(params).detach() + b
-    n = 1500
+    n = 1000
     estimates = torch.empty(n, dim, dtype=torch.float64)
     for i in range(n):
         spsa.estimate(loss, groups)
@@ -115,6 +116,8 @@ def test_estimate_is_unbiased_for_a_quadratic(distribution, samples):
     fourth = centred.pow(4).mean(0)
     standard_error = ((fourth - sample_var.square()) / n).sqrt()
     assert ((sample_var - variance).abs() / standard_error).max().item() < z
+    other = (true.square().sum() - sign * true.square()) / samples  # the other distribution's
+    assert ((sample_var - other).abs() / standard_error).max().item() > z, "no power"
 
 
 def test_estimate_of_a_linear_loss_is_rank_one_and_exact():
