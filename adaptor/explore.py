@@ -286,10 +286,17 @@ class ExploredOptimizer(Optimizer):
                 )
         estimator_state = state_dict.get(ESTIMATOR_KEY, {})
 
-        self.base.load_state_dict({**state_dict, "state": base_state})
+        # The estimator checks its state as it loads: load it first, and put it back if
+        # the base then refuses its part, so that nothing is half-loaded.
+        previous_estimator_state = self.estimator.state_dict()
+        self.estimator.load_state_dict(estimator_state)
+        try:
+            self.base.load_state_dict({**state_dict, "state": base_state})
+        except Exception:
+            self.estimator.load_state_dict(previous_estimator_state)
+            raise
         for group in self.param_groups:  # a base-only state dict carries no α/β
             self._set_group_defaults(group)
-        self.estimator.load_state_dict(estimator_state)
         self.state.clear()
         for index, buffer in buffers.items():
             p = params[index]

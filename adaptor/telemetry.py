@@ -20,6 +20,11 @@ import torch
 from torch import Tensor
 
 
+def _at_least_float32(norms: Tensor) -> Tensor:
+    """Half/bfloat16 norms in float32, float64 norms kept in float64."""
+    return norms.to(torch.promote_types(norms.dtype, torch.float32))
+
+
 class Telemetry:
     """Accumulates squared norms bucket by bucket during one step."""
 
@@ -37,8 +42,8 @@ class Telemetry:
     ) -> None:
         """Record one (device, dtype) bucket; call before the replacement modifies it."""
         accel = torch._foreach_add(buffers, grads, alpha=1.0 - beta)  # a_k = c_k + s·g_k
-        grad_sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
-        accel_sq = torch.stack(torch._foreach_norm(accel)).float().square().sum()
+        grad_sq = _at_least_float32(torch.stack(torch._foreach_norm(grads))).square().sum()
+        accel_sq = _at_least_float32(torch.stack(torch._foreach_norm(accel))).square().sum()
         self._grad_sq.append(grad_sq)
         self._accel_sq.append(accel_sq)
         self._scaled_sq.append(accel_sq * (alpha * alpha))
