@@ -183,6 +183,11 @@ def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
     return p.dim() >= 2 if use_muon is None else use_muon
 
 
+def _step_dtype(p: Tensor) -> torch.dtype:
+    """AdamW's step count: float64 for float64 parameters, float32 otherwise."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return p.shape[0], math.prod(p.shape[1:])
 
@@ -408,7 +413,7 @@ class Muon(Optimizer):
             if "exp_avg" not in state:
                 # The step count lives on the parameter's device: bias corrections are
                 # computed there, with no host read.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = torch.zeros((), dtype=_step_dtype(p), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -454,4 +459,4 @@ class Muon(Optimizer):
         for p, state in self.state.items():
             step = state.get("step")
             if isinstance(step, Tensor):
-                state["step"] = step.to(device=p.device, dtype=torch.float32)
+                state["step"] = step.to(device=p.device, dtype=_step_dtype(p))

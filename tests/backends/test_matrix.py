@@ -1,0 +1,346 @@
+"""Muon (``backends.matrix``): Newton–Schulz, float64 references, torch.optim.Muon, batching."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import backends.matrix as matrix
+from adaptor import E
+from backends import Muon
+from backends.matrix import DEFAULT_NS_COEFFICIENTS, newton_schulz
+
+# -- independent float64 references, written from the formulas -------------------------------
+
+
+def reference_newton_schulz(g, steps=5, coefficients=DEFAULT_NS_COEFFICIENTS, eps=1e-7):
+    """X₀ = G/max(‖G‖_F, ε) (Gᵀ when tall); X ← aX + (bA + cA²)X with A = XXᵀ."""
+    a, b, c = coefficients
+    x = g.to(torch.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / torch.clamp(torch.sqrt((x * x).sum()), min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def reference_run(params, grads_per_step, *, lr, momentum, nesterov, weight_decay,
+                  adjust_lr_fn, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay):
+    """Muon for ndim >= 2, AdamW for the rest, in float64, one parameter at a time."""
+    params = [p.detach().to(torch.float64).clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    first = [torch.zeros_like(p) for p in params]
+    second = [torch.zeros_like(p) for p in params]
+    beta1, beta2 = adamw_betas
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g.to(torch.float64)
+            if p.dim() >= 2:
+                rows, cols = p.shape[0], math.prod(p.shape[1:])
+                buffers[i] = momentum * buffers[i] + (1 - momentum) * g
+                u = (1 - momentum) * g + momentum * buffers[i] if nesterov else buffers[i]
+                o = reference_newton_schulz(u.reshape(rows, cols)).reshape(p.shape)
+                if adjust_lr_fn == "original":
+                    scale = math.sqrt(max(1.0, rows / cols))
+                else:
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                params[i] = p * (1 - lr * weight_decay) - lr * scale * o
+            else:
+                first[i] = beta1 * first[i] + (1 - beta1) * g
+                second[i] = beta2 * second[i] + (1 - beta2) * g * g
+                m_hat = first[i] / (1 - beta1**t)
+                v_hat = second[i] / (1 - beta2**t)
+                params[i] = p * (1 - adamw_lr * adamw_weight_decay) - adamw_lr * m_hat / (
+                    torch.sqrt(v_hat) + adamw_eps
+                )
+    return params
+
+
+def random_params(shapes, dtype=torch.float32, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(s, generator=generator, dtype=dtype).to(device).requires_grad_()
+        for s in shapes
+    ]
+
+
+def random_grads(shapes, steps, dtype=torch.float32, seed=1, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=generator, dtype=dtype).to(device) for s in shapes]
+        for _ in range(steps)
+    ]
+
+
+def run(optimizer, params, grads_per_step):
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+# -- Newton–Schulz -----------------------------------------------------------------------------
+
+RECTANGULAR = [(32, 64), (64, 32), (16, 128), (200, 50), (8, 36), (96, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", RECTANGULAR, ids=str)
+def test_newton_schulz_maps_singular_values_near_one_and_keeps_singular_vectors(
+    shape, dtype, device
+):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device)
+    o = newton_schulz(g, dtype=dtype)
+    assert o.dtype == dtype and o.shape == g.shape
+    o64 = o.to(torch.float64).cpu()
+    singular_values = torch.linalg.svdvals(o64)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.3, singular_values
+    # same singular vectors as g: Uᵀ O V is diagonal
+    u, _, vh = torch.linalg.svd(g.to(torch.float64).cpu(), full_matrices=False)
+    core = u.T @ o64 @ vh.T
+    off_diagonal = core - torch.diag(torch.diagonal(core))
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    assert off_diagonal.abs().max() < tolerance
+
+
+def test_newton_schulz_matches_the_float64_reference_and_batches_per_matrix(device):
+    shapes = [(12, 20), (30, 7)]
+    for shape in shapes:
+        batch = torch.randn((4, *shape), generator=torch.Generator().manual_seed(3)).to(device)
+        batch[1] *= 1e3  # each matrix is normalised by its own norm
+        expected = torch.stack([reference_newton_schulz(m) for m in batch])
+        batched = newton_schulz(batch, dtype=torch.float64)
+        torch.testing.assert_close(batched, expected, rtol=1e-10, atol=1e-12)
+        for m, e in zip(batch, expected):
+            torch.testing.assert_close(newton_schulz(m, dtype=torch.float64), e,
+                                       rtol=1e-10, atol=1e-12)
+
+
+def test_newton_schulz_leaves_its_input_alone():
+    g = torch.randn(8, 5, dtype=torch.bfloat16)
+    before = g.clone()
+    newton_schulz(g, dtype=torch.bfloat16)
+    assert torch.equal(g, before)
+    with pytest.raises(ValueError, match="matrix or a batch"):
+        newton_schulz(torch.randn(5))
+
+
+# -- the optimizer against float64 references --------------------------------------------------
+
+MIXED = [(6, 5), (6,), (4, 6), (4,), (3, 2, 2, 2), (5, 5), (5, 5), (9, 3)]
+
+
+@pytest.mark.parametrize(
+    ("nesterov", "adjust_lr_fn", "weight_decay"),
+    [(True, "original", 0.0), (False, "match_rms_adamw", 0.1), (True, "match_rms_adamw", 0.05)],
+)
+def test_step_matches_the_float64_reference(nesterov, adjust_lr_fn, weight_decay, device):
+    settings = dict(lr=0.03, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay,
+                    adjust_lr_fn=adjust_lr_fn, adamw_lr=1e-2, adamw_betas=(0.8, 0.9),
+                    adamw_eps=1e-6, adamw_weight_decay=0.01)
+    params = random_params(MIXED, torch.float64, device=device)
+    grads = random_grads(MIXED, 6, torch.float64, device=device)
+    expected = reference_run(params, grads, **settings)
+    optimizer = Muon(params, ns_dtype=torch.float64, **settings)
+    run(optimizer, params, grads)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("nesterov", "adjust_lr_fn", "weight_decay"),
+    [(True, "original", 0.1), (False, "original", 0.0), (True, "match_rms_adamw", 0.02)],
+)
+def test_agrees_with_torch_optim_muon(nesterov, adjust_lr_fn, weight_decay):
+    """torch.optim.Muon runs Newton–Schulz in bfloat16 only: compare with the same dtype."""
+    shapes = [(16, 16), (16, 16), (16, 16), (8, 24), (24, 8), (1, 10)]
+    settings = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=weight_decay,
+                    adjust_lr_fn=adjust_lr_fn)
+    ours_params = random_params(shapes)
+    torch_params = [p.detach().clone().requires_grad_() for p in ours_params]
+    grads = random_grads(shapes, 5)
+    run(Muon(ours_params, ns_dtype=torch.bfloat16, **settings), ours_params, grads)
+    run(torch.optim.Muon(torch_params, **settings), torch_params, grads)
+    # Batched and single-matrix bfloat16 matmuls may round differently: allow a few bfloat16
+    # ulps of each step's update (lr·scale·|O| with |O| <= ~1.3).
+    for a, b, start in zip(ours_params, torch_params, random_params(shapes)):
+        scale = matrix.lr_adjustment(a.shape[0], a.shape[1], adjust_lr_fn)
+        atol = len(grads) * 0.02 * scale * 1.3 * 4 * 2.0**-8
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=atol)
+        assert (a - start).abs().max() > 10 * atol  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batched_and_unbatched_paths_agree(ns_dtype, device, monkeypatch):
+    shapes = [(6, 9), (6, 9), (6, 9), (12, 4), (12, 4), (4, 3, 2, 2), (4, 3, 2, 2), (7,)]
+    dtype = torch.float64 if ns_dtype == torch.float64 else torch.float32
+    grads = random_grads(shapes, 4, dtype, device=device)
+    results = []
+    for batched, max_numel in ((True, matrix.MAX_BATCH_NUMEL), (True, 60), (False, 0)):
+        monkeypatch.setattr(matrix, "MAX_BATCH_NUMEL", max_numel)  # 60: batches of one or two
+        params = random_params(shapes, dtype, device=device)
+        run(Muon(params, ns_dtype=ns_dtype, batched=batched), params, grads)
+        results.append([p.detach() for p in params])
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 4 * 0.02 * 2.0**-7}
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=tolerance[ns_dtype])
+
+
+def test_bfloat16_momentum_buffer_is_not_normalised_in_place_without_nesterov():
+    """torch 2.13's Muon divides a bfloat16 buffer by its norm in place when nesterov=False."""
+    shapes = [(8, 4), (4, 8)]
+    params = random_params(shapes, torch.bfloat16)
+    start = [p.detach().clone() for p in params]
+    grads = random_grads(shapes, 3, torch.bfloat16)
+    optimizer = Muon(params, lr=0.01, momentum=0.9, nesterov=False)
+    expected = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    for step, step_grads in enumerate(grads):
+        run(optimizer, params, [step_grads])
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            expected[i] = expected[i].lerp(g, 0.1)
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], expected[i]), (step, i)
+    # and the update is the orthogonalised buffer (first step only, checked from scratch)
+    twin = [s.clone().requires_grad_() for s in start]
+    run(Muon(twin, lr=0.01, momentum=0.9, nesterov=False), twin, grads[:1])
+    for p, s, g in zip(twin, start, grads[0]):
+        expected_p = s.to(torch.float64) - 0.01 * math.sqrt(max(1, p.shape[0] / p.shape[1])) * \
+            reference_newton_schulz(g.to(torch.float64) * 0.1)
+        torch.testing.assert_close(p.detach().to(torch.float64), expected_p, rtol=0, atol=0.03)
+
+
+def test_gradients_are_left_as_they_are():
+    params = random_params(MIXED)
+    grads = random_grads(MIXED, 1)[0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    Muon(params).step()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+# -- routing, state, errors ----------------------------------------------------------------------
+
+
+def test_routing_by_ndim_and_by_group():
+    embedding, hidden, bias = random_params([(10, 4), (4, 4), (4,)])
+    optimizer = Muon([{"params": [embedding], "use_muon": False}, {"params": [hidden, bias]}],
+                     adamw_lr=None, lr=0.05)
+    run(optimizer, [embedding, hidden, bias], random_grads([(10, 4), (4, 4), (4,)], 2))
+    assert set(optimizer.state[embedding]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(optimizer.state[hidden]) == {"momentum_buffer"}
+    assert set(optimizer.state[bias]) == {"step", "exp_avg", "exp_avg_sq"}
+    state = optimizer.state_dict()["state"]
+    assert set(state) == {0, 1, 2} and set(state[1]) == {"momentum_buffer"}
+
+
+def test_internal_adamw_equals_torch_adamw():
+    """adamw_lr=None: the AdamW parameters step with the group's lr (Moonlight style)."""
+    shapes = [(5,), (3, 4)]
+    ours = random_params(shapes, torch.float64)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    grads = random_grads(shapes, 5, torch.float64)
+    run(Muon(ours, lr=0.01, use_muon=False, adamw_lr=None, adamw_betas=(0.9, 0.99),
+             adamw_eps=1e-8, adamw_weight_decay=0.1), ours, grads)
+    run(torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+        theirs, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_checkpoint_through_torch_save_weights_only_resumes_bit_exactly():
+    params = random_params(MIXED)
+    grads = random_grads(MIXED, 6)
+    optimizer = Muon(params, weight_decay=0.01)
+    run(optimizer, params, grads[:3])
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    run(optimizer, params, grads[3:])
+    buffer.seek(0)
+    resumed = Muon(resumed_params, weight_decay=0.01)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    run(resumed, resumed_params, grads[3:])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+    assert resumed.state[resumed_params[1]]["step"].dtype == torch.float32
+
+
+def test_sparse_gradient_is_rejected_before_anything_moves():
+    params = random_params([(4, 4), (3, 3)])
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.randn(4, 4)
+    params[1].grad = torch.eye(3).to_sparse()
+    optimizer = Muon(params)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not optimizer.state
+
+
+def test_complex_parameters_and_bad_groups_are_rejected_at_construction():
+    with pytest.raises(TypeError, match="complex parameters"):
+        Muon([torch.randn(3, 3, dtype=torch.complex64)])
+    optimizer = Muon(random_params([(3, 3)]))
+    with pytest.raises(ValueError, match=r"use_muon=True .*param group 1 has shape \(3,\)"):
+        optimizer.add_param_group({"params": random_params([(3,)], seed=5), "use_muon": True})
+    assert len(optimizer.param_groups) == 1  # nothing half-added
+
+
+def test_explored_muon_shares_param_groups_and_checkpoints_both_states():
+    params = random_params(MIXED)
+    optimizer = E(Muon(params), alpha=0.5, beta=0.01)
+    run(optimizer, params, random_grads(MIXED, 2))
+    state = optimizer.state_dict()["state"]
+    assert set(state[0]) == {"momentum_buffer", "explore_buffer"}
+    assert set(state[1]) == {"step", "exp_avg", "exp_avg_sq", "explore_buffer"}
+    optimizer.param_groups[0]["lr"] = 0.5
+    assert optimizer.base.param_groups[0]["lr"] == 0.5
+    copy.deepcopy(optimizer.state_dict())
+
+
+# -- convergence on a small non-convex task --------------------------------------------------
+
+
+def _teacher_student(seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(256, 8, generator=generator)
+    teacher = torch.randn(8, 6, generator=generator)
+    targets = torch.tanh(inputs @ teacher).sum(dim=1, keepdim=True)
+    torch.manual_seed(seed)
+    student = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                            nn.Linear(32, 1))
+    return inputs, targets, student
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    "adaptor", [None, {"alpha": 0.5, "beta": 0.01}, {"alpha": -5.0, "beta": 0.99}], ids=str
+)
+def test_converges_on_a_small_non_convex_task(seed, adaptor):
+    inputs, targets, student = _teacher_student(seed)
+    optimizer = Muon(student.parameters(), lr=0.02, adamw_lr=3e-3, ns_dtype=torch.float32)
+    if adaptor is not None:
+        optimizer = E(optimizer, **adaptor)
+    generator = torch.Generator().manual_seed(seed + 100)
+
+    def loss_on(batch):
+        return nn.functional.mse_loss(student(inputs[batch]), targets[batch])
+
+    with torch.no_grad():
+        initial = loss_on(slice(None)).item()
+    for _ in range(300):
+        batch = torch.randint(0, 256, (32,), generator=generator)
+        optimizer.zero_grad()
+        loss_on(batch).backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = loss_on(slice(None)).item()
+    assert final < 0.1 * initial, (initial, final)
