@@ -1,0 +1,258 @@
+"""``explore``: the lab's command line (also ``python -m lab``).
+
+    explore demo                       Figure 1: SGD/Adam vs E-SGD/E-Adam on 2-D valleys
+    explore compare [options]          optimizers × seeds on digits (real data) or synthetic
+    explore flatness [options]         α ∈ {-5, 0, 0.5}: top Hessian eigenvalue, test accuracy
+    explore optimizers                 the selectable optimizer names
+
+Bad input (an unknown optimizer or task, a negative batch size, an inadmissible α, ...)
+prints one line ``explore: error: ...`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "explore"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _int_arg(what: str, minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+def _float_arg(what: str, *, positive: bool = False, nonnegative: bool = False):
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{what} must be finite, got {text}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, got {text}")
+        if nonnegative and value < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _add_common(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default: runs/{command})"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--threads", type=_int_arg("threads", 1), default=None,
+        help="torch intra-op threads (default: torch's choice)",
+    )
+
+
+def _add_training(parser: argparse.ArgumentParser, *, batch: int, epochs: int, seeds: int,
+                  warmup: float) -> None:
+    from lab.tasks import MODELS, TASKS
+    from lab.train import REFERENCE_BATCH, SCALINGS, SCHEDULES
+
+    parser.add_argument("--task", default="digits",
+                        help=f"{' or '.join(TASKS)} (default: digits, scikit-learn's bundled set)")
+    parser.add_argument("--model", default="mlp", help=f"{' or '.join(MODELS)} (default: mlp)")
+    parser.add_argument("--batch-size", type=_int_arg("batch size", 1), default=batch,
+                        help=f"mini-batch size; >= the training set means full batch "
+                             f"(default: {batch})")
+    parser.add_argument("--epochs", type=_int_arg("epochs", 1), default=epochs,
+                        help=f"(default: {epochs})")
+    parser.add_argument("--seeds", type=_int_arg("seeds", 1), default=seeds,
+                        help=f"number of seeds (split, init, batches, SPSA) (default: {seeds})")
+    parser.add_argument("--first-seed", type=_int_arg("first seed", 0), default=0,
+                        help="seeds are first-seed, first-seed+1, ... (default: 0)")
+    parser.add_argument("--lr", type=_float_arg("learning rate", positive=True), default=None,
+                        help=f"learning rate at batch {REFERENCE_BATCH} for every optimizer, "
+                             "before the scaling rule (default: each optimizer's own)")
+    parser.add_argument("--lr-scaling", default="sqrt", choices=SCALINGS,
+                        help=f"scale the lr by B/{REFERENCE_BATCH} (linear), its square root "
+                             "(sqrt, default) or not at all (none)")
+    parser.add_argument("--warmup-epochs", type=_float_arg("warm-up epochs", nonnegative=True),
+                        default=warmup, help=f"linear warm-up length (default: {warmup:g})")
+    parser.add_argument("--schedule", default="cosine", choices=SCHEDULES,
+                        help="after warm-up: cosine to 0 (default), step (×0.1 at 50%% and "
+                             "75%%) or constant")
+    parser.add_argument("--weight-decay", type=_float_arg("weight decay", nonnegative=True),
+                        default=None, help="(default: each optimizer's own)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lab.compare import DEFAULT_OPTIMIZERS
+    from lab.flatness import DEFAULT_ALPHAS
+
+    parser = _Parser(
+        prog=PROG,
+        description="The exploration adaptor E in the lab: see what it does to an optimizer.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="Figure 1: trajectories along 2-D valleys",
+                          description="SGD vs E-SGD and Adam vs E-Adam from the same start on "
+                                      "2-D valley landscapes (the paper's Figure 1).")
+    demo.add_argument("--landscapes", default=None,
+                      help="comma-separated landscape names (default: every valley landscape)")
+    demo.add_argument("--steps", type=_int_arg("steps", 1), default=None,
+                      help="override each landscape's number of steps")
+    demo.add_argument("--alpha", type=float, default=None,
+                      help="override each landscape's α of the explored optimizers")
+    demo.add_argument("--beta", type=float, default=None,
+                      help="override each landscape's β of the explored optimizers")
+    _add_common(demo, "demo")
+
+    compare = sub.add_parser("compare", help="optimizers × seeds on real data",
+                             description="Train a small model with several optimizers and "
+                                         "seeds; print mean ± std, write CSV, JSON and a plot.")
+    _add_training(compare, batch=1024, epochs=150, seeds=3, warmup=10.0)
+    compare.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
+                         help="comma-separated names, each optionally name@lr (default: "
+                              f"{DEFAULT_OPTIMIZERS}); see `explore optimizers`")
+    compare.add_argument("--alpha", type=float, default=None,
+                         help="α of e-* optimizers and alto (default: preset(batch size))")
+    compare.add_argument("--beta", type=float, default=None,
+                         help="β of e-* optimizers and alto (default: preset(batch size))")
+    _add_common(compare, "compare")
+
+    flat = sub.add_parser("flatness", help="α vs the top Hessian eigenvalue",
+                          description="Train E(optimizer) with each α and report the top "
+                                      "Hessian eigenvalue of the training loss and the test "
+                                      "accuracy (the paper's Figure 3 on a small scale).")
+    _add_training(flat, batch=1024, epochs=100, seeds=2, warmup=10.0)
+    flat.add_argument("--optimizer", default="adamw",
+                      help="the base optimizer to adapt (default: adamw); alto also works")
+    flat.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),
+                      help="α values (default: -5 0 0.5)")
+    flat.add_argument("--beta", type=float, default=0.99,
+                      help="β shared by every α (default: 0.99, so only α changes)")
+    flat.add_argument("--hessian-iters", type=_int_arg("hessian iterations", 1), default=50,
+                      help="iterations of the top-eigenvalue solver (default: 50)")
+    _add_common(flat, "flatness")
+
+    sub.add_parser("optimizers", help="list the selectable optimizer names")
+    return parser
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    return list(range(args.first_seed, args.first_seed + args.seeds))
+
+
+def _train_config(args: argparse.Namespace, **extra):
+    from lab.train import TrainConfig
+
+    config = TrainConfig(
+        task=args.task,
+        model=args.model,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        lr_scaling=args.lr_scaling,
+        warmup_epochs=args.warmup_epochs,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        **extra,
+    )
+    config.validate()
+    return config
+
+
+def _out(args: argparse.Namespace) -> Path:
+    out = args.out if args.out is not None else Path("runs") / args.command
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+    if args.command == "optimizers":
+        from lab import registry
+
+        for name in registry.available():
+            spec, explored = registry.resolve(name)
+            what = f"the adaptor E over {spec.name}" if explored else spec.summary
+            print(f"{name:14s} lr {spec.lr:<8g} {what}")
+        return 0
+
+    if args.command == "compare":
+        from lab.compare import parse_optimizers, run_compare
+
+        optimizers = parse_optimizers(args.optimizers)
+        config = _train_config(args, alpha=args.alpha, beta=args.beta)
+        run_compare(config, optimizers, _seeds(args), _out(args), quiet=args.quiet)
+        return 0
+
+    if args.command == "flatness":
+        from lab.flatness import run_flatness
+
+        config = _train_config(args)
+        run_flatness(config, args.optimizer, args.alphas, args.beta, _seeds(args), _out(args),
+                     hessian_iters=args.hessian_iters, quiet=args.quiet)
+        return 0
+
+    if args.command == "demo":
+        from lab.demo import run_demo
+
+        run_demo(_out(args), landscapes=args.landscapes, steps=args.steps, alpha=args.alpha,
+                 beta=args.beta, quiet=args.quiet)
+        return 0
+
+    raise UsageError("a command is required: demo, compare, flatness or optimizers "
+                     "(see explore --help)")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{PROG}: error: {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    debug = os.environ.get("EXPLORE_DEBUG", "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(list(argv) if argv is not None else None)
+        return _run(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError,
+            NotADirectoryError, ImportError) as error:
+        if debug:
+            raise
+        print(_one_line(error), file=sys.stderr)
+        return EXIT_USAGE
