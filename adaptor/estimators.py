@@ -83,4 +83,14 @@ def check_estimator(estimator: object) -> GradEstimator:
             "grad_estimator must implement estimate(closure, param_groups) "
             f"(see adaptor.GradEstimator), got {type(estimator).__name__}"
         )
+    missing = [
+        name
+        for name in ("state_dict", "load_state_dict")
+        if not callable(getattr(estimator, name, None))
+    ]
+    if missing:  # checkpoints call them; fail here, not at the first save
+        raise TypeError(
+            f"grad_estimator {type(estimator).__name__} lacks {' and '.join(missing)}; "
+            "subclass adaptor.GradEstimator, which provides stateless defaults"
+        )
     return estimator  # type: ignore[return-value]
