@@ -389,18 +389,24 @@ class Muon(Optimizer):
         if transpose:
             sources = [s.mT for s in sources]
         device, ns_dtype = params[0].device, group["ns_dtype"]
+        # The update is added in the parameter's dtype when that is at least as wide (an
+        # exact cast, and same-dtype foreach ops); otherwise in the iteration's dtype.
+        dtype = params[0].dtype
+        if torch.promote_types(dtype, ns_dtype) != dtype:
+            dtype = ns_dtype
         if group["batched"] and len(params) > 1:
             x = torch.empty((len(params), m, n), dtype=ns_dtype, device=device)
             torch._foreach_copy_(list(x.unbind(0)), sources)
-            outputs = list(_newton_schulz_owned_(x, steps, coefficients, eps).unbind(0))
+            y = _newton_schulz_owned_(x, steps, coefficients, eps).to(dtype)
+            outputs = list((y.mT if transpose else y).unbind(0))
         else:
             outputs = []
             for source in sources:
                 x = source.to(dtype=ns_dtype, memory_format=torch.contiguous_format, copy=True)
-                outputs.append(_newton_schulz_owned_(x, steps, coefficients, eps))
-        if transpose:
-            outputs = [o.mT for o in outputs]
-        outputs = [o.reshape(p.shape) for o, p in zip(outputs, params)]
+                y = _newton_schulz_owned_(x, steps, coefficients, eps).to(dtype)
+                outputs.append(y.mT if transpose else y)
+        if params[0].dim() != 2:
+            outputs = [o.reshape(p.shape) for o, p in zip(outputs, params)]
         scale = lr_adjustment(rows, cols, group["adjust_lr_fn"])
         torch._foreach_add_(list(params), outputs, alpha=-group["lr"] * scale)
 
