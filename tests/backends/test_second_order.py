@@ -1,0 +1,391 @@
+"""Shampoo (backends.second_order): float64 reference, inverse roots, blocking, resume, convergence."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from adaptor import E
+from backends import Shampoo
+from backends.second_order import matrix_inverse_root
+from tests.probes import host_read_probe
+
+# -- an independent float64 reference, written from the formulas --------------------------
+
+
+def _ref_inverse_root(a: np.ndarray, eps: float) -> np.ndarray:
+    """(A + ρI)^{-1/4} with ρ = eps·‖A‖_F (+ the documented floor), by eigendecomposition."""
+    rho = eps * np.linalg.norm(a) + math.sqrt(np.finfo(np.float64).tiny)
+    w, q = np.linalg.eigh(a)
+    return (q * (np.maximum(w, 0.0) + rho) ** -0.25) @ q.T
+
+
+def _ref_splits(size: int, block: int) -> list[slice]:
+    """ceil(size/block) parts of ceil(size/parts) rows each, the last one shorter."""
+    parts = -(-size // block)
+    width = -(-size // parts)
+    return [slice(i, min(i + width, size)) for i in range(0, size, width)]
+
+
+class ReferenceShampoo:
+    """Shampoo with Adam grafting, one parameter at a time, one block at a time, in numpy."""
+
+    def __init__(self, shapes, *, lr, betas, eps, matrix_eps, weight_decay, every, start,
+                 block, grafting="adam", maximize=False):
+        self.hp = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, meps=matrix_eps,
+                       wd=weight_decay, every=every, start=start, block=block,
+                       grafting=grafting, maximize=maximize)
+        self.t = 0
+        self.m = [np.zeros(s) for s in shapes]
+        self.v = [np.zeros(s) for s in shapes]
+        self.stats = []
+        for s in shapes:
+            if len(s) < 2:
+                self.stats.append(None)
+                continue
+            rows, cols = s[0], int(np.prod(s[1:]))
+            blocks = {}
+            for r in _ref_splits(rows, block):
+                for c in _ref_splits(cols, block):
+                    nr, nc = r.stop - r.start, c.stop - c.start
+                    blocks[(r.start, c.start)] = dict(
+                        r=r, c=c, L=np.zeros((nr, nr)), R=np.zeros((nc, nc)),
+                        Lroot=None, Rroot=None)
+            self.stats.append(blocks)
+
+    def step(self, params, grads):
+        h = self.hp
+        self.t += 1
+        t = self.t
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = -g if h["maximize"] else g
+            p = p * (1 - h["lr"] * h["wd"])
+            self.m[i] = h["b1"] * self.m[i] + (1 - h["b1"]) * g
+            self.v[i] = h["b2"] * self.v[i] + (1 - h["b2"]) * g * g
+            c1, c2 = 1 - h["b1"] ** t, 1 - h["b2"] ** t
+            mhat = self.m[i] / c1
+            adam = mhat / (np.sqrt(self.v[i] / c2) + h["eps"])
+            direction = adam
+            if self.stats[i] is not None:
+                shape = p.shape
+                g2 = g.reshape(shape[0], -1)
+                m2 = mhat.reshape(shape[0], -1)
+                a2 = adam.reshape(shape[0], -1)
+                d2 = np.zeros_like(g2)
+                for b in self.stats[i].values():
+                    gb = g2[b["r"], b["c"]]
+                    b["L"] = h["b2"] * b["L"] + (1 - h["b2"]) * gb @ gb.T
+                    b["R"] = h["b2"] * b["R"] + (1 - h["b2"]) * gb.T @ gb
+                    if t >= h["start"] and (t - h["start"]) % h["every"] == 0:
+                        b["Lroot"] = _ref_inverse_root(b["L"] / c2, h["meps"])
+                        b["Rroot"] = _ref_inverse_root(b["R"] / c2, h["meps"])
+                    if t >= h["start"]:
+                        pb = b["Lroot"] @ m2[b["r"], b["c"]] @ b["Rroot"]
+                        if h["grafting"] == "adam":
+                            pb = pb * np.linalg.norm(a2[b["r"], b["c"]]) / np.linalg.norm(pb)
+                    else:
+                        pb = a2[b["r"], b["c"]]
+                    d2[b["r"], b["c"]] = pb
+                direction = d2.reshape(shape)
+            out.append(np.asarray(p - h["lr"] * direction))
+        return out
+
+
+def _grad(p: torch.Tensor, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(100 + step)
+    target = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+    return (p - target) + 0.1 * torch.sin(3 * p)
+
+
+SHAPES = [(7, 5), (5,), (3, 2, 2, 2), (7, 5), (4, 3), ()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(block=4, grafting="adam"),
+        dict(block=3, grafting="none", maximize=True),
+        dict(block=16, grafting="adam", every=1, start=1),
+    ],
+    ids=["blocked-adam", "blocked-none-maximize", "whole-every-step"],
+)
+def test_matches_float64_reference(options):
+    options = {"every": 2, "start": 3, **options}
+    hp = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-8, matrix_eps=1e-4, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_()
+              for s in SHAPES]
+    optimizer = Shampoo(
+        params, **hp, precondition_frequency=options["every"],
+        start_preconditioning_step=options["start"], max_preconditioner_dim=options["block"],
+        grafting=options["grafting"], maximize=options.get("maximize", False),
+    )
+    reference = ReferenceShampoo(SHAPES, **hp, **options)
+    ref_params = [p.detach().numpy().copy() for p in params]
+    for step in range(8):
+        for p in params:
+            p.grad = _grad(p.detach(), step)
+        ref_grads = [_grad(torch.from_numpy(q), step).numpy() for q in ref_params]
+        optimizer.step()
+        ref_params = reference.step(ref_params, ref_grads)
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            np.testing.assert_allclose(
+                p.detach().numpy(), q, rtol=1e-10, atol=1e-12, err_msg=f"param {i} step {step}"
+            )
+    assert not np.allclose(ref_params[0], params[0].detach().numpy() * 0)
+
+
+def test_before_start_and_for_vectors_it_is_adamw():
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(6, 5), (6,)]
+    ours = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_()
+            for s in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in ours]
+    shampoo = Shampoo(ours, lr=1e-2, weight_decay=0.1, start_preconditioning_step=6)
+    adamw = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(8):
+        for p, q in zip(ours, twins):
+            p.grad = _grad(p.detach(), step)
+            q.grad = _grad(q.detach(), step)
+        shampoo.step()
+        adamw.step()
+        matrix_close = torch.allclose(ours[0], twins[0], rtol=1e-12, atol=1e-14)
+        assert matrix_close == (step < 5), step  # steps 1..5 are Adam's, step 6 is Shampoo's
+        torch.testing.assert_close(ours[1], twins[1], rtol=1e-12, atol=1e-14)
+
+
+# -- the inverse root ---------------------------------------------------------------------
+
+
+def _spd(n: int, cond: float, seed: int, rank: int | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.logspace(0, -math.log10(cond), n)
+    if rank is not None:
+        w[rank:] = 0.0
+    return (q * w) @ q.T * rng.uniform(0.1, 10.0)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inverse_root_matches_scipy(method, dtype):
+    eps = 1e-6
+    matrices = [_spd(12, 1e3, 0), _spd(12, 1e8, 1), _spd(12, 1.0, 2), _spd(12, 1e2, 3, rank=4)]
+    batch = torch.tensor(np.stack(matrices), dtype=dtype)
+    roots = matrix_inverse_root(batch, 4, eps=eps, method=method).double().numpy()
+    # float32: the ridge allows a condition number of 1e6, whose fourth root amplifies
+    # eigenvalue rounding; 1e-2 relative still fails for any wrong exponent or ridge.
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-2
+    for a, root in zip(matrices, roots):
+        rho = eps * np.linalg.norm(a)
+        expected = np.real(scipy.linalg.fractional_matrix_power(a + rho * np.eye(12), -0.25))
+        error = np.linalg.norm(root - expected) / np.linalg.norm(expected)
+        assert error < tolerance, (method, dtype, error)
+
+
+def test_inverse_root_other_powers_and_zero_matrix():
+    a = _spd(6, 1e2, 5)
+    root = matrix_inverse_root(torch.tensor(a), 2, eps=1e-6).numpy()
+    expected = scipy.linalg.sqrtm(np.linalg.inv(a + 1e-6 * np.linalg.norm(a) * np.eye(6)))
+    np.testing.assert_allclose(root, np.real(expected), rtol=1e-8)
+    for method in ("eigh", "newton"):
+        zero = matrix_inverse_root(torch.zeros(2, 3, 3), 4, method=method)
+        assert torch.isfinite(zero).all()
+    with pytest.raises(ValueError, match="method must be one of"):
+        matrix_inverse_root(torch.eye(3), 4, method="svd")
+    with pytest.raises(ValueError, match="square matrices"):
+        matrix_inverse_root(torch.ones(3, 2), 4)
+
+
+# -- scheduling, state, errors ------------------------------------------------------------
+
+
+def _params(shapes, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=generator, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _set_grads(params, step):
+    for p in params:
+        p.grad = _grad(p.detach(), step)
+
+
+def test_roots_are_recomputed_on_schedule_only():
+    params = _params([(5, 4)])
+    optimizer = Shampoo(params, precondition_frequency=3, start_preconditioning_step=2)
+    roots = []
+    for step in range(8):
+        _set_grads(params, step)
+        optimizer.step()
+        roots.append(optimizer.state[params[0]]["left_root"].clone())
+    changed = [not torch.equal(a, b) for a, b in zip(roots, roots[1:])]
+    # host steps 2..8: refresh at t = 2, 5, 8 → changes between consecutive snapshots at those t
+    assert changed == [True, False, False, True, False, False, True]
+    assert optimizer.state_dict()["state"][0]["host_step"] == 8
+
+
+def test_blocking_layout_and_memory():
+    params = _params([(10, 3), (2, 3, 4, 4)])
+    optimizer = Shampoo(params, max_preconditioner_dim=4)
+    _set_grads(params, 0)
+    optimizer.step()
+    first, conv = (optimizer.state[p] for p in params)
+    # 10 rows → 3 parts of 4 (padded by 2), 3 columns → 1 part
+    assert first["left"].shape == (3, 4, 4) and first["right"].shape == (3, 3, 3)
+    # conv (2, 3·4·4 = 48): 1 × 12 parts of 4
+    assert conv["left"].shape == (12, 2, 2) and conv["right"].shape == (12, 4, 4)
+    assert all(s["step"].device == p.device for s, p in zip((first, conv), params))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_resume_keeps_state_dtypes_and_is_bit_exact(dtype):
+    params = _params([(6, 5), (6,)], dtype=dtype)
+    optimizer = Shampoo(params, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2)
+    for step in range(3):
+        _set_grads(params, step)
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = Shampoo(twins, lr=1e-2, precondition_frequency=2, start_preconditioning_step=2)
+    resumed.load_state_dict(saved)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert resumed.state[twins[0]]["left"].dtype == expected_dtype
+    assert resumed.state[twins[0]]["exp_avg"].dtype == dtype
+    for step in range(3, 7):
+        _set_grads(params, step)
+        _set_grads(twins, step)
+        optimizer.step()
+        resumed.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+
+
+def test_mismatched_state_dict_and_changed_block_size_are_rejected():
+    params = _params([(6, 5)])
+    optimizer = Shampoo(params, max_preconditioner_dim=4)
+    _set_grads(params, 0)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    # loading restores the saved hyperparameters (torch's rule), so the block size comes along
+    other = Shampoo(_params([(6, 5)]), max_preconditioner_dim=8)
+    other.load_state_dict(copy.deepcopy(saved))
+    assert other.param_groups[0]["max_preconditioner_dim"] == 4
+    broken = copy.deepcopy(saved)
+    broken["state"][0]["left"] = torch.zeros(1, 6, 6)
+    other = Shampoo(_params([(6, 5)]), max_preconditioner_dim=4)
+    with pytest.raises(ValueError, match=r"'left'.*expected \(4, 3, 3\)"):
+        other.load_state_dict(broken)
+    assert not other.state
+    wrong = Shampoo(_params([(5, 6)]), max_preconditioner_dim=4)
+    with pytest.raises(ValueError, match="exp_avg"):
+        wrong.load_state_dict(saved)
+    before = params[0].detach().clone()
+    optimizer.param_groups[0]["max_preconditioner_dim"] = 2
+    with pytest.raises(ValueError, match="changed mid-run"):
+        optimizer.step()
+    assert torch.equal(params[0].detach(), before)
+
+
+def test_bad_gradients_and_parameters_raise_before_any_update():
+    params = _params([(4, 3), (3,)])
+    optimizer = Shampoo(params)
+    params[0].grad = torch.ones(4, 3)
+    params[1].grad = torch.ones(3).to_sparse()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert not optimizer.state
+    with pytest.raises(TypeError, match="complex parameters"):
+        Shampoo([torch.zeros(2, 2, dtype=torch.complex64, requires_grad=True)])
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_no_host_reads_with_many_same_shaped_blocks(method):
+    params = _params([(9, 9), (9, 9), (4, 9), (9,), (3, 3, 3)])
+    optimizer = Shampoo(params, precondition_frequency=1, start_preconditioning_step=1,
+                        max_preconditioner_dim=3, root_method=method)
+    _set_grads(params, 0)
+    optimizer.step()
+    _set_grads(params, 1)
+    with host_read_probe() as reads:
+        optimizer.step()
+    assert reads == []
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_newton_and_eigh_take_the_same_steps():
+    results = []
+    for method in ("eigh", "newton"):
+        params = _params([(6, 5), (4, 6)], dtype=torch.float64)
+        optimizer = Shampoo(params, lr=1e-2, precondition_frequency=2,
+                            start_preconditioning_step=2, root_method=method)
+        for step in range(6):
+            _set_grads(params, step)
+            optimizer.step()
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+# -- convergence: an ill-conditioned, rotated least-squares matrix problem ----------------
+
+
+def _least_squares(seed: int):
+    """½‖XW − Y‖²/‖Y‖², X with a rotated input covariance of condition number 1e4."""
+    generator = torch.Generator().manual_seed(seed)
+    d, k, n = 16, 8, 64
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    scales = torch.logspace(0, -2, d, dtype=torch.float64)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64) @ (q * scales) @ q.T
+    y = x @ torch.randn(d, k, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def _relative_loss_after(make, seed: int, steps: int = 100) -> float:
+    x, y = _least_squares(seed)
+    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = make([w])
+
+    def loss_fn():
+        return 0.5 * ((x @ w - y) ** 2).sum() / (y**2).sum()
+
+    start = loss_fn().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    with torch.no_grad():
+        return loss_fn().item() / start
+
+
+LRS = (1e-1, 3e-1, 1.0)
+
+
+def _shampoo(lr):
+    return lambda params: Shampoo(params, lr=lr, precondition_frequency=5,
+                                  start_preconditioning_step=5)
+
+
+def _best(factory, seed):
+    return min(_relative_loss_after(factory(lr), seed) for lr in LRS)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_beats_sgd_and_adam_on_ill_conditioned_least_squares(seed):
+    """Each optimizer at its best learning rate of the same grid, 100 steps."""
+    adam = _best(lambda lr: lambda p: torch.optim.Adam(p, lr=lr), seed)
+    sgd = _best(lambda lr: lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9), seed)
+    shampoo = _best(_shampoo, seed)
+    explored_exploit = _best(lambda lr: lambda p: E(_shampoo(lr)(p), alpha=0.5, beta=0.01), seed)
+    explored_explore = _best(lambda lr: lambda p: E(_shampoo(lr)(p), alpha=-5, beta=0.99), seed)
+    assert shampoo < adam / 3, (shampoo, adam)
+    assert shampoo < sgd / 20, (shampoo, sgd)
+    assert explored_exploit < adam / 3, (explored_exploit, adam)
+    assert explored_explore < adam / 3, (explored_explore, adam)
