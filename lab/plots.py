@@ -72,12 +72,17 @@ def trajectories(
     "start": (x, y), "valley": optional (M, 2) array, "marks": optional (K, 2) array}``.
     """
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(5.0 * n, 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(max(6.0, 5.2 * n), 5.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         x, y, z = panel["grid"]
-        levels = np.quantile(np.log10(z + 1e-12), np.linspace(0.0, 0.98, 24))
-        ax.contourf(x, y, np.log10(z + 1e-12), levels=np.unique(levels), cmap="Greys_r",
-                    alpha=0.75)
+        z = np.asarray(z, dtype=float)
+        z = z - np.nanmin(z)
+        # log contours resolve both the steep walls and the nearly flat valley floor
+        shown = np.log10(z + 1e-3 * max(float(np.nanmedian(z)), 1e-12))
+        top = np.nanquantile(shown, 0.9)
+        levels = np.linspace(np.nanmin(shown), top, 28)
+        ax.contourf(x, y, np.minimum(shown, top), levels=levels, cmap="Blues_r", alpha=0.9)
+        ax.contour(x, y, shown, levels=levels[::3], colors="k", linewidths=0.3, alpha=0.4)
         valley = panel.get("valley")
         if valley is not None and len(valley):
             valley = np.asarray(valley)
@@ -85,7 +90,8 @@ def trajectories(
         marks = panel.get("marks")
         if marks is not None and len(marks):
             marks = np.asarray(marks)
-            ax.plot(marks[:, 0], marks[:, 1], "x", color="gold", ms=8, mew=2)
+            ax.plot(marks[:, 0], marks[:, 1], "x", color="black", ms=8, mew=2,
+                    label="known minima")
         paths = panel["paths"]
         for (label, path_xy), color in zip(paths.items(), _colors(len(paths))):
             path_xy = np.asarray(path_xy)
@@ -99,7 +105,7 @@ def trajectories(
         ax.set_title(panel["name"], fontsize=10)
         ax.set_aspect("equal", adjustable="box")
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
