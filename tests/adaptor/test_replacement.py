@@ -15,7 +15,7 @@ from adaptor.replacement import replace_foreach_, replace_fused_
 from tests.adaptor.reference import TwoBufferReference, relative_error
 
 SHAPES = [(5, 3), (7,), (2, 3, 2), ()]
-STEPS = 120
+STEPS = 100
 TOLERANCE = 1e-10
 
 
