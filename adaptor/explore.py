@@ -148,7 +148,7 @@ class ExploredOptimizer(Optimizer):
         for index, group in enumerate(self.param_groups):
             for p in self._params_with_grad(group):
                 if p.grad.is_sparse:
-                    raise RuntimeError(
+                    raise ValueError(
                         f"explore does not support sparse gradients (param group {index}); "
                         "use a dense gradient or torch.optim.SparseAdam without the adaptor"
                     )
