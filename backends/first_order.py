@@ -220,31 +220,39 @@ def _lamb_foreach(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta2)
     torch._foreach_mul_(exp_avg_sqs, beta3)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta3)
-    # denom = (1-β₂^k)·(√(v/(1-β₃^k)) + ε₁), so that m/denom = m̂/(√v̂ + ε₁)
+    # With b₂ = 1-β₂^k, b₃ = 1-β₃^k and s = √b₃/b₂:
+    #   m̂/(√v̂ + ε₁) = s·u,  u = m/(√v + ε₁√b₃),  r = s·(u + (λ/s)·θ),  ‖r‖ = s·‖u + (λ/s)·θ‖
+    # so the corrections cost no full pass of their own (s = 1 without bias correction).
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if bias_correction:
         k = torch.stack(steps)
-        bias1 = (1.0 - torch.pow(beta2, k)).unbind(0)
-        bias3_sqrt = (1.0 - torch.pow(beta3, k)).sqrt_().unbind(0)
-        torch._foreach_div_(denom, bias3_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(denom, bias1)
+        bias3_sqrt = (1.0 - torch.pow(beta3, k)).sqrt_()
+        scale: Tensor | None = bias3_sqrt / (1.0 - torch.pow(beta2, k))
+        torch._foreach_add_(denom, (bias3_sqrt * eps).unbind(0))
     else:
+        scale = None
         torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
     del denom
     if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+        if scale is None:
+            torch._foreach_add_(updates, params, alpha=weight_decay)
+        else:
+            torch._foreach_addcmul_(updates, params, (weight_decay / scale).unbind(0))
     if layer_adaptation:
         phi = torch.stack(torch._foreach_norm(params)).add_(norm_eps)
-        ratio = phi / torch.stack(torch._foreach_norm(updates)).add_(phi, alpha=trust_eps)
+        r_norm = torch.stack(torch._foreach_norm(updates))
+        if scale is not None:
+            r_norm = r_norm.mul_(scale)
+        ratio = phi / r_norm.add_(phi, alpha=trust_eps)
         if trust_clip is not None:
             ratio = ratio.clamp_(trust_clip[0], trust_clip[1])
-        torch._foreach_mul_(updates, _scale(ratio, lr).unbind(0))
-        torch._foreach_add_(params, updates)
+        step_size = _scale(ratio if scale is None else ratio.mul_(scale), lr)
+        torch._foreach_addcmul_(params, updates, step_size.unbind(0))
+    elif scale is not None:
+        torch._foreach_addcmul_(params, updates, _scale(scale, lr).unbind(0))
     elif isinstance(lr, Tensor):
-        torch._foreach_mul_(updates, -lr)
-        torch._foreach_add_(params, updates)
+        torch._foreach_addcmul_(params, updates, [-lr] * len(params))
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
 
@@ -305,43 +313,47 @@ def _lamb_single(
 # Each reads and writes every tensor once, where the foreach chain needs some twenty passes.
 
 
-def _lamb_direction(p, m, v, k, beta2, beta3, eps, weight_decay, bias_correction: bool):
-    if bias_correction:
-        r = (m / (1.0 - beta2**k)) / (torch.sqrt(v / (1.0 - beta3**k)) + eps)
-    else:
-        r = m / (torch.sqrt(v) + eps)
+def _lamb_direction(p, m, v, k, bias2, bias3, eps, weight_decay):
+    # bias2 = log β₂ and bias3 = log β₃ with bias correction, -inf without (then the
+    # correction 1 - exp(-inf) = 1 exactly): one compiled graph serves both forms, and the
+    # floats enter as graph inputs (float ** tensor would specialise them).
+    r = (m / (1.0 - torch.exp(k * bias2))) / (torch.sqrt(v / (1.0 - torch.exp(k * bias3))) + eps)
     return r + weight_decay * p
 
 
-def _lamb_moments(p, g, m, v, step, beta2, beta3, eps, weight_decay, bias_correction: bool):
+def _lamb_moments(p, g, m, v, step, beta2, beta3, bias2, bias3, eps, weight_decay):
     k = step + 1
     step.copy_(k)
     m_new = torch.lerp(m, g, 1.0 - beta2)
     v_new = v * beta3 + (g * g) * (1.0 - beta3)
-    r = _lamb_direction(p, m_new, v_new, k, beta2, beta3, eps, weight_decay, bias_correction)
+    r = _lamb_direction(p, m_new, v_new, k, bias2, bias3, eps, weight_decay)
     m.copy_(m_new)
     v.copy_(v_new)
     return (r * r).sum(), (p * p).sum()
 
 
 def _alto_moments(
-    p, g, c, m, v, step, k1, alpha, persist, inject, beta2, beta3, eps, weight_decay,
-    bias_correction: bool,
+    p, g, c, m, v, step, k1, alpha, persist, inject, beta2, beta3, bias2, bias3, eps,
+    weight_decay,
 ):
     g_tilde = g * k1 + c * alpha
     c.copy_(c * persist + g_tilde * inject)
     g.copy_(g_tilde)
-    return _lamb_moments(p, g_tilde, m, v, step, beta2, beta3, eps, weight_decay, bias_correction)
+    return _lamb_moments(p, g_tilde, m, v, step, beta2, beta3, bias2, bias3, eps, weight_decay)
 
 
 def _lamb_apply(
-    p, m, v, step, r_sq, w_sq, lr, beta2, beta3, eps, trust_eps, norm_eps, weight_decay,
-    low, high, bias_correction: bool,
+    p, m, v, step, r_sq, w_sq, lr, bias2, bias3, eps, trust_eps, norm_eps, weight_decay,
+    low, high,
 ):
-    r = _lamb_direction(p, m, v, step, beta2, beta3, eps, weight_decay, bias_correction)
+    r = _lamb_direction(p, m, v, step, bias2, bias3, eps, weight_decay)
     phi = torch.sqrt(w_sq) + norm_eps
     ratio = torch.clamp(phi / (torch.sqrt(r_sq) + trust_eps * phi), low, high)
     p.copy_(p - (lr * ratio) * r)
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -378,9 +390,14 @@ def _lamb_fused(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             None if buffers is None else pick(buffers), pick(steps), **hp,
         )
-    low, high = hp["trust_clip"] if hp["trust_clip"] is not None else (0.0, math.inf)
-    common = (hp["beta2"], hp["beta3"], hp["eps"], hp["weight_decay"])
-    bias_correction = hp["bias_correction"]
+    # The clamp's bounds as 0-d tensors: float bounds would be specialised into the graph.
+    low, high = torch.tensor(
+        hp["trust_clip"] if hp["trust_clip"] is not None else (0.0, math.inf),
+        dtype=params[0].dtype, device=params[0].device,
+    ).unbind(0)
+    beta2, beta3 = hp["beta2"], hp["beta3"]
+    bias2, bias3 = (_log(beta2), _log(beta3)) if hp["bias_correction"] else (-math.inf, -math.inf)
+    tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
     if buffers is not None:
         k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
     moments = _kernel("lamb" if buffers is None else "alto")
@@ -388,15 +405,15 @@ def _lamb_fused(
     for i in large:
         p, g, m, v, step = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
         if buffers is None:
-            r_sq, w_sq = moments(p, g, m, v, step, *common, bias_correction)
+            r_sq, w_sq = moments(p, g, m, v, step, beta2, beta3, *tail)
         else:
             r_sq, w_sq = moments(
-                p, g, buffers[i], m, v, step, k1, hp["alpha"], persist, inject, *common,
-                bias_correction,
+                p, g, buffers[i], m, v, step, k1, hp["alpha"], persist, inject, beta2, beta3,
+                *tail,
             )
         apply(
-            p, m, v, step, r_sq, w_sq, hp["lr"], hp["beta2"], hp["beta3"], hp["eps"],
-            hp["trust_eps"], hp["norm_eps"], hp["weight_decay"], low, high, bias_correction,
+            p, m, v, step, r_sq, w_sq, hp["lr"], bias2, bias3, hp["eps"], hp["trust_eps"],
+            hp["norm_eps"], hp["weight_decay"], low, high,
         )
 
 
@@ -640,15 +657,14 @@ def _adabelief_foreach(
     torch._foreach_add_(exp_avg_vars, eps)
     del residual
     k = torch.stack(steps)
-    bias1 = 1.0 - torch.pow(beta1, k)
     bias2_sqrt = (1.0 - torch.pow(beta2, k)).sqrt_()
-    # θ ← θ + (−η/(1-β₁^k))·m/(√ŝ + ε), with the step size folded into the denominator
-    step_size = (-lr) / bias1
+    # θ ← θ − η·m̂/(√ŝ + ε) = θ + (−η·√b₂/b₁)·m/(√s + ε√b₂),  b₁ = 1-β₁^k, b₂ = 1-β₂^k
+    step_size = _scale(bias2_sqrt / (1.0 - torch.pow(beta1, k)), lr)
     denom = torch._foreach_sqrt(exp_avg_vars)
-    torch._foreach_div_(denom, bias2_sqrt.unbind(0))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_div_(denom, step_size.unbind(0))
-    torch._foreach_addcdiv_(params, exp_avgs, denom)
+    torch._foreach_add_(denom, (bias2_sqrt * eps).unbind(0))
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    torch._foreach_addcmul_(params, updates, step_size.unbind(0))
 
 
 def _adabelief_single(
