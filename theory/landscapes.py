@@ -28,8 +28,8 @@ Problems:
   a circular valley ``r = 1`` whose floor carries several local minima of different depth;
   plain SGD/Adam stop in the first one they reach, the explored versions (α < 0) go on
   along the valley and end lower. :attr:`Landscape.demo` has the settings that show it.
-- ``cardioid``: the square of a cardioid's implicit polynomial (zero on the whole curve),
-  plus shallow wells of different depth placed on the curve: the shape of Figure 1 (left).
+- ``cardioid``: the square of a cardioid's implicit polynomial, zero on the whole curve: the
+  shape of Figure 1 (left); every point of the curve is a global minimum.
 """
 
 from __future__ import annotations
@@ -229,6 +229,48 @@ def _grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor
         (g,) = torch.autograd.grad(fn(theta), theta, create_graph=True)
         rows = [torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(len(g))]
     return g.detach(), torch.stack(rows)
+
+
+def _grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradient and dense Hessian of a scalar ``fn`` at a small ``θ`` (double backward)."""
+    theta = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(fn(theta), theta, create_graph=True)
+        rows = [torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(len(g))]
+    return g.detach(), torch.stack(rows)
+
+
+def _batched_grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients ``(N, 2)`` and Hessians ``(N, 2, 2)`` of a pointwise ``fn`` at ``N`` points.
+
+    ``fn`` maps ``(N, 2)`` to ``(N,)`` pointwise, so the gradient of the sum holds every
+    point's gradient and two more backward passes give every point's Hessian rows.
+    """
+    theta = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(fn(theta).sum(), theta, create_graph=True)
+        h0 = torch.autograd.grad(g[:, 0].sum(), theta, retain_graph=True)[0]
+        h1 = torch.autograd.grad(g[:, 1].sum(), theta)[0]
+    return g.detach(), torch.stack([h0, h1], dim=1).detach()
+
+
+def _local_minima_2d(fn: Callable[[Tensor], Tensor], seeds: Tensor) -> list[tuple[float, ...]]:
+    """Distinct strict local minima reached by Newton's method from a batch of 2-D seeds."""
+    theta = seeds.detach().to(torch.float64)
+    for _ in range(80):
+        g, H = _batched_grad_hessian(fn, theta)
+        step = torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
+        step = step.clamp(-0.05, 0.05)  # stay near the seed: no jumps across the valley
+        theta = theta - step
+        if float(step.abs().max()) < 1e-13:
+            break
+    g, H = _batched_grad_hessian(fn, theta)
+    keep = (g.abs().amax(dim=1) < 1e-9) & (torch.linalg.eigvalsh(H)[:, 0] > 0)
+    points: list[tuple[float, ...]] = []
+    for point in theta[keep].tolist():
+        if all(math.dist(point, q) > 1e-6 for q in points):
+            points.append(tuple(point))
+    return points
 
 
 def _newton_minimum(fn: Callable[[Tensor], Tensor], point: Sequence[float]) -> Tensor:
@@ -450,56 +492,43 @@ def ring_valley(
     )
 
 
-def cardioid(scale: float = 1.0, wells: Sequence[tuple[float, float]] | None = None) -> Landscape:
-    """The square of a cardioid, ``C(x, y)²`` with ``C = (x²+y²-ax)² - a²(x²+y²)``, plus wells.
+def cardioid(scale: float = 1.0) -> Landscape:
+    """The square of a cardioid: ``f = C(x, y)²``, ``C = (x²+y²-ax)² - a²(x²+y²)``.
 
-    ``C = 0`` on the cardioid ``r = a(1 + cos φ)`` (cusp at the origin), so ``C²`` has a
-    zero-loss curved valley: every point of the curve is a (flat-bottomed) minimum, as in the
-    paper's Figure 1 (left; its exact formula is not published, this is our reading of "the
-    square of the cardioid"). Shallow Gaussian wells ``-dᵢ exp(-|θ - pᵢ|²/(2σ²))`` are added at
-    points ``pᵢ`` of the curve (``wells`` = ``[(φᵢ, dᵢ), ...]``, default three of depth
-    0.05, 0.1, 0.2), so the valley holds local minima of different depth. The minima are
-    located by Newton's method from the well centres (float64) at construction.
+    ``C = 0`` exactly on the cardioid ``r = a(1 + cos φ)`` (cusp at the origin), so ``f`` has
+    a curved valley of zero loss: every point of the curve is a (non-strict, flat along the
+    curve) global minimum of value 0. This is our reading of the paper's Figure 1 (left),
+    "the square of the cardioid" (its formula is not published). :attr:`minima` lists sample
+    points of the curve at ``φ = 0, ±π/3, ±2π/3`` and the cusp; the whole curve is minimal.
+    There is no ``demo``: with no floor to descend along, every optimizer stops where it
+    reaches the curve; ``ring_valley`` is the exploration demo.
     """
     a = scale
-    if wells is None:
-        wells = [(0.6, 0.05), (1.6, 0.1), (2.4, 0.2)]
-    sigma = 0.25 * a
-    centres = [
-        (a * (1 + math.cos(phi)) * math.cos(phi), a * (1 + math.cos(phi)) * math.sin(phi))
-        for phi, _ in wells
-    ]
-    depths = [d for _, d in wells]
 
     def fn(theta: Tensor) -> Tensor:
         x, y = theta[..., 0], theta[..., 1]
         r2 = x * x + y * y
         c = (r2 - a * x) ** 2 - a * a * r2
-        total = c * c
-        for (cx, cy), d in zip(centres, depths):
-            total = total - d * torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
-        return total
+        return c * c
 
-    found = []
-    for centre in centres:
-        point = _newton_minimum(fn, centre)
-        _, H = _grad_hessian(fn, point)
-        if bool(torch.linalg.eigvalsh(H).min() > 0):
-            found.append((float(fn(point)), tuple(point.tolist())))
-    found.sort()
-    best = found[0][0]
+    samples = [0.0, math.pi / 3, -math.pi / 3, 2 * math.pi / 3, -2 * math.pi / 3, math.pi]
+    minima = tuple(
+        Minimum(
+            (a * (1 + math.cos(phi)) * math.cos(phi), a * (1 + math.cos(phi)) * math.sin(phi)),
+            0.0,
+        )
+        for phi in samples
+    )
     return Landscape(
         name="cardioid",
         fn=fn,
         dim=2,
-        start=(1.9 * a, 0.4 * a),
-        minima=tuple(
-            Minimum(point, value, "global" if value == best else "local") for value, point in found
-        ),
+        start=(1.5 * a, 1.5 * a),
+        minima=minima,
         bounds=((-1.0 * a, 2.5 * a), (-1.75 * a, 1.75 * a)),
         description=(
-            f"squared cardioid C², C=(x²+y²-{a:g}x)²-{a:g}²(x²+y²), zero on the curve "
-            f"r={a:g}(1+cos φ), with {len(centres)} wells of depths {depths} on the curve"
+            f"squared cardioid C², C=(x²+y²-{a:g}x)²-{a:g}²(x²+y²); zero loss on the whole "
+            f"curve r={a:g}(1+cos φ) (global minima, value 0)"
         ),
     )
 
