@@ -231,48 +231,6 @@ def _grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor
     return g.detach(), torch.stack(rows)
 
 
-def _grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradient and dense Hessian of a scalar ``fn`` at a small ``θ`` (double backward)."""
-    theta = theta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(fn(theta), theta, create_graph=True)
-        rows = [torch.autograd.grad(g[i], theta, retain_graph=True)[0] for i in range(len(g))]
-    return g.detach(), torch.stack(rows)
-
-
-def _batched_grad_hessian(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients ``(N, 2)`` and Hessians ``(N, 2, 2)`` of a pointwise ``fn`` at ``N`` points.
-
-    ``fn`` maps ``(N, 2)`` to ``(N,)`` pointwise, so the gradient of the sum holds every
-    point's gradient and two more backward passes give every point's Hessian rows.
-    """
-    theta = theta.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(fn(theta).sum(), theta, create_graph=True)
-        h0 = torch.autograd.grad(g[:, 0].sum(), theta, retain_graph=True)[0]
-        h1 = torch.autograd.grad(g[:, 1].sum(), theta)[0]
-    return g.detach(), torch.stack([h0, h1], dim=1).detach()
-
-
-def _local_minima_2d(fn: Callable[[Tensor], Tensor], seeds: Tensor) -> list[tuple[float, ...]]:
-    """Distinct strict local minima reached by Newton's method from a batch of 2-D seeds."""
-    theta = seeds.detach().to(torch.float64)
-    for _ in range(80):
-        g, H = _batched_grad_hessian(fn, theta)
-        step = torch.linalg.solve(H, g.unsqueeze(-1)).squeeze(-1)
-        step = step.clamp(-0.05, 0.05)  # stay near the seed: no jumps across the valley
-        theta = theta - step
-        if float(step.abs().max()) < 1e-13:
-            break
-    g, H = _batched_grad_hessian(fn, theta)
-    keep = (g.abs().amax(dim=1) < 1e-9) & (torch.linalg.eigvalsh(H)[:, 0] > 0)
-    points: list[tuple[float, ...]] = []
-    for point in theta[keep].tolist():
-        if all(math.dist(point, q) > 1e-6 for q in points):
-            points.append(tuple(point))
-    return points
-
-
 def _newton_minimum(fn: Callable[[Tensor], Tensor], point: Sequence[float]) -> Tensor:
     """Refine a minimiser of a smooth low-dimensional function by Newton steps in float64."""
     theta = torch.tensor(point, dtype=torch.float64)
