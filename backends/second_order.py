@@ -17,6 +17,7 @@ Everything runs on the parameters' device; ``step()`` reads no tensor value on t
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -107,7 +108,7 @@ class _Layout:
     row (column) per part.
     """
 
-    __slots__ = ("shape", "m", "n", "row_parts", "rows", "col_parts", "cols")
+    __slots__ = ("col_parts", "cols", "count", "m", "n", "row_parts", "rows", "shape")
 
     def __init__(self, shape: torch.Size, block: int) -> None:
         self.shape = shape
@@ -117,10 +118,7 @@ class _Layout:
         self.rows = -(-self.m // self.row_parts)
         self.col_parts = -(-self.n // block)
         self.cols = -(-self.n // self.col_parts)
-
-    @property
-    def count(self) -> int:
-        return self.row_parts * self.col_parts
+        self.count = self.row_parts * self.col_parts
 
     def to_blocks(self, tensor: Tensor) -> Tensor:
         """``(count, rows, cols)`` blocks of ``tensor`` (a view when there is one block)."""
@@ -139,6 +137,11 @@ class _Layout:
         x = blocks.reshape(self.row_parts, self.col_parts, self.rows, self.cols).transpose(1, 2)
         x = x.reshape(self.row_parts * self.rows, self.col_parts * self.cols)
         return x[: self.m, : self.n].reshape(self.shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(shape: torch.Size, block: int) -> _Layout:
+    return _Layout(shape, block)
 
 
 def _cat(tensors: Sequence[Tensor]) -> Tensor:
@@ -261,8 +264,9 @@ class Shampoo(Optimizer):
         maximize: maximise the objective.
 
     State per parameter: ``step`` (a 0-d tensor on the parameter's device, float32, or
-    float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same count as a Python int: it schedules the
-    root recomputations without reading the device, and is saved in the state dict),
+    float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same
+    count as a Python int: it schedules the root recomputations without reading the device,
+    and is saved in the state dict),
     ``exp_avg``, ``exp_avg_sq`` and, for matrices, ``left``/``right`` (``blocks × r × r``,
     ``blocks × c × c``) and ``left_root``/``right_root``.
 
@@ -353,8 +357,10 @@ class Shampoo(Optimizer):
             state["left_root"] = torch.eye(rows, **kw).expand(count, rows, rows).clone()
             state["right_root"] = torch.eye(cols, **kw).expand(count, cols, cols).clone()
 
-    def _check_matrix_state(self, group: dict[str, Any], p: Tensor, state: dict, where: str) -> None:
-        layout = _Layout(p.shape, group["max_preconditioner_dim"])
+    def _check_matrix_state(
+        self, group: dict[str, Any], p: Tensor, state: dict, where: str
+    ) -> None:
+        layout = _layout(p.shape, group["max_preconditioner_dim"])
         dtype = self._matrix_dtype(group, p)
         expected = {
             "left": (layout.count, layout.rows, layout.rows),
@@ -414,7 +420,7 @@ class Shampoo(Optimizer):
         block = group["max_preconditioner_dim"]
         start = group["start_preconditioning_step"]
         every = group["precondition_frequency"]
-        layouts = {p: _Layout(p.shape, block) if self._is_matrix(p) else None for p in params}
+        layouts = {p: _layout(p.shape, block) if self._is_matrix(p) else None for p in params}
         for p in params:
             self._init_state(group, p, layouts[p])
         states = [self.state[p] for p in params]
@@ -482,7 +488,8 @@ class Shampoo(Optimizer):
         """``L ← β₂L + (1-β₂)GGᵀ``, ``R ← β₂R + (1-β₂)GᵀG``, batched over same-shaped blocks."""
         items = list(zip(params, grads))
         by_shape = _bucket(
-            items, lambda pg: (layouts[pg[0]].rows, layouts[pg[0]].cols, self.state[pg[0]]["left"].dtype)
+            items,
+            lambda pg: (layouts[pg[0]].rows, layouts[pg[0]].cols, self.state[pg[0]]["left"].dtype),
         )
         for (_, _, dtype), bucket in by_shape.items():
             blocks = _cat([layouts[p].to_blocks(g).to(dtype) for p, g in bucket])
