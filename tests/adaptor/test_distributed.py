@@ -18,6 +18,7 @@ from adaptor import E
 
 STEPS = 5
 WORLD = 2
+WRAPPERS = ("ddp", "fsdp2")
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -43,34 +44,38 @@ def _train(model, optimizer, rank: int | None) -> None:
         optimizer.step()
 
 
-def _worker(rank: int, port: int, wrapper: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = _model()
-        if wrapper == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-        optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)
-        _train(model, optimizer, rank)
-        params = [
-            p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-            for p in model.parameters()
-        ]
-        buffers = [optimizer.state[p]["explore_buffer"] for p in model.parameters()]
-        buffers = [b.full_tensor() if hasattr(b, "full_tensor") else b for b in buffers]
-        if rank == 0:
-            torch.save({"params": params, "buffers": buffers}, os.path.join(out_dir, "out.pt"))
+        for wrapper in WRAPPERS:
+            _run_wrapper(rank, wrapper, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _run_wrapper(rank: int, wrapper: str, out_dir: str) -> None:
+    model = _model()
+    if wrapper == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)
+    _train(model, optimizer, rank)
+    params = [
+        p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
+    ]
+    buffers = [optimizer.state[p]["explore_buffer"] for p in model.parameters()]
+    buffers = [b.full_tensor() if hasattr(b, "full_tensor") else b for b in buffers]
+    if rank == 0:
+        torch.save({"params": params, "buffers": buffers}, os.path.join(out_dir, f"{wrapper}.pt"))
 
 
 def _free_port() -> int:
@@ -79,17 +84,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_distributed_matches_single_process(wrapper, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), wrapper, str(tmp_path)), nprocs=WORLD, join=True)
-    result = torch.load(tmp_path / "out.pt")
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
+    # One spawn for both wrappers: starting two processes costs more than the training.
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     model = _model()
     optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)
     _train(model, optimizer, rank=None)
     start = list(_model().parameters())
-    for got, want, init in zip(result["params"], model.parameters(), start):
-        assert not torch.equal(want.detach(), init.detach())
-        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
-    for got, p in zip(result["buffers"], model.parameters()):
-        torch.testing.assert_close(got, optimizer.state[p]["explore_buffer"], rtol=1e-5, atol=1e-7)
+    for wrapper in WRAPPERS:
+        result = torch.load(tmp_path / f"{wrapper}.pt")
+        for got, want, init in zip(result["params"], model.parameters(), start):
+            assert not torch.equal(want.detach(), init.detach())
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6, msg=wrapper)
+        for got, p in zip(result["buffers"], model.parameters()):
+            want = optimizer.state[p]["explore_buffer"]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=wrapper)
