@@ -40,6 +40,9 @@ ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # Same-shaped matrices are orthogonalised together, at most this many elements per batch
 # (the stacked copy is a temporary: 2**26 elements are 128 MiB in bfloat16).
 MAX_BATCH_NUMEL = 1 << 26
+# Larger matrices are orthogonalised one at a time: one matmul of theirs already keeps the
+# device busy, and stacking them would only add a copy.
+MAX_BATCHED_MATRIX_NUMEL = 1 << 20
 
 
 # -- Newton–Schulz ---------------------------------------------------------------------------
@@ -210,8 +213,8 @@ class Muon(Optimizer):
     update equals ``torch.optim.Muon``'s. ``NS_k`` runs in ``ns_dtype`` (bfloat16 by default,
     as in the reference) and never touches the momentum buffer (``torch.optim.Muon`` in torch
     2.13 normalises a bfloat16 buffer in place when ``nesterov=False``; this one does not).
-    Same-shaped matrices of a (device, dtype) are orthogonalised together in one batched
-    matmul chain (``batched=True``).
+    Same-shaped matrices of a (device, dtype), up to 2^20 elements each, are orthogonalised
+    together in one batched matmul chain (``batched=True``).
 
     Other parameters (AdamW with decoupled weight decay, bias-corrected):
 
@@ -241,7 +244,8 @@ class Muon(Optimizer):
         adamw_betas: ``(β_1, β_2)`` of AdamW.
         adamw_eps: ε_a of AdamW.
         adamw_weight_decay: decoupled weight decay λ_a of AdamW (multiplied by ``adamw_lr``).
-        batched: orthogonalise same-shaped matrices in one batched matmul chain.
+        batched: orthogonalise same-shaped matrices (up to 2^20 elements each) in one
+            batched matmul chain.
     """
 
     def __init__(
@@ -394,7 +398,7 @@ class Muon(Optimizer):
         dtype = params[0].dtype
         if torch.promote_types(dtype, ns_dtype) != dtype:
             dtype = ns_dtype
-        if group["batched"] and len(params) > 1:
+        if group["batched"] and len(params) > 1 and m * n <= MAX_BATCHED_MATRIX_NUMEL:
             x = torch.empty((len(params), m, n), dtype=ns_dtype, device=device)
             torch._foreach_copy_(list(x.unbind(0)), sources)
             y = _newton_schulz_owned_(x, steps, coefficients, eps).to(dtype)

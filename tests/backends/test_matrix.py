@@ -184,8 +184,15 @@ def test_batched_and_unbatched_paths_agree(ns_dtype, device, monkeypatch):
     dtype = torch.float64 if ns_dtype == torch.float64 else torch.float32
     grads = random_grads(shapes, 4, dtype, device=device)
     results = []
-    for batched, max_numel in ((True, matrix.MAX_BATCH_NUMEL), (True, 60), (False, 0)):
-        monkeypatch.setattr(matrix, "MAX_BATCH_NUMEL", max_numel)  # 60: batches of one or two
+    configurations = (  # (batched, elements per batch, elements per batched matrix)
+        (True, matrix.MAX_BATCH_NUMEL, matrix.MAX_BATCHED_MATRIX_NUMEL),
+        (True, 60, matrix.MAX_BATCHED_MATRIX_NUMEL),  # batches of one or two matrices
+        (True, matrix.MAX_BATCH_NUMEL, 50),  # 6×9 one at a time, 4×12 batched
+        (False, 0, 0),
+    )
+    for batched, max_numel, max_matrix_numel in configurations:
+        monkeypatch.setattr(matrix, "MAX_BATCH_NUMEL", max_numel)
+        monkeypatch.setattr(matrix, "MAX_BATCHED_MATRIX_NUMEL", max_matrix_numel)
         params = random_params(shapes, dtype, device=device)
         run(Muon(params, ns_dtype=ns_dtype, batched=batched), params, grads)
         results.append([p.detach() for p in params])
