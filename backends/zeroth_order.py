@@ -161,18 +161,27 @@ class SPSA(GradEstimator):
             for j, start in enumerate(range(0, flat.numel(), self.chunk))
         ]
 
-    def _draw_(self, out: Tensor, sample: int, index: int, block: int) -> Tensor:
-        """Fill ``out`` with block ``block`` of ``Δ`` for parameter ``index``, sample ``sample``."""
+    def _draw_(
+        self, out: Tensor, sample: int, index: int, block: int, signs: bool = True
+    ) -> Tensor:
+        """Fill ``out`` with block ``block`` of ``Δ`` for parameter ``index``, sample ``sample``.
+
+        Rademacher draws are Bernoulli(½) bits mapped to ``2b − 1``; with ``signs=False`` the
+        caller applies that map (with foreach ops over many tensors at once).
+        """
         generator = self._generator(out.device)
         generator.manual_seed(_mix(self.seed, self.step, sample, index, block))
         if self.distribution == "gaussian":
             return out.normal_(generator=generator)
-        return out.bernoulli_(0.5, generator=generator).mul_(2.0).sub_(1.0)
+        out.bernoulli_(0.5, generator=generator)
+        return out.mul_(2.0).sub_(1.0) if signs else out
 
-    def _fill_direction_(self, out: Tensor, sample: int, index: int) -> None:
+    def _fill_direction_(
+        self, out: Tensor, sample: int, index: int, signs: bool = True
+    ) -> None:
         """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``."""
         for block, view in self._blocks(out.view(-1)):
-            self._draw_(view, sample, index, block)
+            self._draw_(view, sample, index, block, signs)
 
     def _apply_direction_(
         self,
@@ -317,8 +326,12 @@ class SPSA(GradEstimator):
         """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
         c = self.perturbation
         for index, _, grad in entries:
-            self._fill_direction_(grad, 0, index)
+            self._fill_direction_(grad, 0, index, signs=False)
         buckets = self._buckets(entries)
+        if self.distribution == "rademacher":  # bits b → signs 2b − 1, exactly
+            for _, _, grads in buckets:
+                torch._foreach_mul_(grads, 2.0)
+                torch._foreach_sub_(grads, 1.0)
 
         def shift(scale: float) -> None:
             with torch.no_grad():
