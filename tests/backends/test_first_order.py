@@ -1,0 +1,506 @@
+"""Lamb, AdaBelief and ALTO against float64 references written here from the formulas.
+
+The references are plain per-tensor Python with the paper's two-buffer replacement
+(``a`` and ``g_{k-1}``), bias corrections as ``1-β^k`` and the trust ratio
+``φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖))``; nothing is shared with ``backends.first_order``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import backends
+from adaptor import Autograd, explore
+from backends.first_order import ALTO, AdaBelief, Lamb, param_groups_for
+from tests.probes import host_read_probe
+
+SHAPES = [(7, 5), (5,), (3, 2, 4), (), (4,)]
+STEPS = 7
+F64 = dict(rtol=1e-9, atol=1e-12)
+
+
+def initial(dtype=torch.float64, shapes=SHAPES, zero_last=True):
+    generator = torch.Generator().manual_seed(0)
+    theta = [torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
+    if zero_last:
+        theta[-1].zero_()  # a zero tensor: φ(0) = ε₃ makes its step tiny
+    return theta
+
+
+def grad_fn(theta, step):
+    """∇ of Σ (θ - t_k)² + 0.1·cos θ, with targets t_k that change with the step."""
+    generator = torch.Generator().manual_seed(100 + step)
+    grads = []
+    for t in theta:
+        target = torch.randn(t.shape, generator=generator, dtype=t.dtype)
+        grads.append(2.0 * (t - target) - 0.1 * torch.sin(t))
+    return grads
+
+
+def run(factory, theta0, steps=STEPS, skip=(), clip=None):
+    """Our optimizer on fixed gradient functions; ``(step, i)`` in ``skip``: grad is None."""
+    params = [t.clone().requires_grad_() for t in theta0]
+    optimizer = factory(params)
+    for step in range(steps):
+        grads = grad_fn([p.detach() for p in params], step)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (step, i) in skip else g.clone()
+        optimizer.step()
+    return [p.detach() for p in params], optimizer
+
+
+def clip_coefficient(grads, max_norm):
+    total = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    return min(1.0, max_norm / (total + 1e-6))
+
+
+def reference_lamb(
+    theta0, *, lr, betas, eps=1e-6, trust_eps=1e-6, norm_eps=1e-10, weight_decay=0.0,
+    bias_correction=True, layer_adaptation=True, trust_clip=None, alpha=0.0, beta=0.0,
+    max_grad_norm=None, steps=STEPS, skip=(),
+):
+    """Algorithm 2 of the paper (Lamb when α = 0), two-buffer replacement, float64."""
+    beta2, beta3 = betas
+    theta = [t.clone() for t in theta0]
+    zeros = lambda: [torch.zeros_like(t) for t in theta]  # noqa: E731
+    m, v, a, g_prev = zeros(), zeros(), zeros(), zeros()
+    k = [0] * len(theta)
+    for step in range(steps):
+        grads = grad_fn(theta, step)
+        live = [i for i in range(len(theta)) if (step, i) not in skip]
+        if max_grad_norm is not None:
+            coefficient = clip_coefficient([grads[i] for i in live], max_grad_norm)
+            grads = [g * coefficient for g in grads]
+        for i in live:
+            g = grads[i]
+            a[i] = beta * a[i] + (1 - beta) * (g - g_prev[i])
+            g_prev[i] = g
+            g_tilde = g + alpha * a[i]
+            k[i] += 1
+            m[i] = beta2 * m[i] + (1 - beta2) * g_tilde
+            v[i] = beta3 * v[i] + (1 - beta3) * g_tilde * g_tilde
+            m_hat, v_hat = m[i], v[i]
+            if bias_correction:
+                m_hat = m[i] / (1 - beta2 ** k[i])
+                v_hat = v[i] / (1 - beta3 ** k[i])
+            r = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * theta[i]
+            ratio = 1.0
+            if layer_adaptation:
+                phi = float(torch.linalg.vector_norm(theta[i])) + norm_eps
+                ratio = phi / (float(torch.linalg.vector_norm(r)) + trust_eps * phi)
+                if trust_clip is not None:
+                    ratio = min(max(ratio, trust_clip[0]), trust_clip[1])
+            theta[i] = theta[i] - lr * ratio * r
+    return theta
+
+
+def reference_adabelief(
+    theta0, *, lr, betas, eps, weight_decay, decoupled, steps=STEPS, skip=()
+):
+    beta1, beta2 = betas
+    theta = [t.clone() for t in theta0]
+    m = [torch.zeros_like(t) for t in theta]
+    s = [torch.zeros_like(t) for t in theta]
+    k = [0] * len(theta)
+    for step in range(steps):
+        grads = grad_fn(theta, step)
+        for i in range(len(theta)):
+            if (step, i) in skip:
+                continue
+            g = grads[i]
+            if decoupled:
+                theta[i] = theta[i] * (1 - lr * weight_decay)
+            else:
+                g = g + weight_decay * theta[i]
+            k[i] += 1
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            s[i] = beta2 * s[i] + (1 - beta2) * (g - m[i]) ** 2 + eps
+            m_hat = m[i] / (1 - beta1 ** k[i])
+            s_hat = s[i] / (1 - beta2 ** k[i])
+            theta[i] = theta[i] - lr * m_hat / (torch.sqrt(s_hat) + eps)
+    return theta
+
+
+def assert_all_close(actual, expected, **tolerance):
+    for i, (x, y) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(x, y, msg=lambda msg, i=i: f"parameter {i}: {msg}", **tolerance)
+
+
+BIG_EPS = dict(eps=1e-2, trust_eps=1e-2, norm_eps=1e-3)  # large enough to be seen
+SKIP = {(2, 1), (3, 1), (4, 2)}  # per-parameter step counters
+
+
+# -- Lamb ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "vanilla"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["wd0", "wd"])
+@pytest.mark.parametrize("epsilons", [{}, BIG_EPS], ids=["paper-eps", "big-eps"])
+def test_lamb_matches_reference(foreach, bias_correction, weight_decay, epsilons):
+    hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=weight_decay,
+              bias_correction=bias_correction, **epsilons)  # fmt: skip
+    theta0 = initial()
+    ours, _ = run(lambda p: Lamb(p, foreach=foreach, **hp), theta0, skip=SKIP)
+    assert_all_close(ours, reference_lamb(theta0, skip=SKIP, **hp), **F64)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_lamb_trust_clip_layer_adaptation_and_clipping(foreach):
+    theta0 = initial()
+    hp = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.02, trust_clip=(0.5, 1.2),
+              max_grad_norm=0.7)  # fmt: skip
+    ours, _ = run(lambda p: Lamb(p, foreach=foreach, **hp), theta0)
+    assert_all_close(ours, reference_lamb(theta0, **hp), **F64)
+
+    hp = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.02, layer_adaptation=False)
+    ours, _ = run(lambda p: Lamb(p, foreach=foreach, **hp), theta0)
+    assert_all_close(ours, reference_lamb(theta0, **hp), **F64)
+
+
+def test_reference_is_sensitive_to_each_epsilon():
+    """The references can tell where each ε goes (so the tests above can fail)."""
+    theta0 = initial()
+    hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.05, **BIG_EPS)
+    ours, _ = run(lambda p: Lamb(p, **hp), theta0)
+    for key in ("eps", "trust_eps", "norm_eps"):
+        moved = reference_lamb(theta0, **{**hp, key: hp[key] * 2})
+        assert any(not torch.allclose(x, y, **F64) for x, y in zip(ours, moved)), key
+
+
+# -- ALTO ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "vanilla"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2], ids=["wd0", "wd"])
+@pytest.mark.parametrize(("alpha", "beta"), [(-5.0, 0.9), (0.5, 0.3)], ids=["explore", "exploit"])
+def test_alto_matches_reference(foreach, bias_correction, weight_decay, alpha, beta):
+    hp = dict(lr=0.02, weight_decay=weight_decay, bias_correction=bias_correction,
+              alpha=alpha, **BIG_EPS)  # fmt: skip
+    theta0 = initial()
+    ours, _ = run(
+        lambda p: ALTO(p, betas=(beta, 0.8, 0.95), foreach=foreach, **hp), theta0, skip=SKIP
+    )
+    expected = reference_lamb(theta0, betas=(0.8, 0.95), beta=beta, skip=SKIP, **hp)
+    assert_all_close(ours, expected, **F64)
+
+
+@given(
+    beta=st.floats(0.0, 0.99),
+    alpha_fraction=st.floats(-0.95, 0.95),
+    beta2=st.floats(0.0, 0.999),
+    beta3=st.floats(0.0, 0.999),
+    lr=st.floats(1e-4, 0.1),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.1]),
+    bias_correction=st.booleans(),
+    max_grad_norm=st.sampled_from([None, 1.0]),
+)
+def test_alto_matches_reference_for_any_admissible_hyperparameters(
+    beta, alpha_fraction, beta2, beta3, lr, weight_decay, bias_correction, max_grad_norm
+):
+    alpha = alpha_fraction / (1 - beta)
+    hp = dict(lr=lr, weight_decay=weight_decay, bias_correction=bias_correction, alpha=alpha,
+              max_grad_norm=max_grad_norm)  # fmt: skip
+    theta0 = initial(zero_last=False)
+    ours, _ = run(lambda p: ALTO(p, betas=(beta, beta2, beta3), **hp), theta0, steps=5)
+    expected = reference_lamb(theta0, betas=(beta2, beta3), beta=beta, steps=5, **hp)
+    assert_all_close(ours, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_alto_equals_explored_lamb():
+    """ALTO is ``explore(Autograd(), Lamb(...))`` with the same settings (float32)."""
+    theta0 = initial(torch.float32)
+    for bias_correction in (True, False):
+        hp = dict(lr=0.02, weight_decay=1e-3, bias_correction=bias_correction)
+
+        def alto(p, hp=hp):
+            return ALTO(p, betas=(0.9, 0.8, 0.95), alpha=-4.0, **hp)
+
+        def explored_lamb(p, hp=hp):
+            return explore(Autograd(), Lamb(p, betas=(0.8, 0.95), **hp), alpha=-4.0, beta=0.9)
+
+        ours, _ = run(alto, theta0)
+        explored, _ = run(explored_lamb, theta0)
+        assert_all_close(ours, explored, rtol=1e-6, atol=1e-7)
+
+
+def test_alto_state_is_exactly_three_parameter_sized_buffers():
+    theta0 = initial(torch.float32)
+    _, optimizer = run(lambda p: ALTO(p), theta0, steps=2)
+    for p in optimizer.param_groups[0]["params"]:
+        state = optimizer.state[p]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq", "explore_buffer"}
+        assert state["step"].dim() == 0 and state["step"].device == p.device
+        for key in ("exp_avg", "exp_avg_sq", "explore_buffer"):
+            assert state[key].shape == p.shape and state[key].dtype == p.dtype
+    assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"],
+                       torch.tensor(2.0))  # fmt: skip
+
+
+def test_alto_leaves_the_replaced_gradient_in_grad():
+    p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    optimizer = ALTO([p], betas=(0.9, 0.9, 0.99), alpha=-5.0)
+    p.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    optimizer.step()
+    # g̃_1 = g_1 + α(1-β)g_1
+    torch.testing.assert_close(p.grad, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_alto_matches_the_reference_package_up_to_its_epsilons():
+    """e-optimizer-adaptor's ALTO: ratio ‖θ‖/‖r‖ (no ε₂, ε₃), clipping at 1.0 always."""
+    from ALTO import ALTO as ReferenceALTO
+
+    theta0 = initial(zero_last=False)
+    hp = dict(lr=0.02, betas=(0.99, 0.9, 0.99), weight_decay=1e-2)
+    ours, _ = run(
+        lambda p: ALTO(p, alpha=-5.0, eps=1e-6, trust_eps=1e-30, norm_eps=1e-30,
+                       max_grad_norm=1.0, **hp),
+        theta0,
+    )  # fmt: skip
+    theirs, _ = run(lambda p: ReferenceALTO(p, alp=-5.0, eps=1e-6, **hp), theta0)
+    assert_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_alto_checks_alpha_at_every_step_before_changing_anything():
+    theta0 = initial(torch.float32)
+    params, optimizer = run(lambda p: ALTO(p), theta0, steps=2)
+    optimizer.param_groups[0]["alpha"] = -200.0
+    before = [p.clone() for p in params]
+    state_before = copy.deepcopy(optimizer.state_dict()["state"])
+    for p, g in zip(optimizer.param_groups[0]["params"], grad_fn(params, 2)):
+        p.grad = g
+    with pytest.raises(ValueError, match=r"\|alpha\| < 1/\(1-beta\)"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, state_before[index][key])
+
+
+# -- AdaBelief -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["wd0", "wd"])
+@pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled", "coupled"])
+@pytest.mark.parametrize("eps", [1e-16, 1e-3])
+def test_adabelief_matches_reference(foreach, weight_decay, decoupled, eps):
+    hp = dict(lr=0.03, betas=(0.8, 0.95), eps=eps, weight_decay=weight_decay)
+    theta0 = initial()
+    ours, _ = run(
+        lambda p: AdaBelief(p, decoupled_weight_decay=decoupled, foreach=foreach, **hp),
+        theta0, skip=SKIP,
+    )  # fmt: skip
+    expected = reference_adabelief(theta0, decoupled=decoupled, skip=SKIP, **hp)
+    assert_all_close(ours, expected, **F64)
+
+
+def test_adabelief_coupled_weight_decay_leaves_grad_alone():
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    optimizer = AdaBelief([p], weight_decay=0.5, decoupled_weight_decay=False)
+    p.grad = torch.full((3,), 2.0, dtype=torch.float64)
+    optimizer.step()
+    assert torch.equal(p.grad, torch.full((3,), 2.0, dtype=torch.float64))
+
+
+# -- everything ------------------------------------------------------------------------------
+
+ALL = [
+    pytest.param(lambda p, **kw: Lamb(p, lr=0.01, weight_decay=0.01, **kw), id="Lamb"),
+    pytest.param(lambda p, **kw: ALTO(p, lr=0.01, **kw), id="ALTO"),
+    pytest.param(lambda p, **kw: AdaBelief(p, lr=0.01, weight_decay=0.01, **kw), id="AdaBelief"),
+]
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_complex_parameters_are_updated_as_their_real_views(make):
+    generator = torch.Generator().manual_seed(3)
+    z0 = torch.randn(4, 3, dtype=torch.complex128, generator=generator)
+    z = z0.clone().requires_grad_()
+    x = torch.view_as_real(z0).clone().requires_grad_()
+    opt_z, opt_x = make([z]), make([x])
+    for step in range(4):
+        (g,) = grad_fn([torch.view_as_real(z.detach())], step)
+        z.grad = torch.view_as_complex(g.clone())
+        x.grad = g.clone()
+        opt_z.step()
+        opt_x.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), x.detach(), **F64)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_sparse_gradients_raise_before_anything_changes(make):
+    dense = torch.randn(5, 2, requires_grad=True)
+    embedding = torch.randn(5, 2, requires_grad=True)
+    optimizer = make([dense, embedding])
+    dense.grad = torch.ones(5, 2)
+    embedding.grad = torch.sparse_coo_tensor([[0, 3]], torch.ones(2, 2), (5, 2))
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+    assert torch.equal(dense.detach(), before)
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_closure_runs_with_grad_enabled(make):
+    p = torch.randn(3, requires_grad=True)
+    optimizer = make([p])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = optimizer.step(closure)
+    assert loss.requires_grad and p.grad is not None
+
+
+OPTIONS = [
+    pytest.param(lambda p: Lamb(p, max_grad_norm=1.0, trust_clip=(0.1, 10.0)), id="Lamb-clips"),
+    pytest.param(lambda p: Lamb(p, bias_correction=False, foreach=False), id="Lamb-single"),
+    pytest.param(lambda p: Lamb(p, layer_adaptation=False, lr=torch.tensor(0.01)), id="Lamb-lr"),
+    pytest.param(lambda p: ALTO(p, max_grad_norm=1.0, foreach=False), id="ALTO-single-clip"),
+    pytest.param(lambda p: ALTO(p, bias_correction=False, trust_clip=(0, 5)), id="ALTO-vanilla"),
+    pytest.param(lambda p: ALTO(p, layer_adaptation=False), id="ALTO-no-adaptation"),
+    pytest.param(
+        lambda p: AdaBelief(p, weight_decay=0.1, decoupled_weight_decay=False),
+        id="AdaBelief-coupled",
+    ),
+    pytest.param(lambda p: AdaBelief(p, weight_decay=0.1, foreach=False), id="AdaBelief-single"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make", OPTIONS)
+def test_options_step_on_meta_and_without_host_reads(make):
+    meta = [torch.empty(s, device="meta").requires_grad_() for s in [(4, 3), (3,), ()]]
+    optimizer = make(meta)
+    for _ in range(2):
+        for p in meta:
+            p.grad = torch.empty_like(p)
+        optimizer.step()
+    theta0 = initial(torch.float32, zero_last=False)
+    params, optimizer = run(make, theta0, steps=2)
+    live = optimizer.param_groups[0]["params"]
+    for p, g in zip(live, grad_fn(params, 2)):
+        p.grad = g
+    with host_read_probe() as reads:
+        optimizer.step()
+    assert reads == []
+
+
+def test_meta_with_fused_requested_falls_back_to_foreach():
+    meta = [torch.empty(300, 300, device="meta").requires_grad_()]
+    for optimizer in (Lamb(meta, fused=True), ALTO(meta, fused=True)):
+        meta[0].grad = torch.empty_like(meta[0])
+        optimizer.step()
+
+
+def test_tensor_lr_equals_float_lr():
+    theta0 = initial(torch.float32)
+    a, _ = run(lambda p: ALTO(p, lr=torch.tensor(0.02)), theta0)
+    b, _ = run(lambda p: ALTO(p, lr=0.02), theta0)
+    assert_all_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_load_state_dict_puts_step_counters_on_the_parameter_device_and_dtype():
+    theta0 = initial()
+    params, optimizer = run(lambda p: Lamb(p), theta0, steps=2)
+    saved = optimizer.state_dict()
+    for entry in saved["state"].values():
+        entry["step"] = entry["step"].to(torch.float32)
+    fresh = Lamb([p.clone().requires_grad_() for p in params])
+    fresh.load_state_dict(saved)
+    for p in fresh.param_groups[0]["params"]:
+        assert fresh.state[p]["step"].dtype == torch.float64
+        assert fresh.state[p]["step"].device == p.device
+
+
+def test_fused_path_matches_foreach():
+    """The compiled path (opt-in on CPU) against the foreach one, float32 rounding."""
+    generator = torch.Generator().manual_seed(5)
+    theta0 = [torch.randn(300, 300, generator=generator), torch.randn(40, generator=generator)]
+    configurations = [
+        (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0)),
+        (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1)),
+    ]
+    for cls, hp in configurations:
+        fused, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=True, **hp), theta0, steps=4)
+        plain, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=False, **hp), theta0, steps=4)
+        assert_all_close(fused, plain, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(fused[0], theta0[0])
+
+
+# -- param groups ----------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.conv = nn.Conv1d(4, 4, 3, bias=False)
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+        self.ln = nn.LayerNorm(3)
+        self.head = nn.Linear(3, 2, bias=False)
+
+
+def test_param_groups_for_excludes_biases_and_norms():
+    net = Net()
+    groups = param_groups_for(net, weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    decayed = {id(p) for p in groups[0]["params"]}
+    excluded = {id(p) for p in groups[1]["params"]}
+    assert decayed == {id(net.embed.weight), id(net.conv.weight), id(net.fc.weight),
+                       id(net.head.weight)}  # fmt: skip
+    assert excluded == {id(net.bn.weight), id(net.bn.bias), id(net.fc.bias), id(net.ln.weight),
+                        id(net.ln.bias)}  # fmt: skip
+    assert "layer_adaptation" not in groups[1]
+
+    groups = param_groups_for(net, 0.1, exclude_from_layer_adaptation=True, exclude_norm=False,
+                              exclude=lambda name, p: name.startswith("embed"))  # fmt: skip
+    assert groups[1]["layer_adaptation"] is False
+    assert {id(p) for p in groups[1]["params"]} == {
+        id(net.embed.weight), id(net.bn.bias), id(net.fc.bias), id(net.ln.bias)
+    }
+    for make in (Lamb, ALTO, AdaBelief, backends.AdamW, backends.SGD):
+        optimizer = make(param_groups_for(net, 0.1, exclude_from_layer_adaptation=True), lr=0.1)
+        assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_param_groups_for_layer_adaptation_off_moves_zero_biases():
+    net = nn.Linear(3, 2)
+    nn.init.zeros_(net.bias)
+    x = torch.randn(8, 3)
+    for flag, moves in ((False, False), (True, True)):
+        model = copy.deepcopy(net)
+        optimizer = Lamb(param_groups_for(model, 0.01, exclude_from_layer_adaptation=flag), lr=0.1)
+        model(x).square().sum().backward()
+        optimizer.step()
+        assert (model.bias.abs().max() > 1e-3) == moves
+
+
+def test_param_groups_for_rejects_bad_input():
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        param_groups_for([torch.zeros(2)])
+    with pytest.raises(ValueError, match="weight_decay"):
+        param_groups_for(nn.Linear(2, 2), weight_decay=-1.0)
+
+
+def test_backends_exports_every_first_order_base():
+    assert backends.SGD is torch.optim.SGD
+    assert backends.Adam is torch.optim.Adam
+    assert backends.AdamW is torch.optim.AdamW
+    assert (backends.Lamb, backends.ALTO, backends.AdaBelief) == (Lamb, ALTO, AdaBelief)
+    assert backends.param_groups_for is param_groups_for
+    assert issubclass(ALTO, Lamb)
