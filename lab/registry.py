@@ -137,11 +137,11 @@ def _shampoo(model, lr, weight_decay, **_):
 SPECS: dict[str, Spec] = {
     spec.name: spec
     for spec in [
-        Spec("sgd", "SGD with heavy-ball momentum 0.9 (torch)", 0.05, 0.0, _sgd),
-        Spec("adam", "Adam (torch)", 1e-3, 0.0, _adam),
-        Spec("adamw", "AdamW, decoupled weight decay on weights (torch)", 1e-3, 1e-4, _adamw),
+        Spec("sgd", "SGD with heavy-ball momentum 0.9 (torch)", 0.1, 0.0, _sgd),
+        Spec("adam", "Adam (torch)", 3e-3, 0.0, _adam),
+        Spec("adamw", "AdamW, decoupled weight decay on weights (torch)", 3e-3, 1e-4, _adamw),
         Spec("lamb", "Lamb, layer-wise trust ratio", 1e-2, 1e-4, _lamb, "backends.first_order"),
-        Spec("adabelief", "AdaBelief", 1e-3, 0.0, _adabelief, "backends.first_order"),
+        Spec("adabelief", "AdaBelief", 3e-3, 0.0, _adabelief, "backends.first_order"),
         Spec(
             "alto",
             "ALTO: the paper's adapted Lamb (takes --alpha/--beta itself)",
@@ -151,12 +151,13 @@ SPECS: dict[str, Spec] = {
             "backends.first_order",
             takes_alpha=True,
         ),
-        Spec("muon", "Muon (matrices; AdamW for biases), RMS matched to AdamW", 1e-3, 0.0,
+        Spec("muon", "Muon (matrices; AdamW for biases), RMS matched to AdamW", 1e-2, 0.0,
              _muon, "backends.matrix", matrix=True),
-        Spec("shampoo", "Shampoo preconditioning", 1e-2, 0.0, _shampoo, "backends.second_order"),
-        Spec("spsa-sgd", "SPSA gradient estimate, SGD-momentum update", 1e-2, 0.0, _sgd,
+        Spec("shampoo", "Shampoo preconditioning, Adam grafting", 3e-3, 0.0, _shampoo,
+             "backends.second_order"),
+        Spec("spsa-sgd", "SPSA gradient estimate, SGD-momentum update", 1e-3, 0.0, _sgd,
              "backends.zeroth_order", zeroth_order=True),
-        Spec("spsa-adam", "SPSA gradient estimate, Adam update", 1e-3, 0.0, _adam,
+        Spec("spsa-adam", "SPSA gradient estimate, Adam update", 1e-2, 0.0, _adam,
              "backends.zeroth_order", zeroth_order=True),
     ]
 }
