@@ -166,14 +166,14 @@ class SPSA(GradEstimator):
     ) -> Tensor:
         """Fill ``out`` with block ``block`` of ``Δ`` for parameter ``index``, sample ``sample``.
 
-        Rademacher draws are Bernoulli(½) bits mapped to ``2b − 1``; with ``signs=False`` the
-        caller applies that map (with foreach ops over many tensors at once).
+        Rademacher draws are random bits ``b ∈ {0, 1}`` mapped to ``2b − 1``; with
+        ``signs=False`` the caller applies that map (foreach ops over many tensors at once).
         """
         generator = self._generator(out.device)
         generator.manual_seed(_mix(self.seed, self.step, sample, index, block))
         if self.distribution == "gaussian":
             return out.normal_(generator=generator)
-        out.bernoulli_(0.5, generator=generator)
+        out.random_(0, 2, generator=generator)
         return out.mul_(2.0).sub_(1.0) if signs else out
 
     def _fill_direction_(
