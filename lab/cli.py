@@ -148,13 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train E(optimizer) with each α and report the top "
                                       "Hessian eigenvalue of the training loss and the test "
                                       "accuracy (the paper's Figure 3 on a small scale).")
-    _add_training(flat, batch=1024, epochs=100, seeds=2, warmup=10.0)
+    _add_training(flat, batch=1024, epochs=150, seeds=3, warmup=10.0)
     flat.add_argument("--optimizer", default="adamw",
                       help="the base optimizer to adapt (default: adamw); alto also works")
     flat.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),
                       help="α values (default: -5 0 0.5)")
-    flat.add_argument("--beta", type=float, default=0.99,
-                      help="β shared by every α (default: 0.99, so only α changes)")
+    flat.add_argument("--beta", type=float, default=None,
+                      help="one β for every α (default: the paper's pairing, β = 0.99 for "
+                           "α <= 0 and β = 0.01 for α > 0)")
     flat.add_argument("--hessian-iters", type=_int_arg("hessian iterations", 1), default=50,
                       help="iterations of the top-eigenvalue solver (default: 50)")
     _add_common(flat, "flatness")
@@ -251,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `explore demo | head`: stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError,
             NotADirectoryError, ImportError) as error:
         if debug:

@@ -77,9 +77,10 @@ def path_lengths(landscape: Any, path: torch.Tensor) -> tuple[float, float]:
     """``(along the valley, total)``: see the module docstring."""
     steps = torch.linalg.vector_norm(path[1:] - path[:-1], dim=1)
     total = float(steps.sum())
-    grads = torch.stack([
-        torch.linalg.vector_norm(landscape.grad(point)) for point in path
-    ])
+    with torch.enable_grad():
+        leaf = path.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(landscape.loss(leaf).sum(), leaf)
+    grads = torch.linalg.vector_norm(grad, dim=1)  # the loss is per point: rows independent
     below = torch.nonzero(grads <= FLOOR_FRACTION * grads[0]).flatten()
     if below.numel() == 0:
         return 0.0, total

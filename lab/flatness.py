@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,6 +27,11 @@ from lab.tasks import Task, load_task
 from lab.train import TrainConfig, train
 
 DEFAULT_ALPHAS = (-5.0, 0.0, 0.5)
+
+
+def paired_beta(alpha: float) -> float:
+    """The paper's pairing: β = 0.99 with α ≤ 0 (explore), β = 0.01 with α > 0 (exploit)."""
+    return 0.01 if alpha > 0 else 0.99
 
 
 def explored_name(optimizer: str) -> str:
@@ -43,24 +47,19 @@ def explored_name(optimizer: str) -> str:
 
 
 def top_eigenvalue(model: nn.Module, task: Task, iters: int, seed: int) -> float:
-    """``λ_max`` of the Hessian of the mean cross-entropy over the whole training set."""
-    from theory.flatness import top_hessian_eigenvalue
+    """``λ_max`` of the Hessian of the mean cross-entropy over the whole training set
+    (Lanczos on Hessian-vector products, ``theory.flatness``)."""
+    from theory.flatness import model_top_eigenvalue
 
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn() -> torch.Tensor:
-        return F.cross_entropy(model(task.x_train), task.y_train)
-
-    generator = torch.Generator().manual_seed(seed)
-    value = top_hessian_eigenvalue(loss_fn, params, iters=iters, generator=generator)
-    return float(value)
+    return float(model_top_eigenvalue(model, F.cross_entropy, task.x_train, task.y_train,
+                                      iters=iters, seed=seed))
 
 
 def run_flatness(
     config: TrainConfig,
     optimizer: str,
     alphas: Sequence[float],
-    beta: float,
+    beta: float | None,
     seeds: Sequence[int],
     out: Path,
     *,
@@ -75,15 +74,19 @@ def run_flatness(
     name = explored_name(optimizer)
     if not alphas:
         raise ValueError("give at least one α")
+    if len(set(alphas)) != len(alphas):
+        raise ValueError(f"α values must be distinct, got {list(alphas)}")
+    betas = {a: paired_beta(a) if beta is None else float(beta) for a in alphas}
     for alpha in alphas:
-        registry.alpha_beta(config.batch_size, alpha, beta)
-    configs = {a: dataclasses.replace(config, alpha=float(a), beta=float(beta)) for a in alphas}
+        registry.alpha_beta(config.batch_size, alpha, betas[alpha])
+    configs = {a: dataclasses.replace(config, alpha=float(a), beta=betas[a]) for a in alphas}
     for c in configs.values():
         c.validate()
     out.mkdir(parents=True, exist_ok=True)
     tasks = {seed: load_task(config.task, seed) for seed in seeds}
     n_train = int(tasks[seeds[0]].x_train.shape[0])
-    print(f"explore flatness: {name} with β = {beta:g}; {describe(config, n_train, len(seeds))}",
+    shared = "β paired with α as in the paper" if beta is None else f"β = {beta:g}"
+    print(f"explore flatness: {name}, {shared}; {describe(config, n_train, len(seeds))}",
           file=stream)
 
     records: list[dict[str, Any]] = []
@@ -108,14 +111,14 @@ def run_flatness(
                 result = train(name, run_config, seed, task=tasks[seed], on_epoch=on_epoch,
                                model_hook=hook)
                 bar.update(config.epochs - len(result.curves["epoch"]))
-                records.append({**result.row(), "alpha": float(alpha), "beta": float(beta),
-                                "top_eig": measured["top_eig"]})
+                records.append({**result.row(), "alpha": float(alpha),
+                                "beta": betas[alpha], "top_eig": measured["top_eig"]})
     total = time.perf_counter() - started
 
     rows = []
     for alpha in alphas:
         mine = [r for r in records if r["alpha"] == float(alpha)]
-        row: dict[str, Any] = {"alpha": float(alpha), "beta": float(beta), "seeds": len(mine)}
+        row: dict[str, Any] = {"alpha": float(alpha), "beta": betas[alpha], "seeds": len(mine)}
         for key in ("top_eig", "test_acc", "train_loss"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[key] for r in mine])
         rows.append(row)
@@ -130,7 +133,8 @@ def run_flatness(
         "optimizer": name,
         "config": dataclasses.asdict(config),
         "alphas": [float(a) for a in alphas],
-        "beta": float(beta),
+        "beta": beta,
+        "betas": [betas[a] for a in alphas],
         "seeds": list(seeds),
         "hessian_iters": hessian_iters,
         "total_wall_time": total,
@@ -139,7 +143,7 @@ def run_flatness(
     }
     (out / "summary.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
     plots.flatness_bars(rows, out / "flatness.png",
-                        f"explore flatness — {name}, β = {beta:g}, {config.task}, batch "
+                        f"explore flatness — {name}, {shared}, {config.task}, batch "
                         f"{min(config.batch_size, n_train)}")
     print(f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'flatness.png'} "
           f"({total:.0f} s)", file=stream)
