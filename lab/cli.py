@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="optimizers × seeds on real data",
                              description="Train a small model with several optimizers and "
                                          "seeds; print mean ± std, write CSV, JSON and a plot.")
-    _add_training(compare, batch=1024, epochs=150, seeds=3, warmup=10.0)
+    _add_training(compare, batch=1024, epochs=150, seeds=5, warmup=10.0)
     compare.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
                          help="comma-separated names, each optionally name@lr (default: "
                               f"{DEFAULT_OPTIMIZERS}); see `explore optimizers`")

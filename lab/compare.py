@@ -20,7 +20,7 @@ from lab import plots, registry
 from lab.tasks import load_task
 from lab.train import REFERENCE_BATCH, RunResult, TrainConfig, effective_batch, train
 
-DEFAULT_OPTIMIZERS = "adamw,e-adamw,lamb,alto"
+DEFAULT_OPTIMIZERS = "sgd,e-sgd,adamw,e-adamw,lamb,alto"
 
 
 def parse_optimizers(text: str) -> list[tuple[str, float | None]]:
@@ -180,7 +180,8 @@ def run_compare(
     plots.loss_curves(
         {key: [r.curves for r in results] for key, results in runs.items()},
         out / "loss_curves.png",
-        f"explore compare — {describe(config, n_train, len(seeds))}",
+        "explore compare — dashed: base, solid: with the adaptor (alto = E over lamb); mean "
+        f"± std over seeds\n{describe(config, n_train, len(seeds))}",
     )
     print(
         f"wrote {out / 'results.csv'}, {out / 'summary.json'}, {out / 'loss_curves.png'} "

@@ -21,6 +21,16 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def family(name: str) -> str:
+    """The base an optimizer name adapts: ``e-adamw@0.01`` → ``adamw``, ``alto`` → ``lamb``."""
+    base = name.split("@")[0].removeprefix("e-")
+    return "lamb" if base == "alto" else base
+
+
+def is_explored(name: str) -> bool:
+    return name.startswith("e-") or name.split("@")[0] == "alto"
+
+
 def loss_curves(
     curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]]], path: Path, title: str
 ) -> Path:
@@ -28,14 +38,16 @@ def loss_curves(
 
     ``curves[name]`` is a list (one per seed) of ``{"epoch", "train_loss", "test_acc"}``.
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (name, runs), color in zip(curves.items(), _colors(len(curves))):
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2))
+    families = list(dict.fromkeys(family(name) for name in curves))
+    palette = dict(zip(families, _colors(len(families))))
+    for name, runs in curves.items():
         length = min(len(run["epoch"]) for run in runs)
         if length == 0:
             continue
         epochs = np.asarray(runs[0]["epoch"][:length])
-        explored = name.startswith("e-") or name.startswith("alto")
-        style = "-" if explored else "--"
+        color = palette[family(name)]
+        style = "-" if is_explored(name) else "--"
         for ax, key, scale in ((ax_loss, "train_loss", 1.0), (ax_acc, "test_acc", 100.0)):
             values = np.asarray([run[key][:length] for run in runs], dtype=float) * scale
             mean = values.mean(axis=0)
@@ -56,7 +68,7 @@ def loss_curves(
     ax_acc.legend(fontsize=8, loc="lower right")
     ax_loss.grid(alpha=0.3, which="both")
     ax_acc.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
