@@ -163,9 +163,10 @@ class _FirstOrder(Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
-            if not state:
+            if "step" not in state:
                 state["step"] = torch.zeros((), dtype=_step_dtype(p), device=p.device)
-                for key in self._state_keys:
+            for key in self._state_keys:
+                if key not in state:  # new, or loaded from a state dict without it
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             lists[0].append(_real_view(p))
             lists[1].append(_real_view(p.grad))
@@ -352,6 +353,23 @@ def _lamb_apply(
     p.copy_(p - (lr * ratio) * r)
 
 
+_bounds: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+
+def _clip_bounds(trust_clip: tuple[float, float] | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The clamp's bounds as 0-d tensors (float bounds would be specialised into the graph),
+    made once per device, dtype and value (no host-to-device copy per step)."""
+    low, high = (0.0, math.inf) if trust_clip is None else tuple(map(float, trust_clip))
+    key = (like.device, like.dtype, low, high)
+    bounds = _bounds.get(key)
+    if bounds is None:
+        if len(_bounds) > 64:
+            _bounds.clear()
+        pair = torch.tensor((low, high), dtype=like.dtype, device=like.device)
+        bounds = _bounds[key] = (pair[0], pair[1])
+    return bounds
+
+
 def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
@@ -390,11 +408,7 @@ def _lamb_fused(
             pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
             None if buffers is None else pick(buffers), pick(steps), **hp,
         )
-    # The clamp's bounds as 0-d tensors: float bounds would be specialised into the graph.
-    low, high = torch.tensor(
-        hp["trust_clip"] if hp["trust_clip"] is not None else (0.0, math.inf),
-        dtype=params[0].dtype, device=params[0].device,
-    ).unbind(0)
+    low, high = _clip_bounds(hp["trust_clip"], params[0])
     beta2, beta3 = hp["beta2"], hp["beta3"]
     bias2, bias3 = (_log(beta2), _log(beta3)) if hp["bias_correction"] else (-math.inf, -math.inf)
     tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
