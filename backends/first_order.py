@@ -14,7 +14,7 @@ device, bias corrections and trust ratios are computed as tensors. Every step ru
 Lamb and ALTO also have a compiled path (``fused=True``; the default on CUDA, opt-in on CPU
 because the first step compiles for tens of seconds): two ``torch.compile``\d passes per
 large tensor (moments, replacement and the two squared norms in the first; the update in the
-second) instead of some twenty foreach passes; small tensors still take the foreach path.
+second) instead of some fifteen foreach passes; small tensors still take the foreach path.
 
 ``SGD``, ``Adam`` and ``AdamW`` are torch's own, re-exported so that one import gives every
 first-order base.
@@ -311,7 +311,7 @@ def _lamb_single(
 
 # The compiled path: pass 1 updates the moments (and the replacement) in place and returns
 # ‖r‖² and ‖θ‖²; pass 2 recomputes r from the new moments and applies the trust-ratio step.
-# Each reads and writes every tensor once, where the foreach chain needs some twenty passes.
+# Each reads and writes every tensor once, where the foreach chain needs some fifteen passes.
 
 
 def _lamb_direction(p, m, v, k, bias2, bias3, eps, weight_decay):
@@ -583,8 +583,20 @@ class ALTO(Lamb):
     Defaults are the paper's for batches ≥ 1K: ``betas=(β, β₂, β₃) = (0.99, 0.9, 0.99)``,
     ``alpha=-5``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient clipping
     (``max_grad_norm=1.0`` reproduces the reference code's clipping, which happens before
-    the replacement, so ``a`` is built from clipped gradients). For batches < 1K the paper
-    uses ``alpha=0.5`` and β = 0.01.
+    the replacement, so ``a`` is built from clipped gradients; ``explore(Autograd(),
+    Lamb(..., max_grad_norm=1.0))`` clips ``g̃`` instead). For batches < 1K the paper uses
+    ``alpha=0.5`` and β = 0.01. The three epsilons are separate arguments: ``eps`` (ε₁),
+    ``trust_eps`` (ε₂), ``norm_eps`` (ε₃). Changing β (``betas[0]``) mid-run applies to the
+    buffer formed under the old β, as in the adaptor.
+
+    Unlike the reference package's ``ALTO``: the trust ratio has ε₂ and ε₃ (the reference
+    uses ‖θ‖/‖r‖, or 1 where a norm is 0; set both tiny to come close), it is applied to
+    every group (the reference applies it only where weight decay ≠ 0;
+    use :func:`param_groups_for` with ``exclude_from_layer_adaptation=True`` for that),
+    no clipping unless asked, no host reads, and 3 buffers instead of 6.
+
+    On CPU pass ``fused=True`` for models with large tensors: the foreach chain is memory
+    bound (some fifteen passes over every tensor), the compiled one makes two.
 
     Args:
         betas: (β, β₂, β₃): the persistence factor of the replacement and Lamb's two
