@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train E(optimizer) with each α and report the top "
                                       "Hessian eigenvalue of the training loss and the test "
                                       "accuracy (the paper's Figure 3 on a small scale).")
-    _add_training(flat, batch=1024, epochs=150, seeds=3, warmup=10.0)
+    _add_training(flat, batch=1024, epochs=150, seeds=5, warmup=10.0)
     flat.add_argument("--optimizer", default="adamw",
                       help="the base optimizer to adapt (default: adamw); alto also works")
     flat.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),

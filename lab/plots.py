@@ -126,7 +126,7 @@ def trajectories(
 
 def flatness_bars(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     """Top Hessian eigenvalue and test accuracy for each α (mean ± std over seeds)."""
-    labels = [f"α = {row['alpha']:g}, β = {row['beta']:g}" for row in rows]
+    labels = [f"α = {row['alpha']:g}\nβ = {row['beta']:g}" for row in rows]
     fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(8, 3.4))
     colors = _colors(len(rows))
     ax_h.bar(labels, [r["top_eig_mean"] for r in rows], yerr=[r["top_eig_std"] for r in rows],
