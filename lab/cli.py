@@ -202,11 +202,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "optimizers":
         from lab import registry
+        from lab.train import REFERENCE_BATCH
 
         for name in registry.available():
             spec, explored = registry.resolve(name)
             what = f"the adaptor E over {spec.name}" if explored else spec.summary
-            print(f"{name:14s} lr {spec.lr:<8g} {what}")
+            print(f"{name:14s} lr {spec.lr:<7g} at batch {REFERENCE_BATCH}  {what}")
         return 0
 
     if args.command == "compare":
