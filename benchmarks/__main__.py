@@ -11,7 +11,7 @@ import sys
 import torch
 
 from benchmarks import suites
-from benchmarks.harness import run_suite
+from benchmarks.harness import MODELS, run_suite
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--suite", action="append", choices=available,
                         help="suite to run (repeatable; default: all)")
-    parser.add_argument("--model", action="append", choices=["mlp16m", "small200"],
-                        help="model to run (repeatable; default: both)")
+    parser.add_argument("--model", action="append", choices=list(MODELS),
+                        help="model to run (repeatable; default: every model a suite lists)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="also write the results to this file")
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.suite or available:
         suite = importlib.import_module(f"benchmarks.suites.{name}").SUITE
-        results += run_suite(suite, args.model or ["mlp16m", "small200"], args.warmup, args.repeats)
+        results += run_suite(suite, args.model or list(MODELS), args.warmup, args.repeats)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -40,8 +40,12 @@ class Suite:
     notes: list[str] = field(default_factory=list)
 
 
+MODELS = ("mlp16m", "small200", "many64")
+
+
 def build_model(name: str) -> nn.Module:
-    """``mlp16m``: ~16.8M parameters in 8 tensors; ``small200``: 200 small tensors (~0.2M)."""
+    """``mlp16m``: ~16.8M parameters in 8 tensors; ``small200``: 200 small tensors (~0.2M);
+    ``many64``: 200 same-shaped 64×64 matrices (batching matters there)."""
     torch.manual_seed(0)
     if name == "mlp16m":
         return nn.Sequential(
@@ -52,7 +56,9 @@ def build_model(name: str) -> nn.Module:
         )
     if name == "small200":
         return nn.Sequential(*[nn.Linear(32, 32) for _ in range(100)])
-    raise ValueError(f"unknown benchmark model {name!r}; choose mlp16m or small200")
+    if name == "many64":
+        return nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(200)])
+    raise ValueError(f"unknown benchmark model {name!r}; choose one of {MODELS}")
 
 
 def model_params(name: str) -> list[torch.Tensor]:

@@ -3,22 +3,16 @@
 Every row gets the same parameter set: the matrices of the model (torch.optim.Muon accepts
 2-D parameters only), Newton–Schulz in bfloat16 everywhere (torch's is fixed to bfloat16).
 
-``python -m benchmarks --suite matrix`` runs the harness's models (``mlp16m``: 4 large
-matrices; ``small200``: 100 same-shaped 32×32 matrices). ``python -m benchmarks.suites.matrix``
-also runs ``many64``, 200 same-shaped 64×64 matrices, a model the harness does not know yet.
+``python -m benchmarks --suite matrix`` runs ``mlp16m`` (4 large matrices), ``small200``
+(100 same-shaped 32×32 matrices) and ``many64`` (200 same-shaped 64×64 matrices).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
-from torch import nn
 
 from adaptor import E
 from backends.matrix import Muon
-from benchmarks import harness
 from benchmarks.harness import Row, Suite
 
 LR = 0.02
@@ -58,34 +52,3 @@ SUITE = Suite(
         "state B/param B is per byte of all the model's parameters (biases included)",
     ],
 )
-
-
-def _build_model(name: str) -> nn.Module:
-    """``many64``: 200 same-shaped 64×64 matrices (no biases); other names: the harness's."""
-    if name == "many64":
-        torch.manual_seed(0)
-        return nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(200)])
-    return _harness_build_model(name)
-
-
-_harness_build_model = harness.build_model
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run this suite on its three models (a local stand-in until the harness has many64)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.matrix")
-    parser.add_argument("--model", action="append", choices=list(SUITE.models))
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    harness.build_model = _build_model
-    try:
-        harness.run_suite(SUITE, args.model or list(SUITE.models), args.warmup, args.repeats)
-    finally:
-        harness.build_model = _harness_build_model
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
