@@ -50,6 +50,11 @@ def _mix(*values: int) -> int:
     return state
 
 
+def _block_seed(sample_seed: int, index: int, block: int) -> int:
+    """The seed of block ``block`` of parameter ``index``, from ``mix(seed, step, sample)``."""
+    return _mix(sample_seed ^ ((index << 24) & _MASK64), block)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -83,8 +88,8 @@ class SPSA(GradEstimator):
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
-    from a ``torch.Generator`` on the parameter's device seeded with
-    ``mix(seed, step, sample, i, j)``. The whole random state is two Python integers,
+    from a ``torch.Generator`` on the parameter's device seeded with a SplitMix64 hash of
+    ``(seed, step, sample, i, j)``. The whole random state is two Python integers,
     ``seed`` and ``step`` (:meth:`state_dict`); the explored optimizer saves it under
     ``explore_estimator``, so a resumed run draws the same directions. Seeding a generator is
     host-side; no device value is ever read.
@@ -161,27 +166,28 @@ class SPSA(GradEstimator):
             for j, start in enumerate(range(0, flat.numel(), self.chunk))
         ]
 
-    def _draw_(
-        self, out: Tensor, sample: int, index: int, block: int, signs: bool = True
-    ) -> Tensor:
-        """Fill ``out`` with block ``block`` of ``Δ`` for parameter ``index``, sample ``sample``.
+    def _sample_seed(self, sample: int) -> int:
+        return _mix(self.seed, self.step, sample)
+
+    def _draw_(self, out: Tensor, seed: int, signs: bool = True) -> Tensor:
+        """Fill ``out`` with one block of ``Δ``, drawn from a generator seeded with ``seed``.
 
         Rademacher draws are random bits ``b ∈ {0, 1}`` mapped to ``2b − 1``; with
-        ``signs=False`` the caller applies that map (foreach ops over many tensors at once).
+        ``signs=False`` the caller applies that map (one op over many tensors at once).
         """
         generator = self._generator(out.device)
-        generator.manual_seed(_mix(self.seed, self.step, sample, index, block))
+        generator.manual_seed(seed)
         if self.distribution == "gaussian":
             return out.normal_(generator=generator)
         out.random_(0, 2, generator=generator)
         return out.mul_(2.0).sub_(1.0) if signs else out
 
     def _fill_direction_(
-        self, out: Tensor, sample: int, index: int, signs: bool = True
+        self, out: Tensor, sample_seed: int, index: int, signs: bool = True
     ) -> None:
         """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``."""
         for block, view in self._blocks(out.view(-1)):
-            self._draw_(view, sample, index, block, signs)
+            self._draw_(view, _block_seed(sample_seed, index, block), signs)
 
     def _apply_direction_(
         self,
@@ -194,43 +200,75 @@ class SPSA(GradEstimator):
         """``θ += scale·Δ_s`` from ``Δ_s`` regenerated block by block (``samples > 1``).
 
         With ``weight`` (the sample's ``(f₊−f₋)/(2cn)``) also ``g += weight·Δ_s``
-        (``g = weight·Δ_s`` when ``first``), from the same regenerated blocks. A
-        non-contiguous parameter gets a scratch of its own size (its blocks are not views).
+        (``g = weight·Δ_s`` when ``first``), from the same regenerated blocks. Parameters
+        of at most ``chunk`` elements are packed into one scratch of ``chunk`` elements and
+        updated with foreach ops; larger ones go block by block through a scratch of
+        ``chunk`` elements. A non-contiguous parameter gets a scratch of its own size.
         """
+        sample_seed = self._sample_seed(sample)
+        packs: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Tensor]]] = {}
         scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        for index, p, grad in entries:
-            w = None if weight is None else _on(weight, p.device)
-            if p.is_contiguous():
-                key = (p.device, p.dtype)
-                size = min(p.numel(), self.chunk)
-                buffer = scratch.get(key)
-                if buffer is None or buffer.numel() < size:
-                    buffer = scratch[key] = torch.empty(size, device=p.device, dtype=p.dtype)
-                pairs = [
-                    (block, p_view, g_view)
-                    for (block, p_view), (_, g_view) in zip(
-                        self._blocks(p.view(-1)), self._blocks(grad.view(-1))
-                    )
+
+        def buffer_for(key: tuple[torch.device, torch.dtype]) -> Tensor:
+            buffer = scratch.get(key)
+            if buffer is None:
+                sizes = [
+                    min(p.numel(), self.chunk) for _, p, _ in entries
+                    if (p.device, p.dtype) == key and p.is_contiguous()
                 ]
+                total = min(self.chunk, sum(sizes))
+                buffer = scratch[key] = torch.empty(total, device=key[0], dtype=key[1])
+            return buffer
+
+        def update(p_views, g_views, delta_views, region: Tensor) -> None:
+            """θ += scale·Δ; then, with a weight, g (+)= weight·Δ (Δ scaled in ``region``)."""
+            torch._foreach_add_(p_views, delta_views, alpha=scale)
+            if weight is None:
+                return
+            region.mul_(_on(weight, region.device))
+            if first:
+                torch._foreach_copy_(g_views, delta_views)
             else:
-                buffer = torch.empty(p.numel(), device=p.device, dtype=p.dtype)
-                self._fill_direction_(buffer, sample, index)
-                pairs = [(-1, p, grad.view(-1))]
-            for block, p_view, g_view in pairs:
-                if block < 0:  # whole non-contiguous parameter, already drawn
-                    delta = buffer
-                    p_view.add_(delta.view(p.shape), alpha=scale)
-                else:
-                    delta = self._draw_(buffer[: p_view.numel()], sample, index, block)
-                    p_view.add_(delta, alpha=scale)
-                if w is None:
-                    continue
-                if first:
-                    torch.mul(delta, w, out=g_view)
-                elif isinstance(w, Tensor):
-                    g_view.addcmul_(delta, w)
-                else:
-                    g_view.add_(delta, alpha=w)
+                torch._foreach_add_(g_views, delta_views)
+
+        def flush(key: tuple[torch.device, torch.dtype]) -> None:
+            items = packs.pop(key, [])
+            packed.pop(key, None)
+            if not items:
+                return
+            buffer, used, views = buffer_for(key), 0, []
+            for index, p, _ in items:
+                view = buffer[used : used + p.numel()]
+                self._draw_(view, _block_seed(sample_seed, index, 0), signs=False)
+                views.append(view.view(p.shape))
+                used += p.numel()
+            region = buffer[:used]
+            if self.distribution == "rademacher":
+                region.mul_(2.0).sub_(1.0)
+            update([p for _, p, _ in items], [g for _, _, g in items], views, region)
+
+        packed: dict[tuple[torch.device, torch.dtype], int] = {}
+        for index, p, grad in entries:
+            key = (p.device, p.dtype)
+            if p.is_contiguous() and p.numel() <= self.chunk:
+                if packed.get(key, 0) + p.numel() > self.chunk:
+                    flush(key)
+                packs.setdefault(key, []).append((index, p, grad))
+                packed[key] = packed.get(key, 0) + p.numel()
+            elif p.is_contiguous():
+                buffer = buffer_for(key)
+                for (block, p_view), (_, g_view) in zip(
+                    self._blocks(p.view(-1)), self._blocks(grad.view(-1))
+                ):
+                    delta = buffer[: p_view.numel()]
+                    self._draw_(delta, _block_seed(sample_seed, index, block))
+                    update([p_view], [g_view], [delta], delta)
+            else:
+                delta = torch.empty(p.shape, device=p.device, dtype=p.dtype)
+                self._fill_direction_(delta, sample_seed, index)
+                update([p], [grad], [delta], delta)
+        for key in list(packs):
+            flush(key)
 
     # -- the estimate ----------------------------------------------------------------
 
@@ -325,8 +363,9 @@ class SPSA(GradEstimator):
     ) -> Tensor | float:
         """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
         c = self.perturbation
+        sample_seed = self._sample_seed(0)
         for index, _, grad in entries:
-            self._fill_direction_(grad, 0, index, signs=False)
+            self._fill_direction_(grad, sample_seed, index, signs=False)
         buckets = self._buckets(entries)
         if self.distribution == "rademacher":  # bits b → signs 2b − 1, exactly
             for _, _, grads in buckets:
