@@ -69,8 +69,8 @@ class SPSA(GradEstimator):
     written into ``p.grad`` (overwritten, not accumulated) of every parameter of the param
     groups with ``requires_grad=True``; frozen parameters are neither perturbed nor given a
     gradient. The closure only computes the loss; it runs under ``torch.no_grad()`` and
-    may return a 0-d (or one-element) tensor or a Python number. With the paper's
-    ``E[ΔΔᵀ] = I`` the estimate is unbiased up to ``O(c²)`` (exactly for a quadratic);
+    may return a 0-d (or one-element) tensor or a Python number. Since ``E[ΔΔᵀ] = I``
+    the estimate is unbiased up to ``O(c²)`` (exactly for a quadratic);
     its per-coordinate variance for one sample is ``‖∇f‖² − (∇f)ᵢ²`` (Rademacher) or
     ``‖∇f‖² + (∇f)ᵢ²`` (Gaussian), divided by ``n``.
 
@@ -84,7 +84,10 @@ class SPSA(GradEstimator):
     evaluate, ``θ += cΔ`` — and nothing of parameter size is stored. With ``samples=1``
     ``Δ`` is drawn straight into ``p.grad`` and scaled there: no temporary at all beyond the
     gradients themselves. With ``samples > 1`` the gradient accumulates, so ``Δ_s`` is
-    regenerated (three times per sample) into a scratch block of at most ``chunk`` elements.
+    regenerated (three times per sample) into scratch of at most ``chunk`` elements per
+    (device, dtype): parameters up to ``chunk`` elements are packed into it together,
+    larger ones go through it block by block (a non-contiguous parameter needs a scratch of
+    its own size). The generic memory test records every allocation of a step.
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
