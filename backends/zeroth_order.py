@@ -87,7 +87,7 @@ class SPSA(GradEstimator):
     regenerated (three times per sample) into scratch of at most ``chunk`` elements per
     (device, dtype): parameters up to ``chunk`` elements are packed into it together,
     larger ones go through it block by block (a non-contiguous parameter needs a scratch of
-    its own size). The generic memory test records every allocation of a step.
+    its own size); tests/backends/test_zeroth_order.py records every allocation of a step.
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
