@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="model to run (repeatable; default: every model a suite lists)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: torch's); 1 gives steadier "
+                             "ratios on a loaded machine")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     results = []
     for name in args.suite or available:

@@ -73,8 +73,16 @@ def _collect() -> list[OptimizerInfo]:
     return infos
 
 
-OPTIMIZERS: list[OptimizerInfo] = _collect()
-EXPLORED = [info for info in OPTIMIZERS if info.base is not None]
+def __getattr__(name: str) -> Any:
+    # Collected on first use, not at import: an entry module may import this module first.
+    if name == "OPTIMIZERS":
+        value: Any = _collect()
+    elif name == "EXPLORED":
+        value = [info for info in __getattr__("OPTIMIZERS") if info.base is not None]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 # -- a small deterministic problem shared by the generic tests ------------------------------
