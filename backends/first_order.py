@@ -126,6 +126,19 @@ def _scale(values: Tensor, lr: float | Tensor) -> Tensor:
     return values * (-lr)
 
 
+def _divide_into(numerators: list[Tensor], denominators: list[Tensor]) -> list[Tensor]:
+    """``numerators / denominators``, written over the (temporary) denominators on CPU.
+
+    On CPU a fresh large tensor costs page faults that take longer than the division
+    itself; on other devices the caching allocator makes a new list free.
+    """
+    if denominators[0].device.type != "cpu":
+        return torch._foreach_div(numerators, denominators)
+    for n, d in zip(numerators, denominators):
+        torch.div(n, d, out=d)
+    return denominators
+
+
 class _FirstOrder(Optimizer):
     """What Lamb, ALTO and AdaBelief share: validation, state, closure, grouping."""
 
@@ -233,8 +246,7 @@ def _lamb_foreach(
     else:
         scale = None
         torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, denom)
-    del denom
+    updates = _divide_into(exp_avgs, denom)
     if weight_decay != 0:
         if scale is None:
             torch._foreach_add_(updates, params, alpha=weight_decay)
@@ -688,8 +700,7 @@ def _adabelief_foreach(
     step_size = _scale(bias2_sqrt / (1.0 - torch.pow(beta1, k)), lr)
     denom = torch._foreach_sqrt(exp_avg_vars)
     torch._foreach_add_(denom, (bias2_sqrt * eps).unbind(0))
-    updates = torch._foreach_div(exp_avgs, denom)
-    del denom
+    updates = _divide_into(exp_avgs, denom)
     torch._foreach_addcmul_(params, updates, step_size.unbind(0))
 
 
