@@ -29,6 +29,9 @@ class Row:
     make: Factory
     # A callable that runs one step; default: optimizer.step() on preset gradients.
     step: Callable[[Optimizer, list[torch.Tensor]], object] | None = None
+    # The models this row runs on (default: all of the suite's); a row too slow for a
+    # model is printed as skipped there.
+    models: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -138,6 +141,9 @@ def run_suite(suite: Suite, models: Iterable[str], warmup: int, repeats: int) ->
         print(header)
         print("-" * len(header))
         for row in [suite.baseline, *suite.rows]:
+            if row.models is not None and model not in row.models:
+                print(f"{row.name:<42} skipped on {model} (runs on {', '.join(row.models)})")
+                continue
             params = model_params(model)
             try:
                 seconds, optimizer = time_steps(row, params, warmup, repeats)
