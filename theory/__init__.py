@@ -11,6 +11,6 @@
 is proven from what is observed. This package imports :mod:`adaptor`, never ``lab``.
 """
 
-from theory import landscapes
+from theory import bounds, flatness, landscapes
 
-__all__ = ["landscapes"]
+__all__ = ["bounds", "flatness", "landscapes"]
