@@ -28,7 +28,7 @@ class Entry:
 
     name: str
     build: Callable[..., object]
-    lr: float
+    lr: float  # for the convex quadratics; test_convergence.NONCONVEX_LR for the others
     zeroth_order: bool = False
     matrix: bool = False
 
@@ -71,10 +71,10 @@ def _spsa(params, lr, alpha=None, beta=None):
 
 ENTRIES = [
     Entry("SGD", _explorable(lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)), 0.05),
-    Entry("Adam", _explorable(lambda p, lr: torch.optim.Adam(p, lr=lr)), 0.05),
-    Entry("AdamW", _explorable(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)), 0.05),
+    Entry("Adam", _explorable(lambda p, lr: torch.optim.Adam(p, lr=lr)), 0.1),
+    Entry("AdamW", _explorable(lambda p, lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)), 0.1),
     Entry("Lamb", _explorable(lambda p, lr: Lamb(p, lr=lr)), 0.05),
-    Entry("AdaBelief", _explorable(lambda p, lr: AdaBelief(p, lr=lr)), 0.05),
+    Entry("AdaBelief", _explorable(lambda p, lr: AdaBelief(p, lr=lr)), 0.1),
     Entry("ALTO", _alto, 0.05),
     Entry(
         "Muon",
@@ -82,7 +82,7 @@ ENTRIES = [
         0.05,
         matrix=True,
     ),
-    Entry("Shampoo", _explorable(lambda p, lr: Shampoo(p, lr=lr)), 0.05),
+    Entry("Shampoo", _explorable(lambda p, lr: Shampoo(p, lr=lr)), 0.1),
     Entry("SPSA", _spsa, 0.1, zeroth_order=True),
 ]
 
