@@ -34,6 +34,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from adaptor.explore import BUFFER_KEY
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
+    WELL_CONDITIONED_K1,
     check_alpha_beta,
     fused_supported,
     replace_foreach_,
@@ -291,12 +292,10 @@ def _lamb_single(
     alpha: float,
     beta: float,
 ) -> None:
-    k1, persist, inject = replacement_coefficients(alpha, beta)
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         if buffers is not None:
-            c = buffers[i]
-            g.mul_(k1).add_(c, alpha=alpha)
-            c.mul_(persist).add_(g, alpha=inject)
+            # The adaptor's own replacement (one tensor), near-bound precision branch included.
+            replace_foreach_([g], [buffers[i]], alpha, beta)
         step.add_(1)
         m.lerp_(g, 1.0 - beta2)
         v.mul_(beta3).addcmul_(g, g, value=1.0 - beta3)
@@ -426,6 +425,13 @@ def _lamb_fused(
     tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
     if buffers is not None:
         k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
+        if k1 < WELL_CONDITIONED_K1:
+            # The fused form divides by k₁ (see adaptor.replacement.WELL_CONDITIONED_K1): near
+            # the α bound replace with the adaptor's foreach form, then run Lamb's kernel.
+            replace_foreach_(
+                [grads[i] for i in large], [buffers[i] for i in large], hp["alpha"], hp["beta"]
+            )
+            buffers = None
     moments = _kernel("lamb" if buffers is None else "alto")
     apply = _kernel("apply")
     for i in large:

@@ -181,7 +181,11 @@ def test_reference_is_sensitive_to_each_epsilon():
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "vanilla"])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2], ids=["wd0", "wd"])
-@pytest.mark.parametrize(("alpha", "beta"), [(-5.0, 0.9), (0.5, 0.3)], ids=["explore", "exploit"])
+@pytest.mark.parametrize(
+    ("alpha", "beta"),
+    [(-5.0, 0.9), (0.5, 0.3), (-(1 - 1e-9) / (1 - 0.9), 0.9)],
+    ids=["explore", "exploit", "near-alpha-bound"],  # 1 + α(1-β) = 1e-9
+)
 def test_alto_matches_reference(foreach, bias_correction, weight_decay, alpha, beta):
     hp = dict(lr=0.02, weight_decay=weight_decay, bias_correction=bias_correction,
               alpha=alpha, **BIG_EPS)  # fmt: skip
