@@ -40,6 +40,7 @@ from adaptor.replacement import (
     replace_foreach_,
     replacement_coefficients,
 )
+from backends._common import step_dtype
 
 __all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
 
@@ -114,11 +115,6 @@ def _check_trust_clip(owner: str, trust_clip: object) -> None:
 # -- shared machinery ------------------------------------------------------------------------
 
 
-def _step_dtype(p: Tensor) -> torch.dtype:
-    """Step counters count exactly in float32 up to 2**24 steps; float64 params get float64."""
-    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
-
-
 def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -178,7 +174,7 @@ class _FirstOrder(Optimizer):
                 continue
             state = self.state[p]
             if "step" not in state:
-                state["step"] = torch.zeros((), dtype=_step_dtype(p), device=p.device)
+                state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
             for key in self._state_keys:
                 if key not in state:  # new, or loaded from a state dict without it
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -200,9 +196,9 @@ class _FirstOrder(Optimizer):
         for p, state in self.state.items():
             step = state.get("step")
             if isinstance(step, Tensor):
-                state["step"] = step.to(device=p.device, dtype=_step_dtype(p), copy=True)
+                state["step"] = step.to(device=p.device, dtype=step_dtype(p), copy=True)
             elif step is not None:
-                state["step"] = torch.tensor(float(step), dtype=_step_dtype(p), device=p.device)
+                state["step"] = torch.tensor(float(step), dtype=step_dtype(p), device=p.device)
 
 
 # -- Lamb and ALTO ---------------------------------------------------------------------------

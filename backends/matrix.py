@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from backends._common import adam_bias_corrections, step_dtype
+
 __all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -184,11 +186,6 @@ def _check_group(group: dict[str, Any], where: str) -> None:
 def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
     use_muon = group["use_muon"]
     return p.dim() >= 2 if use_muon is None else use_muon
-
-
-def _step_dtype(p: Tensor) -> torch.dtype:
-    """AdamW's step count: float64 for float64 parameters, float32 otherwise."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _matrix_shape(p: Tensor) -> tuple[int, int]:
@@ -423,7 +420,7 @@ class Muon(Optimizer):
             if "exp_avg" not in state:
                 # The step count lives on the parameter's device: bias corrections are
                 # computed there, with no host read.
-                state["step"] = torch.zeros((), dtype=_step_dtype(p), device=p.device)
+                state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -447,12 +444,7 @@ class Muon(Optimizer):
             torch._foreach_mul_(b_v, beta2)
             torch._foreach_addcmul_(b_v, b_grads, b_grads, value=1.0 - beta2)
             # 1 − β^t as 0-d device tensors
-            correction1 = torch._foreach_pow(beta1, b_steps)
-            torch._foreach_neg_(correction1)
-            torch._foreach_add_(correction1, 1.0)
-            correction2 = torch._foreach_pow(beta2, b_steps)
-            torch._foreach_neg_(correction2)
-            torch._foreach_add_(correction2, 1.0)
+            correction1, correction2 = adam_bias_corrections(beta1, beta2, b_steps)
             torch._foreach_sqrt_(correction2)
             # θ −= η·m/((√v/√c₂ + ε)·c₁)
             denominators = torch._foreach_sqrt(b_v)
@@ -469,4 +461,4 @@ class Muon(Optimizer):
         for p, state in self.state.items():
             step = state.get("step")
             if isinstance(step, Tensor):
-                state["step"] = step.to(device=p.device, dtype=_step_dtype(p))
+                state["step"] = step.to(device=p.device, dtype=step_dtype(p))

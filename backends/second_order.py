@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
+from backends._common import adam_bias_corrections, step_dtype
+
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
 GRAFTINGS = ("adam", "none")
@@ -343,8 +345,7 @@ class Shampoo(Optimizer):
         state = self.state[p]
         if state:
             return
-        step_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        state["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
+        state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
         state["host_step"] = 0
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -442,12 +443,7 @@ class Shampoo(Optimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
 
         # Bias corrections as device scalars: 1 - β₁ᵗ and sqrt(1 - β₂ᵗ).
-        correction1 = torch._foreach_pow(beta1, steps)
-        torch._foreach_neg_(correction1)
-        torch._foreach_add_(correction1, 1.0)
-        correction2 = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(correction2)
-        torch._foreach_add_(correction2, 1.0)
+        correction1, correction2 = adam_bias_corrections(beta1, beta2, steps)
         # Adam's direction A = (m/c₁) / (sqrt(v)/sqrt(c₂) + eps), and the momentum m̂ = m/c₁.
         momentum = torch._foreach_div(exp_avgs, correction1)
         denominator = torch._foreach_sqrt(exp_avg_sqs)
