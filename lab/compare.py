@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import platform
 import sys
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 
 from lab import plots, registry
+from lab.outputs import write_csv, write_json
 from lab.tasks import load_task
 from lab.train import REFERENCE_BATCH, RunResult, TrainConfig, effective_batch, train
 
@@ -156,11 +155,7 @@ def run_compare(
     summary = {key: summarize(results) for key, results in runs.items()}
     print(format_table(summary), file=stream)
 
-    with open(out / "results.csv", "w", newline="") as handle:
-        rows = [r.row() for results in runs.values() for r in results]
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", [r.row() for results in runs.values() for r in results])
     payload = {
         "command": "compare",
         "config": dataclasses.asdict(config),
@@ -176,7 +171,7 @@ def run_compare(
         "summary": summary,
         "runs": [dataclasses.asdict(r) for results in runs.values() for r in results],
     }
-    (out / "summary.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+    write_json(out / "summary.json", payload)
     plots.loss_curves(
         {key: [r.curves for r in results] for key, results in runs.items()},
         out / "loss_curves.png",

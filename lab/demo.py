@@ -15,9 +15,7 @@ reported beside it.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from lab import plots
+from lab.outputs import write_csv, write_json
 
 FLOOR_FRACTION = 0.25
 GRID = 240
@@ -173,10 +172,7 @@ def run_demo(
     print("explore demo: SGD vs E-SGD and Adam vs E-Adam from the same start "
           "(the paper's Figure 1)", file=stream)
     print(format_table(rows), file=stream)
-    with open(out / "demo.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "demo.csv", rows)
     payload = {
         "command": "demo",
         "landscapes": [
@@ -188,7 +184,7 @@ def run_demo(
         "total_wall_time": total_time,
         "runs": rows,
     }
-    (out / "demo.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+    write_json(out / "demo.json", payload)
     plots.trajectories(panels, out / "trajectories.png",
                        "explore demo — plain optimizers stop in the first minimum, "
                        "explored ones travel along the valley")

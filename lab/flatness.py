@@ -9,9 +9,7 @@ test accuracy. The paper (Remark 2.1, Fig. 3) predicts: α < 0 explores and ends
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -21,8 +19,9 @@ from typing import Any, TextIO
 from torch import nn
 from torch.nn import functional as F
 
-from lab import plots, registry
+from lab import plots
 from lab.compare import _mean_std, describe
+from lab.outputs import registry, write_csv, write_json
 from lab.tasks import Task, load_task
 from lab.train import TrainConfig, train
 
@@ -124,10 +123,7 @@ def run_flatness(
         rows.append(row)
     print(format_table(rows), file=stream)
 
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(out / "results.csv", records)
     payload = {
         "command": "flatness",
         "optimizer": name,
@@ -141,7 +137,7 @@ def run_flatness(
         "summary": rows,
         "runs": records,
     }
-    (out / "summary.json").write_text(json.dumps(payload, indent=1, allow_nan=True))
+    write_json(out / "summary.json", payload)
     plots.flatness_bars(rows, out / "flatness.png",
                         f"explore flatness — {name}, {shared}, {config.task}, batch "
                         f"{min(config.batch_size, n_train)}")
