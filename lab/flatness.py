@@ -19,9 +19,9 @@ from typing import Any, TextIO
 from torch import nn
 from torch.nn import functional as F
 
-from lab import plots
+from lab import plots, registry
 from lab.compare import _mean_std, describe
-from lab.outputs import registry, write_csv, write_json
+from lab.outputs import write_csv, write_json
 from lab.tasks import Task, load_task
 from lab.train import TrainConfig, train
 
