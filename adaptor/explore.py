@@ -126,15 +126,17 @@ class ExploredOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base; it gets the adaptor's α and β unless it names its own."""
-        self._set_group_defaults(param_group)
-        if not self._initializing:
+        if self._initializing:  # Optimizer.__init__ passes the base's own groups
+            index = next(i for i, g in enumerate(self.param_groups) if g is param_group)
+            self._set_group_defaults(param_group, f"param group {index}")
+        else:
+            self._set_group_defaults(param_group, "new param group")
             self.base.add_param_group(param_group)
 
-    def _set_group_defaults(self, group: dict[str, Any]) -> tuple[float, float]:
+    def _set_group_defaults(self, group: dict[str, Any], where: str) -> tuple[float, float]:
+        """Fill in the adaptor's α and β and check them; ``where`` names the group in errors."""
         group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
         group.setdefault(BETA_KEY, self.defaults[BETA_KEY])
-        index = next((i for i, g in enumerate(self.param_groups) if g is group), None)
-        where = "new param group" if index is None else f"param group {index}"
         return check_alpha_beta(group[ALPHA_KEY], group[BETA_KEY], where=where)
 
     # -- stepping ------------------------------------------------------------------------
@@ -165,7 +167,10 @@ class ExploredOptimizer(Optimizer):
                 "step(closure) with a closure that returns the loss"
             )
         # Everything that can fail is checked before anything is modified.
-        hparams = [self._set_group_defaults(group) for group in self.param_groups]
+        hparams = [
+            self._set_group_defaults(group, f"param group {i}")
+            for i, group in enumerate(self.param_groups)
+        ]
         loss = self.estimator.estimate(closure, self.param_groups)
         self._check_grads()
         with torch.no_grad():
@@ -295,8 +300,8 @@ class ExploredOptimizer(Optimizer):
         except Exception:
             self.estimator.load_state_dict(previous_estimator_state)
             raise
-        for group in self.param_groups:  # a base-only state dict carries no α/β
-            self._set_group_defaults(group)
+        for index, group in enumerate(self.param_groups):  # a base-only state dict: no α/β
+            self._set_group_defaults(group, f"param group {index}")
         self.state.clear()
         for index, buffer in buffers.items():
             p = params[index]
