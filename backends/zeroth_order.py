@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from adaptor.estimators import Closure, GradEstimator
 
@@ -354,12 +355,10 @@ class SPSA(GradEstimator):
     def _buckets(
         self, entries: Sequence[tuple[int, Tensor, Tensor]]
     ) -> list[tuple[torch.device, list[Tensor], list[Tensor]]]:
-        buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-        for _, p, grad in entries:
-            params, grads = buckets.setdefault((p.device, p.dtype), ([], []))
-            params.append(p)
-            grads.append(grad)
-        return [(device, params, grads) for (device, _), (params, grads) in buckets.items()]
+        grouped = Optimizer._group_tensors_by_device_and_dtype(
+            [[p for _, p, _ in entries], [grad for _, _, grad in entries]]
+        )
+        return [(device, params, grads) for (device, _), ((params, grads), _) in grouped.items()]
 
     def _estimate_one(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
