@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from torch import nn
 from torch.nn import functional as F
 
+from adaptor.presets import LARGE_BATCH_PRESET, SMALL_BATCH_PRESET
 from lab import plots, registry
 from lab.compare import _mean_std, describe
 from lab.outputs import write_csv, write_json
@@ -30,7 +31,7 @@ DEFAULT_ALPHAS = (-5.0, 0.0, 0.5)
 
 def paired_beta(alpha: float) -> float:
     """The paper's pairing: β = 0.99 with α ≤ 0 (explore), β = 0.01 with α > 0 (exploit)."""
-    return 0.01 if alpha > 0 else 0.99
+    return (SMALL_BATCH_PRESET if alpha > 0 else LARGE_BATCH_PRESET)["beta"]
 
 
 def explored_name(optimizer: str) -> str:
