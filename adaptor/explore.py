@@ -11,6 +11,7 @@ At every step (the paper's Algorithm 5):
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -309,13 +310,32 @@ class ExploredOptimizer(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    # What travels in copy.deepcopy and pickle: as torch's Optimizer, the defaults and the
+    # state (the param groups are the base's, which carries its own), plus the adaptor's
+    # base, estimator and configuration. Per-instance step wrappers (an LR scheduler's) and
+    # hook dicts stay behind: they close over the original optimizer.
+    _PICKLED = ("defaults", "state", "base", "estimator", "fused", "_telemetry")
+
     def __getstate__(self) -> dict[str, Any]:
-        # torch's Optimizer pickles only defaults, state and param_groups; the explored
-        # optimizer also needs its base and estimator (for copy.deepcopy and pickle).
-        return dict(self.__dict__)
+        return {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled/copied optimizer; hooks start empty, as torch's Optimizer does."""
+        state = dict(state)
+        state.pop("param_groups", None)  # the base's (a property here)
         self.__dict__.update(state)
+        self._initializing = False
+        for name in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            self.__dict__.setdefault(name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
 
     def __repr__(self) -> str:
         groups = ", ".join(

@@ -1,0 +1,161 @@
+"""E behaves as a torch optimizer: copies, pickling, hooks, composition guards, state dicts.
+
+Written in the style of torch's own optimizer tests (test/test_optim.py), over E and several
+torch bases. Each test names in its docstring the bug it guards against.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from adaptor import E, ExploredOptimizer
+
+F64 = torch.float64
+SHAPES = [(3, 4), (5,), (2, 2, 3)]
+
+BASES = {
+    "SGD-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "Adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "AdamW-foreach": lambda params: torch.optim.AdamW(params, lr=0.01, foreach=True),
+    "AdamW-fused": lambda params: torch.optim.AdamW(params, lr=0.01, fused=True),
+    "RMSprop": lambda params: torch.optim.RMSprop(params, lr=0.01, alpha=0.9),
+    "Adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1),
+}
+
+
+def _params(shapes=SHAPES, dtype=F64, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_()
+        for shape in shapes
+    ]
+
+
+def _grads(step, shapes=SHAPES, dtype=F64):
+    generator = torch.Generator().manual_seed(500 + step)
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+
+
+def _params_of(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _step_with(optimizer, step):
+    for p, g in zip(_params_of(optimizer), _grads(step, dtype=_params_of(optimizer)[0].dtype)):
+        p.grad = g.to(p.device)
+    optimizer.step()
+
+
+def _trained(name, steps=2, dtype=F64, **kwargs):
+    params = _params(dtype=torch.float32 if name == "AdamW-fused" else dtype)
+    optimizer = E(BASES[name](params), **kwargs)
+    for step in range(steps):
+        _step_with(optimizer, step)
+    return params, optimizer
+
+
+def _values(optimizer):
+    return [p.detach().clone() for p in _params_of(optimizer)]
+
+
+def _all_state_tensors(optimizer):
+    """Every tensor an explored optimizer holds, in a fixed order: params, E's, the base's."""
+    out = []
+    for p in _params_of(optimizer):
+        out.append(("param", p.detach()))
+        for owner, state in (("E", optimizer.state), ("base", optimizer.base.state)):
+            for key, value in sorted(state.get(p, {}).items()):
+                if isinstance(value, torch.Tensor):
+                    out.append((f"{owner}.{key}", value))
+    return out
+
+
+def _assert_bit_identical(actual, expected):
+    assert [name for name, _ in actual] == [name for name, _ in expected]
+    for (name, a), (_, b) in zip(actual, expected):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def _snapshot(optimizer):
+    return [(name, t.clone()) for name, t in _all_state_tensors(optimizer)]
+
+
+# -- copies and pickling (issue 11, item 1) -------------------------------------------------
+
+
+def _with_scheduler_and_hooks(optimizer):
+    """StepLR installs a per-instance step wrapper; the hooks are local (unpicklable) closures."""
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("sd"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load"))
+    return scheduler, calls
+
+
+@pytest.mark.parametrize("name", BASES)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_after_a_scheduler_steps_its_own_parameters(name, how):
+    """Bug: __getstate__ returned the whole __dict__, so the scheduler's step wrapper (bound
+    to the original) travelled: the copy's step() moved the ORIGINAL parameters, and pickle
+    failed on the hook closures. The copy must step its own parameters exactly as the original
+    would, and leave the original untouched."""
+    _, optimizer = _trained(name)
+    scheduler, calls = _with_scheduler_and_hooks(optimizer)
+    _step_with(optimizer, 2)
+    scheduler.step()
+    assert calls == ["pre", "post"]
+
+    copier = copy.deepcopy if how == "deepcopy" else lambda o: pickle.loads(pickle.dumps(o))
+    twin = copier(optimizer)
+    assert isinstance(twin, ExploredOptimizer)
+    assert twin.param_groups is twin.base.param_groups
+    assert twin.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    twin_params, params = _params_of(twin), _params_of(optimizer)
+    assert all(a is not b for a, b in zip(twin_params, params))
+    assert all(p in twin.state for p in twin_params), "E's state is keyed by the copy's params"
+
+    original_before = _snapshot(optimizer)
+    _step_with(twin, 3)
+    _assert_bit_identical(_snapshot(optimizer), original_before)  # the original is untouched
+    assert calls == ["pre", "post"], "hooks do not travel with a copy (as in torch)"
+    _step_with(optimizer, 3)
+    _assert_bit_identical(_all_state_tensors(twin), _all_state_tensors(optimizer))
+    # The copy works with a scheduler of its own and saves/loads like the original.
+    own_scheduler = torch.optim.lr_scheduler.StepLR(twin, step_size=1, gamma=0.5)
+    _step_with(twin, 4)
+    own_scheduler.step()
+    twin.load_state_dict(copy.deepcopy(twin.state_dict()))
+
+
+def test_deepcopy_and_pickle_keep_the_adaptor_configuration():
+    params = _params(dtype=torch.float32)
+    optimizer = E(torch.optim.SGD(params, lr=0.1), alpha=-3.0, beta=0.9, fused=False,
+                  telemetry=True)
+    _step_with(optimizer, 0)
+    for twin in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert twin.fused is False and twin.telemetry is not None
+        assert twin.defaults["explore_alpha"] == -3.0
+        assert twin.param_groups[0]["explore_beta"] == 0.9
+        _step_with(twin, 1)
+        assert twin.telemetry["grad_norm"].dtype == torch.float32
+
+
+def test_torch_save_with_weights_only_load():
+    """A state dict of E loads with ``torch.load(weights_only=True)`` (torch's safe default)."""
+    params, optimizer = _trained("Adam")
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    twin = E(BASES["Adam"]([p.detach().clone().requires_grad_() for p in params]))
+    twin.load_state_dict(loaded)
+    _step_with(twin, 2)
+    _step_with(optimizer, 2)
+    _assert_bit_identical(_all_state_tensors(twin), _all_state_tensors(optimizer))
