@@ -176,8 +176,50 @@ class ExploredOptimizer(Optimizer):
         self._check_grads()
         with torch.no_grad():
             self._replace(hparams)
-        self.base.step()
+        self._step_base()
         return loss
+
+    def _step_base(self) -> None:
+        """``base.step()`` without a second round of torch's *global* optimizer hooks.
+
+        ``torch.optim.optimizer.register_optimizer_step_pre_hook``/``_post_hook`` hooks
+        already fired for this (user-visible) step around :meth:`step`; the base's class
+        ``step`` is wrapped by torch with the same hooks, so the base's unwrapped ``step`` is
+        called instead. Hooks registered on the *base instance*
+        (``base.register_step_pre_hook``) still run, around the base's update, with the base
+        as their optimizer: its pre-hooks see ``g̃`` in ``p.grad``. A per-instance ``step``
+        the user patched onto the base is called as it is (global hooks then fire twice).
+        """
+        base = self.base
+        patched = base.__dict__.get("step")
+        if patched is not None:
+            if not getattr(patched, "_wrapped_by_lr_sched", False):
+                base.step()
+                return
+            base._opt_called = True  # what the scheduler's wrapper records, then bypassed
+        class_step = type(base).step
+        raw = getattr(class_step, "__wrapped__", None)
+        if raw is None or not getattr(class_step, "hooked", False):
+            base.step()  # not wrapped by torch's profile_hook_step: no global hooks inside
+            return
+        args: tuple[Any, ...] = (base,)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in getattr(base, "_optimizer_step_pre_hooks", {}).values():
+            result = pre_hook(base, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{type(base).__name__} step pre-hook must return None or a tuple "
+                        f"(new_args, new_kwargs), got {result!r}"
+                    )
+                args, kwargs = result
+        with torch.autograd.profiler.record_function(
+            f"Optimizer.step#{type(base).__name__}.step"
+        ):
+            raw(*args, **kwargs)
+        base._optimizer_step_code()
+        for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
+            post_hook(base, args, kwargs)
 
     def _replace(self, hparams: list[tuple[float, float]]) -> None:
         telemetry = self._telemetry
@@ -236,11 +278,20 @@ class ExploredOptimizer(Optimizer):
             pre_hook(self)
         state_dict = self.base.state_dict()
         packed = dict(state_dict["state"])
+        index_of: dict[int, int] = {}
         for index, p in enumerate(self._indexed_params()):
-            buffer = self.state.get(p, {}).get(BUFFER_KEY)
-            if buffer is not None:
+            index_of.setdefault(id(p), index)
+        # Everything in the adaptor's own state travels, as torch's state_dict() does: the
+        # buffers and skip counters, and whatever a pre-hook put there (any key, any value).
+        for key, value in self.state.items():
+            if isinstance(key, Tensor):
+                index = index_of.get(id(key))
+                if index is None:
+                    continue  # a tensor that is no longer optimised
                 # A new dict: the base's entries are its live state objects.
-                packed[index] = {**packed.get(index, {}), BUFFER_KEY: buffer}
+                packed[index] = {**packed.get(index, {}), **value}
+            else:
+                packed[key] = value
         state_dict["state"] = packed
         estimator_state = self.estimator.state_dict()
         if estimator_state:
@@ -281,7 +332,7 @@ class ExploredOptimizer(Optimizer):
                         f"the parameter has {tuple(params[key].shape)}"
                     )
                 buffers[key] = buffer
-            if entry:
+            if not isinstance(entry, dict) or entry:  # torch keeps any non-dict value as is
                 base_state[key] = entry
         for index, group in enumerate(state_dict.get("param_groups", [])):
             if ALPHA_KEY in group or BETA_KEY in group:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from adaptor import E, ExploredOptimizer
+from tests.adaptor.reference import TwoBufferReference
 
 F64 = torch.float64
 SHAPES = [(3, 4), (5,), (2, 2, 3)]
@@ -159,3 +160,122 @@ def test_torch_save_with_weights_only_load():
     _step_with(twin, 2)
     _step_with(optimizer, 2)
     _assert_bit_identical(_all_state_tensors(twin), _all_state_tensors(optimizer))
+
+
+# -- hooks (issue 11, item 2) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["SGD-momentum", "Adam", "AdamW-fused", "RMSprop"])
+def test_global_step_hooks_fire_once_per_step(name):
+    """Bug: torch's global optimizer hooks fired twice per E step (E's wrapper and the
+    base's). They fire once, with E as the optimizer."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    _, optimizer = _trained(name, steps=0)
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda opt, a, k: seen.append(("pre", opt))),
+        register_optimizer_step_post_hook(lambda opt, a, k: seen.append(("post", opt))),
+    ]
+    try:
+        for step in range(2):
+            _step_with(optimizer, step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [kind for kind, _ in seen] == ["pre", "post"] * 2
+    assert all(opt is optimizer for _, opt in seen)
+
+
+def test_hooks_on_the_base_instance_run_around_the_base_update_and_see_g_tilde():
+    """Documented: hooks registered on the base run once per step, with the base as their
+    optimizer, after the replacement (a pre-hook sees g̃ in p.grad)."""
+    alpha, beta = -1.5, 0.5
+    params = _params()
+    base = torch.optim.SGD(params, lr=0.1)
+    optimizer = E(base, alpha, beta)
+    seen, own = [], []
+    base.register_step_pre_hook(
+        lambda opt, a, k: seen.append(("pre", opt, [p.grad.clone() for p in params]))
+    )
+    base.register_step_post_hook(lambda opt, a, k: seen.append(("post", opt, None)))
+    optimizer.register_step_pre_hook(lambda opt, a, k: own.append(opt))
+    references = [TwoBufferReference() for _ in params]
+    for step in range(3):
+        _step_with(optimizer, step)
+        expected = [r(g, alpha, beta) for r, g in zip(references, _grads(step))]
+        kind, opt, grads = seen[2 * step]
+        assert kind == "pre" and opt is base
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert seen[2 * step + 1][:2] == ("post", base)
+    assert len(seen) == 6 and own == [optimizer] * 3
+
+
+def test_scheduler_on_the_base_sees_its_step_called():
+    """A scheduler attached to the base itself still learns that the base stepped."""
+    import warnings
+
+    params = _params()
+    base = torch.optim.SGD(params, lr=1.0)
+    optimizer = E(base, -1.0, 0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()"
+        _step_with(optimizer, 0)
+        scheduler.step()
+    assert base.param_groups[0]["lr"] == 0.5
+
+
+def test_state_dict_keeps_what_a_pre_hook_puts_in_state():
+    """Bug: a key a state_dict pre-hook wrote into E's ``state`` was missing from
+    ``state_dict()`` (torch's pattern from test_optim: ``optimizer.state["test"] = 1``)."""
+    _, optimizer = _trained("Adam")
+    first = _params_of(optimizer)[0]
+
+    def pre_hook(opt):
+        opt.state["test"] = 1
+        opt.state[first]["note"] = torch.tensor(7.0)
+
+    def post_hook(opt, state_dict):
+        state_dict["ran_pre_hook"] = state_dict["state"].pop("test", None) == 1
+        return state_dict
+
+    optimizer.register_state_dict_pre_hook(pre_hook)
+    optimizer.register_state_dict_post_hook(post_hook)
+    state_dict = optimizer.state_dict()
+    assert state_dict["ran_pre_hook"] is True
+    assert state_dict["state"][0]["note"] == 7.0
+    assert {"exp_avg", "explore_buffer"} <= set(state_dict["state"][0])
+
+
+def test_load_state_dict_tolerates_what_torch_tolerates():
+    """Non-dict values and non-int keys in ``state`` load as torch's optimizers load them, and
+    hooks that write them (torch's test_optim patterns) work with E."""
+    params, optimizer = _trained("Adam")
+
+    def load_pre_hook(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["param_groups"][0]["lr"] = 0.003
+        return state_dict
+
+    def load_post_hook(opt):
+        opt.state["ran_load_post_hook"] = True
+        opt.state["lr_seen"] = opt.param_groups[0]["lr"]
+
+    optimizer.register_load_state_dict_pre_hook(load_pre_hook)
+    optimizer.register_load_state_dict_post_hook(load_post_hook)
+    state_dict = optimizer.state_dict()
+    state_dict["state"]["extra"] = 5  # a non-int key with a non-dict value
+    optimizer.load_state_dict(state_dict)
+    assert optimizer.state["ran_load_post_hook"] is True
+    assert optimizer.state["lr_seen"] == 0.003
+    # The non-dict values survive a save/load round trip and do not disturb stepping.
+    again = optimizer.state_dict()
+    assert again["state"]["extra"] == 5 and again["state"]["ran_load_post_hook"] is True
+    optimizer.load_state_dict(again)
+    _step_with(optimizer, 2)
+    assert all(torch.isfinite(p).all() for p in params)
