@@ -45,6 +45,51 @@ def _needs_own_closure(base: Optimizer) -> bool:
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
+def _already_explores(base: Optimizer) -> bool:
+    """Whether ``base`` already does the adaptor's replacement (ALTO, or an E).
+
+    Recognised by the class attribute ``explores = True`` (the library's convention), by
+    the adaptor's α/β keys among the base's *defaults* (a user may put ``explore_alpha`` in
+    the groups it passes to a plain base: that is per-group α for E, not a second adaptor),
+    or by an ``explore_buffer`` already in the base's state.
+    """
+    if isinstance(base, ExploredOptimizer) or getattr(base, "explores", False) is True:
+        return True
+    defaults = getattr(base, "defaults", {})
+    if ALPHA_KEY in defaults or BETA_KEY in defaults:
+        return True
+    return any(isinstance(entry, dict) and BUFFER_KEY in entry for entry in base.state.values())
+
+
+def _check_composable(base: Optimizer) -> None:
+    """Refuse, before anything is modified, bases the adaptor cannot drive correctly."""
+    name = type(base).__name__
+    if _already_explores(base):
+        raise TypeError(
+            f"base_update {name} already explores (it applies the adaptor's replacement "
+            "itself, e.g. ALTO = E(Lamb), or it is an explored optimizer): wrapping it again "
+            "would apply the replacement twice and both would keep an explore_buffer; use "
+            f"{name} alone, or E over its plain base (E(Lamb(...)) instead of E(ALTO(...)))"
+        )
+    if isinstance(base, torch.optim.SparseAdam):
+        raise TypeError(
+            "base_update SparseAdam takes sparse gradients, which the adaptor's dense "
+            "replacement does not support; use SparseAdam without the adaptor, or a dense "
+            "base (E(torch.optim.Adam(...)))"
+        )
+    for index, group in enumerate(base.param_groups):
+        _check_not_differentiable(group, f"param group {index}")
+
+
+def _check_not_differentiable(group: dict[str, Any], where: str) -> None:
+    if group.get("differentiable", False):
+        raise ValueError(
+            f"base_update has differentiable=True ({where}): the adaptor replaces the "
+            "gradient in place under no_grad, so gradients through the step would be wrong; "
+            "differentiable bases are not supported (build the base with differentiable=False)"
+        )
+
+
 class ExploredOptimizer(Optimizer):
     r"""A ``torch.optim.Optimizer`` that explores: the base optimizer fed ``g̃ = g + α·a``.
 
@@ -90,8 +135,7 @@ class ExploredOptimizer(Optimizer):
                 "base_update must be a torch.optim.Optimizer instance, got "
                 f"{type(base_update).__name__}"
             )
-        if isinstance(base_update, ExploredOptimizer):
-            raise TypeError("base_update is already an explored optimizer; wrap its base instead")
+        _check_composable(base_update)
         if _needs_own_closure(base_update):
             raise TypeError(
                 f"{type(base_update).__name__} needs a closure inside its own step() to "
@@ -136,6 +180,7 @@ class ExploredOptimizer(Optimizer):
 
     def _set_group_defaults(self, group: dict[str, Any], where: str) -> tuple[float, float]:
         """Fill in the adaptor's α and β and check them; ``where`` names the group in errors."""
+        _check_not_differentiable(group, where)
         group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
         group.setdefault(BETA_KEY, self.defaults[BETA_KEY])
         return check_alpha_beta(group[ALPHA_KEY], group[BETA_KEY], where=where)

@@ -279,3 +279,82 @@ def test_load_state_dict_tolerates_what_torch_tolerates():
     optimizer.load_state_dict(again)
     _step_with(optimizer, 2)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# -- composition guards (issue 11, item 3) --------------------------------------------------
+
+
+class _ExploresItself(torch.optim.SGD):
+    """Stands for ALTO: an optimizer that applies the replacement itself."""
+
+    explores = True
+
+
+class _KeysInDefaults(torch.optim.SGD):
+    """An exploring optimizer recognised only by the adaptor's α/β keys in its defaults."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.defaults.update(explore_alpha=-5.0, explore_beta=0.99)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: _ExploresItself(params, lr=0.1),
+        _KeysInDefaults,
+        lambda params: E(torch.optim.SGD(params, lr=0.1)),
+    ],
+    ids=["explores-attribute", "keys-in-defaults", "explored-optimizer"],
+)
+def test_a_base_that_already_explores_is_refused(make):
+    """Bug: E(ALTO(...)) was accepted; both kept an explore_buffer and a save/load lost one."""
+    base = make(_params())
+    with pytest.raises(TypeError, match=r"already explores.*replacement twice"):
+        E(base)
+
+
+def test_alto_is_refused():
+    from backends import ALTO
+
+    if not getattr(ALTO, "explores", False):
+        pytest.skip("this ALTO predates the `explores` class attribute (issue 11 rewrite)")
+    with pytest.raises(TypeError, match=r"ALTO already explores"):
+        E(ALTO(_params(dtype=torch.float32), lr=0.01))
+
+
+def test_per_group_alpha_in_the_base_groups_is_not_mistaken_for_a_second_adaptor():
+    params = _params()
+    groups = [{"params": params[:1], "explore_alpha": 0.0}, {"params": params[1:]}]
+    optimizer = E(torch.optim.SGD(groups, lr=0.1), -5.0, 0.99)
+    assert optimizer.param_groups[0]["explore_alpha"] == 0.0
+
+
+def test_sparse_adam_is_refused_at_construction():
+    """Bug: E(SparseAdam) was accepted and could never step (dense gradients failed only
+    after E had modified p.grad and its buffer)."""
+    params = _params()
+    with pytest.raises(TypeError, match=r"SparseAdam takes sparse gradients"):
+        E(torch.optim.SparseAdam(params, lr=0.1))
+
+
+@pytest.mark.parametrize("where", ["construction", "added group", "edited group"])
+def test_differentiable_bases_are_refused(where):
+    """Documented choice: differentiable=True is rejected (the in-place replacement under
+    no_grad would give dθ₁/dg = -lr instead of -lr·(1+α(1-β)))."""
+    params = _params()
+    if where == "construction":
+        with pytest.raises(ValueError, match=r"differentiable=True \(param group 0\)"):
+            E(torch.optim.SGD(params, lr=0.1, differentiable=True))
+        return
+    optimizer = E(torch.optim.SGD(params[:1], lr=0.1))
+    if where == "added group":
+        with pytest.raises(ValueError, match=r"differentiable=True \(new param group\)"):
+            optimizer.add_param_group({"params": params[1:], "differentiable": True})
+        return
+    optimizer.param_groups[0]["differentiable"] = True
+    params[0].grad = torch.ones_like(params[0])
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match=r"differentiable=True \(param group 0\)"):
+        optimizer.step()
+    assert torch.equal(params[0].detach(), before) and len(optimizer.state) == 0
