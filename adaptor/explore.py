@@ -11,7 +11,8 @@ At every step (the paper's Algorithm 5):
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
+import warnings
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,82 @@ ALPHA_KEY = "explore_alpha"
 BETA_KEY = "explore_beta"
 BUFFER_KEY = "explore_buffer"
 ESTIMATOR_KEY = "explore_estimator"
+SKIPS_KEY = "nonfinite_skips"
+# Per-parameter state that belongs to the adaptor (the rest of an entry is the base's).
+_OWN_KEYS = (BUFFER_KEY, SKIPS_KEY)
+# Keys an optimizer of this library creates lazily: a state dict without them still loads.
+_LAZY_KEYS = frozenset({"kahan_comp", SKIPS_KEY})
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _hashable(key: object) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _shape_of(value: object) -> object:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_own_state(index: int, p: Tensor, own: dict[str, Any]) -> None:
+    """The adaptor's buffer has the parameter's shape; the skip counter is one number."""
+    buffer = own.get(BUFFER_KEY)
+    if BUFFER_KEY in own and (
+        not isinstance(buffer, Tensor) or tuple(buffer.shape) != tuple(p.shape)
+    ):
+        raise ValueError(
+            f"state_dict explore buffer of parameter {index} has shape {_shape_of(buffer)}, "
+            f"the parameter has {tuple(p.shape)} (key '{BUFFER_KEY}')"
+        )
+    skips = own.get(SKIPS_KEY)
+    if SKIPS_KEY in own and (not isinstance(skips, Tensor) or skips.numel() != 1):
+        raise ValueError(
+            f"state_dict '{SKIPS_KEY}' of parameter {index} must be a one-element tensor, "
+            f"got shape {_shape_of(skips)}"
+        )
+
+
+def _check_base_entry(
+    index: int, base_name: str, entry: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """The base's part of one parameter's state against what the base itself creates."""
+    unknown = sorted(str(k) for k in entry if k not in expected)
+    if unknown:
+        raise ValueError(
+            f"state_dict state of parameter {index} has key(s) {unknown} that {base_name} "
+            f"does not keep (it keeps {sorted(map(str, expected))})"
+        )
+    missing = sorted(str(k) for k in expected if k not in entry and k not in _LAZY_KEYS)
+    if missing:
+        raise ValueError(
+            f"state_dict state of parameter {index} lacks key(s) {missing} that {base_name} "
+            f"keeps (it has {sorted(map(str, entry))})"
+        )
+    for key, shape in expected.items():
+        value = entry.get(key)
+        if shape is None or key not in entry:
+            continue
+        if isinstance(value, Tensor):
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state_dict state of parameter {index}, key '{key}', has shape "
+                    f"{tuple(value.shape)}; {base_name} keeps shape {shape} there"
+                )
+        elif len(shape) > 0:  # a number where a tensor is kept (e.g. an old float 'step')
+            raise ValueError(
+                f"state_dict state of parameter {index}, key '{key}', is a "
+                f"{type(value).__name__}; {base_name} keeps a tensor of shape {shape} there"
+            )
 
 
 def _needs_own_closure(base: Optimizer) -> bool:
@@ -350,61 +427,183 @@ class ExploredOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load what :meth:`state_dict` produced (a plain base state dict also loads).
 
-        Everything is checked before anything is loaded.
+        As torch's ``Optimizer.load_state_dict``, the saved groups' ``params`` lists are
+        matched to the current parameters in order, so ``state`` may be keyed by integer
+        index or by any other id the saved groups use (e.g. parameter names, as
+        ``torch.distributed.checkpoint`` writes them). Keys that name no parameter and
+        non-dict values are kept as they are.
+
+        Everything is checked before anything is loaded; a bad state dict raises
+        ``ValueError`` naming the parameter index, the key and the shapes, and leaves the
+        optimizer (base state, buffers, groups, estimator) exactly as it was. The base's
+        part is checked against the state the base itself creates: one dry-run step of an
+        empty copy of the base on ``meta`` tensors (no data, no compute) gives the keys and
+        shapes it keeps for each parameter (skipped for bases that cannot step on ``meta``).
+        A state dict without the base's part (E's buffers only) or without the buffers (a
+        plain base state dict: the buffers restart from ``c_1 = 0``) loads.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"state_dict must be a dict with 'state' and 'param_groups', got "
+                f"{type(state_dict).__name__}"
+            )
+        state_dict = dict(state_dict)  # shallow copy, as torch's (the hooks may edit it)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hooked = pre_hook(self, state_dict)
             if hooked is not None:
                 state_dict = hooked
-        if not isinstance(state_dict, dict) or "state" not in state_dict:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         params = self._indexed_params()
+        saved_groups = state_dict["param_groups"]
+        index_of_id = self._match_saved_groups(saved_groups, params)
+
         base_state: dict[Any, Any] = {}
-        buffers: dict[int, Tensor] = {}
+        own_state: dict[int, dict[str, Tensor]] = {}
+        expected = None
         for key, entry in state_dict["state"].items():
-            if isinstance(entry, dict) and BUFFER_KEY in entry:
-                entry = dict(entry)
-                buffer = entry.pop(BUFFER_KEY)
-                if not isinstance(key, int) or not 0 <= key < len(params):
+            index = index_of_id.get(key) if _hashable(key) else None
+            if index is None:
+                if isinstance(entry, dict) and (
+                    isinstance(key, int) or any(k in entry for k in _OWN_KEYS)
+                ):
                     raise ValueError(
-                        f"state_dict has an explore buffer for parameter index {key!r}, "
-                        f"but the optimizer has {len(params)} parameters"
+                        f"state_dict has state for parameter index {key!r} (keys "
+                        f"{sorted(map(str, entry))}), but the saved param groups name no such "
+                        f"parameter (the optimizer has {len(params)} parameters)"
                     )
-                if not isinstance(buffer, Tensor) or buffer.shape != params[key].shape:
-                    shape = getattr(buffer, "shape", type(buffer).__name__)
-                    raise ValueError(
-                        f"state_dict explore buffer of parameter {key} has shape {shape}, "
-                        f"the parameter has {tuple(params[key].shape)}"
-                    )
-                buffers[key] = buffer
-            if not isinstance(entry, dict) or entry:  # torch keeps any non-dict value as is
-                base_state[key] = entry
-        for index, group in enumerate(state_dict.get("param_groups", [])):
-            if ALPHA_KEY in group or BETA_KEY in group:
-                check_alpha_beta(
-                    group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),
-                    group.get(BETA_KEY, self.defaults[BETA_KEY]),
-                    where=f"state_dict param group {index}",
+                base_state[key] = entry  # as torch: state that names no parameter, kept
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(
+                    f"state_dict state of parameter {index} must be a dict, got "
+                    f"{type(entry).__name__}"
                 )
+            p = params[index]
+            entry = dict(entry)
+            own = {k: entry.pop(k) for k in _OWN_KEYS if k in entry}
+            _check_own_state(index, p, own)
+            if own:
+                own_state[index] = own
+            if entry:
+                if expected is None:
+                    expected = self._expected_base_state(params, saved_groups)
+                if expected is not False:
+                    _check_base_entry(index, type(self.base).__name__, entry, expected[index])
+                base_state[index] = entry
+        for index, group in enumerate(saved_groups):
+            check_alpha_beta(
+                group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),
+                group.get(BETA_KEY, self.defaults[BETA_KEY]),
+                where=f"state_dict param group {index}",
+            )
+            _check_not_differentiable(group, f"state_dict param group {index}")
         estimator_state = state_dict.get(ESTIMATOR_KEY, {})
+        # The base sees integer indices whatever ids the saved groups use.
+        base_groups, start = [], 0
+        for group in saved_groups:
+            count = len(group["params"])
+            base_groups.append({**group, "params": list(range(start, start + count))})
+            start += count
 
         # The estimator checks its state as it loads: load it first, and put it back if
         # the base then refuses its part, so that nothing is half-loaded.
         previous_estimator_state = self.estimator.state_dict()
         self.estimator.load_state_dict(estimator_state)
         try:
-            self.base.load_state_dict({**state_dict, "state": base_state})
+            self.base.load_state_dict(
+                {**state_dict, "state": base_state, "param_groups": base_groups}
+            )
         except Exception:
             self.estimator.load_state_dict(previous_estimator_state)
             raise
         for index, group in enumerate(self.param_groups):  # a base-only state dict: no α/β
             self._set_group_defaults(group, f"param group {index}")
+        # The adaptor's state is replaced, never merged: a plain base state dict restarts
+        # every buffer from c_1 = 0 (a buffer kept from before would not match the base).
         self.state.clear()
-        for index, buffer in buffers.items():
+        for index, own in own_state.items():
             p = params[index]
-            self.state[p][BUFFER_KEY] = buffer.to(device=p.device, dtype=p.dtype, copy=True)
+            for key, value in own.items():
+                dtype = self._buffer_dtype(p) if key == BUFFER_KEY else value.dtype
+                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _buffer_dtype(self, p: Tensor) -> torch.dtype:
+        return p.dtype
+
+    def _match_saved_groups(
+        self, saved_groups: object, params: list[Tensor]
+    ) -> dict[Any, int]:
+        """Check the saved groups against the optimizer's; map each saved id to an index."""
+        groups = self.param_groups
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups
+        ):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts with 'params'")
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                f"{len(groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param group {index} has {len(saved['params'])} parameters, "
+                    f"the optimizer's has {len(group['params'])} (a different model?): the "
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+        ids = [i for g in saved_groups for i in g["params"]]
+        if not all(_hashable(i) for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError("state_dict param groups must list distinct, hashable parameter ids")
+        return {saved_id: index for index, saved_id in enumerate(ids)}
+
+    def _expected_base_state(
+        self, params: list[Tensor], saved_groups: list[dict[str, Any]]
+    ) -> list[dict[str, Any]] | bool:
+        """Per parameter index, ``{key: shape or None}`` of the state the base creates.
+
+        One step of an empty shallow copy of the base on ``meta`` tensors, with the saved
+        groups' settings (they decide e.g. Adam's ``amsgrad`` buffer). ``False`` when the
+        base cannot step there (it reads values on the host, or needs a real device): then
+        only the adaptor's own part is checked.
+        """
+        base = self.base
+        metas = {id(p): torch.empty_like(p, device="meta") for p in params}
+        for meta in metas.values():
+            meta.grad = torch.zeros_like(meta)
+        clone = type(base).__new__(type(base))
+        skip = {"state", "param_groups", "step", *_HOOK_DICTS}
+        clone.__dict__.update({k: v for k, v in base.__dict__.items() if k not in skip})
+        for name in _HOOK_DICTS:
+            clone.__dict__[name] = OrderedDict()
+        clone.__dict__["state"] = defaultdict(dict)
+        clone.param_groups = [
+            {
+                **group,
+                **{k: v for k, v in saved.items() if k != "params"},
+                **({"fused": False} if group.get("fused") else {}),  # no fused kernels on meta
+                "params": [metas[id(p)] for p in group["params"]],
+            }
+            for group, saved in zip(base.param_groups, saved_groups)
+        ]
+        class_step = type(base).step
+        raw = class_step.__wrapped__ if getattr(class_step, "hooked", False) else class_step
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw(clone)
+        except Exception:
+            return False
+        expected = []
+        for p in params:
+            entry = clone.state.get(metas[id(p)], {})
+            expected.append(
+                {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in entry.items()}
+            )
+        return expected
 
     # What travels in copy.deepcopy and pickle: as torch's Optimizer, the defaults and the
     # state (the param groups are the base's, which carries its own), plus the adaptor's
@@ -421,14 +620,7 @@ class ExploredOptimizer(Optimizer):
         state.pop("param_groups", None)  # the base's (a property here)
         self.__dict__.update(state)
         self._initializing = False
-        for name in (
-            "_optimizer_step_pre_hooks",
-            "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks",
-            "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks",
-            "_optimizer_load_state_dict_post_hooks",
-        ):
+        for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()

@@ -358,3 +358,146 @@ def test_differentiable_bases_are_refused(where):
     with pytest.raises(ValueError, match=r"differentiable=True \(param group 0\)"):
         optimizer.step()
     assert torch.equal(params[0].detach(), before) and len(optimizer.state) == 0
+
+
+# -- bad state dicts (issue 11, item 4) ------------------------------------------------------
+
+
+def _edited(state_dict, edit):
+    state_dict = copy.deepcopy(state_dict)
+    edit(state_dict)
+    return state_dict
+
+
+def _rename(index, old, new):
+    def edit(sd):
+        sd["state"][index][new] = sd["state"][index].pop(old)
+
+    return edit
+
+
+def _set(index, key, value):
+    def edit(sd):
+        sd["state"][index][key] = value
+
+    return edit
+
+
+def _drop(index, key):
+    def edit(sd):
+        del sd["state"][index][key]
+
+    return edit
+
+
+def _drop_param(sd):
+    sd["param_groups"][0]["params"].pop()
+    sd["state"].pop(2, None)
+
+
+def _extra_group(sd):
+    sd["param_groups"].append({**sd["param_groups"][0], "params": []})
+
+
+BAD_EDITS = {
+    "AdamW-foreach": [
+        (_rename(0, "exp_avg", "exp_avgg"), r"parameter 0 has key\(s\) \['exp_avgg'\].*AdamW"),
+        (_drop(1, "exp_avg_sq"), r"parameter 1 lacks key\(s\) \['exp_avg_sq'\]"),
+        (_set(2, "exp_avg", torch.zeros(3, 4)), r"parameter 2, key 'exp_avg', has shape \(3, 4\)"
+         r"; AdamW keeps shape \(2, 2, 3\)"),
+        (_set(1, "unknown", torch.zeros(())), r"parameter 1 has key\(s\) \['unknown'\]"),
+        (_set(0, "explore_buffer", torch.zeros(4, 3)),
+         r"explore buffer of parameter 0 has shape \(4, 3\), the parameter has \(3, 4\)"),
+        (_set(0, "nonfinite_skips", torch.zeros(2)), r"'nonfinite_skips' of parameter 0"),
+        (_drop_param, r"param group 0 has 2 parameters, the optimizer's has 3"),
+        (_extra_group, r"2 param groups, the optimizer has 1"),
+        (_set(0, "exp_avg", [0.0] * 12), r"parameter 0, key 'exp_avg', is a list"),
+    ],
+    "SGD-momentum": [
+        (_rename(1, "momentum_buffer", "momentum"), r"parameter 1 has key\(s\) \['momentum'\]"),
+        (_set(0, "momentum_buffer", torch.zeros(12)), r"key 'momentum_buffer', has shape \(12,\)"),
+    ],
+    "AdamW-fused": [
+        (_set(2, "exp_avg_sq", torch.zeros(2, 6)), r"key 'exp_avg_sq', has shape \(2, 6\)"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", BAD_EDITS)
+def test_bad_state_dicts_raise_clearly_and_leave_the_optimizer_bit_identical(name):
+    """Bug: E(AdamW) with wrong keys loaded and failed later; shapes were not checked. Every
+    bad dict raises a ValueError naming index, key and shapes; base state, buffers, groups,
+    estimator state are untouched, and the optimizer continues as a twin that saw none."""
+    _, optimizer = _trained(name, alpha=-3.0, beta=0.9)
+    _, twin = _trained(name, alpha=-3.0, beta=0.9)
+    # A good dict of another run: loading it unedited changes the optimizer (the check can
+    # see a load).
+    _, other = _trained(name, steps=3, alpha=-3.0, beta=0.9)
+    good = other.state_dict()
+    good["param_groups"][0]["lr"] = 0.123
+    for edit, match in BAD_EDITS[name]:
+        before = _snapshot(optimizer)
+        groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                                for g in optimizer.param_groups])
+        with pytest.raises(ValueError, match=match):
+            optimizer.load_state_dict(_edited(good, edit))
+        _assert_bit_identical(_all_state_tensors(optimizer), before)
+        assert [{k: v for k, v in g.items() if k != "params"}
+                for g in optimizer.param_groups] == groups
+        assert optimizer.param_groups is optimizer.base.param_groups
+    for step in range(2, 4):
+        _step_with(optimizer, step)
+        _step_with(twin, step)
+    _assert_bit_identical(_all_state_tensors(optimizer), _all_state_tensors(twin))
+    optimizer.load_state_dict(good)  # ...and the unedited dict loads
+    assert optimizer.param_groups[0]["lr"] == 0.123
+    loaded = [(n, t) for n, t in _all_state_tensors(optimizer) if n != "param"]
+    _assert_bit_identical(loaded, [(n, t) for n, t in _all_state_tensors(other) if n != "param"])
+
+
+def test_a_plain_base_state_dict_restarts_the_buffers_of_a_trained_optimizer():
+    """Guards ``self.state.clear()`` on the plain-base-state-dict load path (removing it kept
+    the old buffers, which belong to another trajectory). After loading the base's own
+    checkpoint the next g̃ is the first step of a fresh two-buffer reference."""
+    alpha, beta, lr = -2.0, 0.9, 1.0
+    params = _params()
+    optimizer = E(torch.optim.SGD(params, lr=lr), alpha, beta)
+    for step in range(3):
+        _step_with(optimizer, step)
+    assert all("explore_buffer" in optimizer.state[p] for p in params)
+    plain = torch.optim.SGD(_params(seed=1), lr=lr).state_dict()
+    optimizer.load_state_dict(plain)
+    assert not any("explore_buffer" in optimizer.state.get(p, {}) for p in params)
+    start = [p.detach().clone() for p in params]
+    _step_with(optimizer, 3)
+    for p, p0, g in zip(params, start, _grads(3)):
+        expected = p0 - lr * TwoBufferReference()(g, alpha, beta)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+class _HostReading(torch.optim.Optimizer):
+    """A third-party base whose step reads a value on the host (it cannot step on meta)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["scale"] = state.get("scale", torch.ones(3, dtype=p.dtype)) * 0.5
+                p.sub_(group["lr"] * float(p.grad.abs().max()) * p.grad)
+
+
+def test_a_base_that_cannot_step_on_meta_still_loads():
+    """The dry-run check is skipped (only the adaptor's part is checked) for such bases."""
+    params = _params()
+    optimizer = E(_HostReading(params), -1.0, 0.5)
+    _step_with(optimizer, 0)
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin = E(_HostReading([p.detach().clone().requires_grad_() for p in params]), -1.0, 0.5)
+    twin.load_state_dict(saved)
+    _step_with(twin, 1)
+    _step_with(optimizer, 1)
+    _assert_bit_identical(_all_state_tensors(twin), _all_state_tensors(optimizer))
