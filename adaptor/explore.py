@@ -21,6 +21,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Autograd, Closure, GradEstimator, check_estimator
+from adaptor.precision import (
+    SKIPS_KEY,
+    check_flag,
+    check_state_dtype,
+    prepare_step,
+    resolve_state_dtype,
+    skip_count,
+)
 from adaptor.replacement import (
     check_alpha_beta,
     fused_supported,
@@ -33,7 +41,9 @@ ALPHA_KEY = "explore_alpha"
 BETA_KEY = "explore_beta"
 BUFFER_KEY = "explore_buffer"
 ESTIMATOR_KEY = "explore_estimator"
-SKIPS_KEY = "nonfinite_skips"
+# What GradScaler hands an optimizer with _step_supports_amp_scaling (set on the base
+# around its step when the adaptor has consumed them).
+_AMP_ATTRIBUTES = ("grad_scale", "found_inf")
 # Per-parameter state that belongs to the adaptor (the rest of an entry is the base's).
 _OWN_KEYS = (BUFFER_KEY, SKIPS_KEY)
 # Keys an optimizer of this library creates lazily: a state dict without them still loads.
@@ -194,6 +204,34 @@ class ExploredOptimizer(Optimizer):
             uses foreach ops elsewhere.
         telemetry: record, per step and as device tensors (no host sync), ``‖g‖``, ``‖a‖``
             and ``‖α·a‖/‖g‖`` in :attr:`telemetry`. Off by default; free when off.
+        state_dtype: dtype of the buffer. ``None`` (default): float32 for bf16/fp16
+            parameters, the parameter's dtype otherwise. The replacement computes in the
+            buffer's dtype (at least float32) and writes ``g̃`` into ``p.grad`` with one
+            rounding. A bf16 buffer is biased (the one-buffer form's fixed point
+            ``-(1-β)·EMA(g)`` cannot be tracked in 8 bits): keep the default.
+        skip_nonfinite: skip a step whose gradients hold NaN/±Inf (default off, as torch),
+            decided on the device: the buffers keep their bits, the base's step is undone
+            or skipped (see below) and :attr:`skipped_steps` counts it.
+
+    How a step is skipped (with ``skip_nonfinite=True``, or when GradScaler found an inf):
+
+    * bases that skip on the device (``_step_supports_amp_scaling``: torch's Adam, AdamW,
+      SGD and Adagrad with ``fused=True``, this library's optimizers): the base gets
+      ``grad_scale=None`` (E already unscaled) and ``found_inf`` = the skip flag around its
+      step; no copy, no host read.
+    * every other base: E snapshots the parameters and the base's state tensors, runs the
+      base, and restores them where the flag is set (``torch.where``; state the skipped
+      step created is zeroed, which torch's optimizers treat as fresh). Costs a temporary
+      copy of parameters and state per step. State tensors kept on another device than
+      the flag (torch's non-fused, non-capturable optimizers keep ``step`` on the CPU for
+      CUDA parameters) are restored with the flag copied to that device: one
+      device→host copy per step there (none for CPU training; on ``meta`` they are left).
+      Python numbers in the base's state cannot be restored.
+
+    GradScaler: the explored optimizer declares ``_step_supports_amp_scaling``: it
+    unscales the gradients itself (before the replacement) with the scaler's
+    ``grad_scale`` and folds its ``found_inf`` into the skip flag, so ``scaler.step(opt)``
+    reads nothing on the host (over bases of the second kind, see the copy above).
     """
 
     def __init__(
@@ -205,6 +243,8 @@ class ExploredOptimizer(Optimizer):
         beta: float = 0.99,
         fused: bool | None = None,
         telemetry: bool = False,
+        state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         estimator = check_estimator(grad_estimator)
         if not isinstance(base_update, Optimizer):
@@ -222,8 +262,18 @@ class ExploredOptimizer(Optimizer):
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be True, False or None, got {fused!r}")
         check_alpha_beta(alpha, beta)
+        state_dtype = check_state_dtype(state_dtype, "explore")
+        skip_nonfinite = check_flag("explore", "skip_nonfinite", skip_nonfinite)
+        # Whether the base can skip a step on the device given a found_inf tensor.
+        self._base_skips_on_device = bool(
+            getattr(base_update, "_step_supports_amp_scaling", False)
+        )
 
         self.base = base_update
+        self.state_dtype = state_dtype
+        self.skip_nonfinite = skip_nonfinite
+        # Read by torch.amp.GradScaler.step: hand us grad_scale/found_inf (no host read).
+        self._step_supports_amp_scaling = True
         self.estimator = estimator
         self.fused = fused
         self._telemetry = Telemetry() if telemetry else None
@@ -296,10 +346,106 @@ class ExploredOptimizer(Optimizer):
         ]
         loss = self.estimator.estimate(closure, self.param_groups)
         self._check_grads()
+        grads = [p.grad for group in self.param_groups for p in self._params_with_grad(group)]
         with torch.no_grad():
-            self._replace(hparams)
-        self._step_base()
+            # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
+            skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
+            self._replace(hparams, skip)
+            if skip is not None:
+                self._count_skips(skip)
+        if skip is None:
+            self._step_base()
+        elif self._base_skips_on_device:
+            self._step_base_skipping(skip)
+        else:
+            self._step_base_restoring(skip)
         return loss
+
+    def _step_base_skipping(self, skip: Tensor) -> None:
+        """A base with ``_step_supports_amp_scaling`` skips on the device itself."""
+        # The base skips on the device: the gradients are already unscaled, found_inf is
+        # the flag. Its own attributes (if any) are put back afterwards.
+        base = self.base
+        saved = {name: base.__dict__[name] for name in _AMP_ATTRIBUTES if name in base.__dict__}
+        base.grad_scale, base.found_inf = None, skip
+        try:
+            self._step_base()
+        finally:
+            for name in _AMP_ATTRIBUTES:
+                base.__dict__.pop(name, None)
+            base.__dict__.update(saved)
+
+    @torch.no_grad()
+    def _step_base_restoring(self, skip: Tensor) -> None:
+        """Run any base, then put back its parameters and state where ``skip`` is 1.
+
+        ``θ ← where(skip, θ_before, θ)`` for the parameters with a gradient and every
+        tensor of their base state, matched by key (a base may rebind a state tensor);
+        state the step created is zeroed where skipped. See the class docstring for the
+        cost and for state kept on another device.
+        """
+        base = self.base
+        meta = skip.device.type == "meta"
+        keeps: dict[torch.device, Tensor] = {}
+
+        def keep_on(device: torch.device) -> Tensor:
+            keep = keeps.get(device)
+            if keep is None:
+                keep = keeps[device] = skip.to(device, non_blocking=True) > 0
+            return keep
+
+        def restorable(t: Tensor) -> bool:
+            return not meta or t.device.type == "meta"  # no data to restore off meta
+
+        before = []
+        for group in self.param_groups:
+            for p in self._params_with_grad(group):
+                entry = base.state.get(p)
+                entry = entry if isinstance(entry, dict) else {}
+                saved = {
+                    k: v.clone()
+                    for k, v in entry.items()
+                    if isinstance(v, Tensor) and restorable(v)
+                }
+                before.append((p, p.detach().clone(), saved, set(entry)))
+        self._step_base()
+        for p, saved_p, saved, existed in before:
+            p.copy_(torch.where(keep_on(p.device), saved_p, p))
+            entry = base.state.get(p)
+            if not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if not isinstance(value, Tensor) or not restorable(value):
+                    continue
+                keep = keep_on(value.device)
+                old = saved.get(key)
+                if old is not None and old.shape == value.shape:
+                    value.copy_(torch.where(keep, old.to(value.dtype), value))
+                elif key not in existed:
+                    value.copy_(torch.where(keep, torch.zeros_like(value), value))
+
+    def _count_skips(self, skip: Tensor) -> None:
+        """``state[p]["nonfinite_skips"] += skip`` for every parameter with a gradient."""
+        counters: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                counter = state.get(SKIPS_KEY)
+                if counter is None:
+                    counter = state[SKIPS_KEY] = torch.zeros(
+                        (), dtype=torch.float32, device=p.device
+                    )
+                counters.setdefault(counter.device, []).append(counter)
+        for device, bucket in counters.items():
+            # The list overload: the 0-d-tensor overload reads the scalar on the host.
+            flag = skip.to(device, non_blocking=True)
+            torch._foreach_add_(bucket, [flag] * len(bucket))
+
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """Steps skipped for non-finite gradients (a 0-d float32 device tensor), or ``None``
+        before any step could skip (no ``skip_nonfinite``, no GradScaler)."""
+        return skip_count(self)
 
     def _step_base(self) -> None:
         """``base.step()`` without a second round of torch's *global* optimizer hooks.
@@ -343,33 +489,38 @@ class ExploredOptimizer(Optimizer):
         for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
             post_hook(base, args, kwargs)
 
-    def _replace(self, hparams: list[tuple[float, float]]) -> None:
+    def _replace(self, hparams: list[tuple[float, float]], skip: Tensor | None = None) -> None:
         telemetry = self._telemetry
         if telemetry is not None:
             telemetry.begin()
         for group, (alpha, beta) in zip(self.param_groups, hparams):
-            grads, buffers = [], []
+            # Buckets of one device, gradient dtype and buffer dtype. Grouped here rather than
+            # with Optimizer._group_tensors_by_device_and_dtype, which returns the key
+            # (None, None) and unsorted lists under torch.compile.
+            buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
             for p in self._params_with_grad(group):
                 state = self.state[p]
                 buffer = state.get(BUFFER_KEY)
                 if buffer is None:
                     # c_1 = 0 (g_0 = a_0 = 0): allocated once, on the parameter's device.
                     buffer = state[BUFFER_KEY] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
+                        p, dtype=self._buffer_dtype(p), memory_format=torch.preserve_format
                     )
-                grads.append(p.grad)
-                buffers.append(buffer)
-            if not grads:
-                continue
-            buckets = Optimizer._group_tensors_by_device_and_dtype([grads, buffers])
-            for (device, _), ((bucket_grads, bucket_buffers), _) in buckets.items():
+                grad = p.grad
+                key = (grad.device, grad.dtype, buffer.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [])
+                bucket[0].append(grad)
+                bucket[1].append(buffer)
+            for (device, _, _), (bucket_grads, bucket_buffers) in buckets.items():
                 if telemetry is not None:
                     telemetry.observe(bucket_grads, bucket_buffers, alpha, beta)
                 fused = self.fused if self.fused is not None else device.type == "cuda"
                 if fused and fused_supported(device):
-                    replace_fused_(bucket_grads, bucket_buffers, alpha, beta)
+                    replace_fused_(bucket_grads, bucket_buffers, alpha, beta, skip)
                 else:
-                    replace_foreach_(bucket_grads, bucket_buffers, alpha, beta)
+                    replace_foreach_(bucket_grads, bucket_buffers, alpha, beta, skip)
         if telemetry is not None:
             telemetry.end()
 
@@ -531,7 +682,7 @@ class ExploredOptimizer(Optimizer):
             post_hook(self)
 
     def _buffer_dtype(self, p: Tensor) -> torch.dtype:
-        return p.dtype
+        return resolve_state_dtype(p.dtype, self.state_dtype)
 
     def _match_saved_groups(
         self, saved_groups: object, params: list[Tensor]
@@ -609,7 +760,18 @@ class ExploredOptimizer(Optimizer):
     # state (the param groups are the base's, which carries its own), plus the adaptor's
     # base, estimator and configuration. Per-instance step wrappers (an LR scheduler's) and
     # hook dicts stay behind: they close over the original optimizer.
-    _PICKLED = ("defaults", "state", "base", "estimator", "fused", "_telemetry")
+    _PICKLED = (
+        "defaults",
+        "state",
+        "base",
+        "estimator",
+        "fused",
+        "_telemetry",
+        "state_dtype",
+        "skip_nonfinite",
+        "_step_supports_amp_scaling",
+        "_base_skips_on_device",
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         return {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
@@ -643,6 +805,8 @@ def explore(
     beta: float = 0.99,
     fused: bool | None = None,
     telemetry: bool = False,
+    state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
 ) -> ExploredOptimizer:
     """Adapt ``base_update`` with the exploration adaptor E and the given gradient estimator.
 
@@ -650,7 +814,14 @@ def explore(
     unchanged ``base_update.step()``. See :class:`ExploredOptimizer` for the arguments.
     """
     return ExploredOptimizer(
-        grad_estimator, base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+        grad_estimator,
+        base_update,
+        alpha=alpha,
+        beta=beta,
+        fused=fused,
+        telemetry=telemetry,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -661,8 +832,17 @@ def E(
     *,
     fused: bool | None = None,
     telemetry: bool = False,
+    state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
 ) -> ExploredOptimizer:
     """``explore(Autograd(), base_update, ...)``: the paper's E for a backprop optimizer."""
     return explore(
-        Autograd(), base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+        Autograd(),
+        base_update,
+        alpha=alpha,
+        beta=beta,
+        fused=fused,
+        telemetry=telemetry,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
     )
