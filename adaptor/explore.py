@@ -481,10 +481,13 @@ class ExploredOptimizer(Optimizer):
                         f"(new_args, new_kwargs), got {result!r}"
                     )
                 args, kwargs = result
-        with torch.autograd.profiler.record_function(
-            f"Optimizer.step#{type(base).__name__}.step"
-        ):
+        if torch.compiler.is_compiling():  # dynamo ignores (and warns about) the profiler
             raw(*args, **kwargs)
+        else:
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(base).__name__}.step"
+            ):
+                raw(*args, **kwargs)
         base._optimizer_step_code()
         for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
             post_hook(base, args, kwargs)
