@@ -25,8 +25,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adaptor.precision import restore_where_, snapshot
-
 # A tensor passed as α or β would make the bound check read the device; refuse it.
 _REAL = (numbers.Real,)
 
@@ -115,18 +113,56 @@ def replace_foreach_(
     work = work_dtype(buffers[0].dtype)
     g_work = grads if grads[0].dtype == work else [g.to(work) for g in grads]
     c_work = buffers if buffers[0].dtype == work else [c.to(work) for c in buffers]
-    saved = snapshot(buffers) if skip is not None and c_work is buffers else None
-    _replace_lists_(g_work, c_work, alpha, beta)
+    if skip is None:
+        _replace_lists_(g_work, c_work, alpha, beta)
+        if c_work is not buffers:
+            torch._foreach_copy_(buffers, c_work)
+    else:
+        _replace_lists_masked_(g_work, c_work, buffers, alpha, beta, skip)
     if g_work is not grads:
         torch._foreach_copy_(grads, g_work)  # g̃ rounded once to the gradient's dtype
-    if c_work is not buffers:
-        if skip is None:
-            torch._foreach_copy_(buffers, c_work)
+
+
+def _replace_lists_masked_(
+    grads: list[Tensor],
+    buffers: list[Tensor],
+    targets: list[Tensor],
+    alpha: float,
+    beta: float,
+    skip: Tensor,
+) -> None:
+    """As :func:`_replace_lists_`, but ``targets ← where(skip, targets, c_{k+1})``.
+
+    ``buffers`` are the targets themselves or their work-dtype copies. The new buffer is
+    formed per tensor in a temporary (the same operations in the same order as the
+    unmasked form, so an unskipped step gives the same bits) and written with
+    ``torch.where``: one tensor-sized temporary at a time, not a copy of all state.
+    """
+    k1, p, q = replacement_coefficients(alpha, beta)
+    keep = skip.to(buffers[0].device, non_blocking=True) > 0
+    near_bound = k1 < WELL_CONDITIONED_K1
+    if near_bound:
+        scaled = torch._foreach_mul(buffers, alpha)  # α·c_k
+        news = []
+        for c, g in zip(buffers, grads):  # c_{k+1} = β·c_k − s²·g_k (g before replacement)
+            new = c * beta
+            news.append(new.add_(g, alpha=-(1.0 - beta) ** 2))
+        torch._foreach_mul_(grads, k1)
+        torch._foreach_add_(grads, scaled)  # g̃_k = k₁·g_k + α·c_k
+    else:
+        torch._foreach_mul_(grads, k1)
+        torch._foreach_add_(grads, buffers, alpha=alpha)  # g̃_k
+        news = None
+    for i, (c, target) in enumerate(zip(buffers, targets)):
+        if news is not None:
+            new = news[i]
         else:
-            restore_where_(c_work, buffers, skip)  # the old value where skipped
-            torch._foreach_copy_(buffers, c_work)
-    elif saved is not None:
-        restore_where_(buffers, saved, skip)  # type: ignore[arg-type]
+            new = c * p
+            new.add_(grads[i], alpha=q)  # c_{k+1} = p·c_k + q·g̃_k
+        if target is c:
+            torch.where(keep, c, new, out=c)
+        else:  # a low-precision buffer: the old value is exact in the work dtype
+            target.copy_(torch.where(keep, c, new))
 
 
 def _replace_pointwise_(g: Tensor, c: Tensor, k1: float, alpha: float, p: float, q: float) -> None:

@@ -256,3 +256,31 @@ def test_grad_scaler_unscales_like_its_generic_path():
             scaler.update()
         runs.append(_everything(optimizer))
     _assert_bit_identical(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("alpha", "beta"), [(-5.0, 0.99), (-99.0, 0.99)], ids=["mid", "bound"])
+def test_masked_replacement_keeps_the_buffer_and_otherwise_equals_the_unmasked(
+    alpha, beta, buffer_dtype
+):
+    """The replacement with a skip flag: flag 1 → buffers bit-identical (a NaN in g does
+    not reach them); flag 0 → the same bits as the unmasked replacement (well-conditioned
+    and near-bound forms, float32 and bf16 buffers)."""
+    from adaptor.replacement import replace_foreach_
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=generator) for s in SHAPES]
+    buffers = [torch.randn(s, generator=generator).to(buffer_dtype) for s in SHAPES]
+    bad = [g.clone() for g in grads]
+    bad[0][0, 0] = math.nan
+    kept = [c.clone() for c in buffers]
+    replace_foreach_(bad, kept, alpha, beta, skip=torch.tensor(1.0))
+    _assert_bit_identical([("c", c) for c in kept], [("c", c) for c in buffers])
+
+    masked_g, masked_c = [g.clone() for g in grads], [c.clone() for c in buffers]
+    replace_foreach_(masked_g, masked_c, alpha, beta, skip=torch.tensor(0.0))
+    plain_g, plain_c = [g.clone() for g in grads], [c.clone() for c in buffers]
+    replace_foreach_(plain_g, plain_c, alpha, beta)
+    _assert_bit_identical([("g", g) for g in masked_g], [("g", g) for g in plain_g])
+    _assert_bit_identical([("c", c) for c in masked_c], [("c", c) for c in plain_c])
+    assert not torch.equal(plain_c[0], buffers[0])
