@@ -614,6 +614,7 @@ class ExploredOptimizer(Optimizer):
 
         base_state: dict[Any, Any] = {}
         own_state: dict[int, dict[str, Tensor]] = {}
+        unowned: dict[Any, Any] = {}
         expected = None
         for key, entry in state_dict["state"].items():
             index = index_of_id.get(key) if _hashable(key) else None
@@ -626,7 +627,9 @@ class ExploredOptimizer(Optimizer):
                         f"{sorted(map(str, entry))}), but the saved param groups name no such "
                         f"parameter (the optimizer has {len(params)} parameters)"
                     )
-                base_state[key] = entry  # as torch: state that names no parameter, kept
+                # As torch: state that names no parameter is kept as it is, in the adaptor's
+                # own state (hooks on the explored optimizer wrote it there).
+                unowned[key] = entry
                 continue
             if not isinstance(entry, dict):
                 raise ValueError(
@@ -676,6 +679,7 @@ class ExploredOptimizer(Optimizer):
         # The adaptor's state is replaced, never merged: a plain base state dict restarts
         # every buffer from c_1 = 0 (a buffer kept from before would not match the base).
         self.state.clear()
+        self.state.update(unowned)
         for index, own in own_state.items():
             p = params[index]
             for key, value in own.items():

@@ -271,6 +271,8 @@ def test_load_state_dict_tolerates_what_torch_tolerates():
     state_dict = optimizer.state_dict()
     state_dict["state"]["extra"] = 5  # a non-int key with a non-dict value
     optimizer.load_state_dict(state_dict)
+    assert optimizer.state["extra"] == 5  # as torch: kept in the optimizer's state
+    assert "extra" not in optimizer.base.state  # the base never sees it
     assert optimizer.state["ran_load_post_hook"] is True
     assert optimizer.state["lr_seen"] == 0.003
     # The non-dict values survive a save/load round trip and do not disturb stepping.
