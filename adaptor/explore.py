@@ -10,6 +10,7 @@ At every step (the paper's Algorithm 5):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections import OrderedDict, defaultdict
@@ -734,7 +735,14 @@ class ExploredOptimizer(Optimizer):
             meta.grad = torch.zeros_like(meta)
         clone = type(base).__new__(type(base))
         skip = {"state", "param_groups", "step", *_HOOK_DICTS}
-        clone.__dict__.update({k: v for k, v in base.__dict__.items() if k not in skip})
+        # Containers are copied so that the dry run cannot add to the base's own.
+        clone.__dict__.update(
+            {
+                k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                for k, v in base.__dict__.items()
+                if k not in skip
+            }
+        )
         for name in _HOOK_DICTS:
             clone.__dict__[name] = OrderedDict()
         clone.__dict__["state"] = defaultdict(dict)
