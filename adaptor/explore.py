@@ -648,7 +648,9 @@ class ExploredOptimizer(Optimizer):
                     expected = self._expected_base_state(params, saved_groups)
                 if expected is not False:
                     _check_base_entry(index, type(self.base).__name__, entry, expected[index])
-                base_state[index] = entry
+                # A copy: torch's load keeps uncast tensors as they are, so the optimizer
+                # would share them with the dict (and with any optimizer loaded from it).
+                base_state[index] = copy.deepcopy(entry)
         for index, group in enumerate(saved_groups):
             check_alpha_beta(
                 group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),

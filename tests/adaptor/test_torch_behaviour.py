@@ -503,3 +503,16 @@ def test_a_base_that_cannot_step_on_meta_still_loads():
     _step_with(twin, 1)
     _step_with(optimizer, 1)
     _assert_bit_identical(_all_state_tensors(twin), _all_state_tensors(optimizer))
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "Adam"])
+def test_a_loaded_optimizer_does_not_share_tensors_with_the_state_dict(name):
+    """torch's load keeps uncast tensors as they are: two optimizers loaded from one dict (or
+    an optimizer and the one it was saved from, as with Adagrad, whose state exists from
+    construction) would update the same tensors. E loads copies."""
+    params, optimizer = _trained(name, steps=0 if name == "Adagrad" else 1)
+    twin = E(BASES[name]([p.detach().clone().requires_grad_() for p in params]))
+    twin.load_state_dict(optimizer.state_dict())
+    before = _snapshot(optimizer)
+    _step_with(twin, 5)
+    _assert_bit_identical(_snapshot(optimizer), before)
