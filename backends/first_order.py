@@ -23,7 +23,6 @@ first-order base.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,75 +40,18 @@ from adaptor.replacement import (
     replacement_coefficients,
 )
 from backends._common import step_dtype
+from backends._validation import (
+    check_betas,
+    check_flag,
+    check_lr,
+    check_nonneg,
+    check_pair,
+    check_positive,
+)
 
 __all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
 
 Closure = Callable[[], Any]
-
-
-# -- validation ------------------------------------------------------------------------------
-
-
-def _real(owner: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
-    result = float(value)
-    if math.isnan(result):
-        raise ValueError(f"{owner}: {name} must not be NaN")
-    return result
-
-
-def _check_lr(owner: str, lr: object) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{owner}: a tensor lr must have exactly one element")
-        return
-    if not 0.0 <= _real(owner, "lr", lr) < math.inf:
-        raise ValueError(f"{owner}: invalid lr={lr}, must satisfy 0 <= lr < inf")
-
-
-def _check_unit(owner: str, name: str, value: object) -> None:
-    if not 0.0 <= _real(owner, name, value) < 1.0:
-        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 <= {name} < 1")
-
-
-def _check_nonneg(owner: str, name: str, value: object) -> None:
-    if not 0.0 <= _real(owner, name, value) < math.inf:
-        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 <= {name} < inf")
-
-
-def _check_positive(owner: str, name: str, value: object) -> None:
-    if not 0.0 < _real(owner, name, value) < math.inf:
-        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy 0 < {name} < inf")
-
-
-def _check_betas(owner: str, betas: object, count: int) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != count:
-        raise ValueError(f"{owner}: betas must be a tuple of {count} numbers, got {betas!r}")
-    for i, beta in enumerate(betas):
-        _check_unit(owner, f"betas[{i}]", beta)
-
-
-def _check_flag(owner: str, name: str, value: object, *, allow_none: bool = False) -> None:
-    if isinstance(value, bool) or (allow_none and value is None):
-        return
-    allowed = "True, False or None" if allow_none else "True or False"
-    raise TypeError(f"{owner}: {name} must be {allowed}, got {value!r}")
-
-
-def _check_trust_clip(owner: str, trust_clip: object) -> None:
-    if trust_clip is None:
-        return
-    if not isinstance(trust_clip, (tuple, list)) or len(trust_clip) != 2:
-        raise ValueError(
-            f"{owner}: trust_clip must be None or a pair (low, high), got {trust_clip!r}"
-        )
-    low = _real(owner, "trust_clip[0]", trust_clip[0])
-    high = _real(owner, "trust_clip[1]", trust_clip[1])
-    if not 0.0 <= low <= high:
-        raise ValueError(
-            f"{owner}: invalid trust_clip={tuple(trust_clip)}, must satisfy 0 <= low <= high"
-        )
 
 
 # -- shared machinery ------------------------------------------------------------------------
@@ -509,7 +451,7 @@ class Lamb(_FirstOrder):
         fused: bool | None = None,
     ) -> None:
         if max_grad_norm is not None:
-            _check_positive(self._owner, "max_grad_norm", max_grad_norm)
+            check_positive(self._owner, "max_grad_norm", max_grad_norm)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -522,17 +464,17 @@ class Lamb(_FirstOrder):
 
     def _validate(self, group: dict[str, Any]) -> None:
         owner = self._owner
-        _check_lr(owner, group["lr"])
-        _check_betas(owner, group["betas"], self._nbetas)
-        _check_nonneg(owner, "eps", group["eps"])
-        _check_nonneg(owner, "weight_decay", group["weight_decay"])
-        _check_positive(owner, "trust_eps", group["trust_eps"])
-        _check_positive(owner, "norm_eps", group["norm_eps"])
-        _check_flag(owner, "bias_correction", group["bias_correction"])
-        _check_flag(owner, "layer_adaptation", group["layer_adaptation"])
-        _check_trust_clip(owner, group["trust_clip"])
-        _check_flag(owner, "foreach", group["foreach"], allow_none=True)
-        _check_flag(owner, "fused", group["fused"], allow_none=True)
+        check_lr(owner, group["lr"])
+        check_betas(owner, group["betas"], self._nbetas)
+        check_nonneg(owner, "eps", group["eps"])
+        check_nonneg(owner, "weight_decay", group["weight_decay"])
+        check_positive(owner, "trust_eps", group["trust_eps"])
+        check_positive(owner, "norm_eps", group["norm_eps"])
+        check_flag(owner, "bias_correction", group["bias_correction"])
+        check_flag(owner, "layer_adaptation", group["layer_adaptation"])
+        check_pair(owner, "trust_clip", group["trust_clip"])
+        check_flag(owner, "foreach", group["foreach"], allow_none=True)
+        check_flag(owner, "fused", group["fused"], allow_none=True)
 
     def _more_defaults(self) -> dict[str, Any]:
         return {}
@@ -784,12 +726,12 @@ class AdaBelief(_FirstOrder):
 
     def _validate(self, group: dict[str, Any]) -> None:
         owner = self._owner
-        _check_lr(owner, group["lr"])
-        _check_betas(owner, group["betas"], 2)
-        _check_nonneg(owner, "eps", group["eps"])
-        _check_nonneg(owner, "weight_decay", group["weight_decay"])
-        _check_flag(owner, "decoupled_weight_decay", group["decoupled_weight_decay"])
-        _check_flag(owner, "foreach", group["foreach"], allow_none=True)
+        check_lr(owner, group["lr"])
+        check_betas(owner, group["betas"], 2)
+        check_nonneg(owner, "eps", group["eps"])
+        check_nonneg(owner, "weight_decay", group["weight_decay"])
+        check_flag(owner, "decoupled_weight_decay", group["decoupled_weight_decay"])
+        check_flag(owner, "foreach", group["foreach"], allow_none=True)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
@@ -850,7 +792,7 @@ def param_groups_for(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups_for: model must be an nn.Module, got {type(model).__name__}")
-    _check_nonneg("param_groups_for", "weight_decay", weight_decay)
+    check_nonneg("param_groups_for", "weight_decay", weight_decay)
     if exclude is not None and not callable(exclude):
         raise TypeError("param_groups_for: exclude must be a callable (name, param) -> bool")
     norm_params: set[int] = set()
