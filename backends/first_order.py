@@ -45,6 +45,7 @@ from backends._validation import (
     check_flag,
     check_lr,
     check_nonneg,
+    check_optional_positive,
     check_pair,
     check_positive,
 )
@@ -136,6 +137,9 @@ class _FirstOrder(Optimizer):
         """torch's loading, then each step counter moved to its parameter's device and dtype."""
         super().load_state_dict(state_dict)
         for p, state in self.state.items():
+            # A load post-hook may have put anything into ``self.state`` (torch accepts it).
+            if not isinstance(p, Tensor) or not isinstance(state, dict):
+                continue
             step = state.get("step")
             if isinstance(step, Tensor):
                 state["step"] = step.to(device=p.device, dtype=step_dtype(p), copy=True)
@@ -417,9 +421,10 @@ class Lamb(_FirstOrder):
         layer_adaptation: apply the trust ratio (default) or use ratio 1.
         trust_clip: ``None`` (default) or ``(low, high)`` with ``0 <= low <= high``.
         max_grad_norm: ``None`` (default, as in the paper's algorithm) or a positive float:
-            first clip all gradients of the optimizer in place to this global 2-norm
-            (``torch.nn.utils.clip_grad_norm_``; the reference code always clips at 1.0).
-            An optimizer-wide setting, not a group key.
+            first clip the gradients in place to this 2-norm, measured over all gradients
+            of the optimizer (``clip_grad_norm_`` over the whole model; the reference code
+            always clips at 1.0). A group key like the others (kept by ``deepcopy``,
+            ``pickle`` and ``state_dict``); a group with ``None`` is left unclipped.
         foreach: multi-tensor implementation (``None``/``True``, default) or a Python loop
             over tensors (``False``).
         fused: two compiled passes per tensor of at least 65536 elements (``torch.compile``;
@@ -450,14 +455,12 @@ class Lamb(_FirstOrder):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if max_grad_norm is not None:
-            check_positive(self._owner, "max_grad_norm", max_grad_norm)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, trust_eps=trust_eps, norm_eps=norm_eps,
             bias_correction=bias_correction, layer_adaptation=layer_adaptation,
-            trust_clip=trust_clip, foreach=foreach, fused=fused, **self._more_defaults(),
+            trust_clip=trust_clip, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused,
+            **self._more_defaults(),
         )
         self._validate(defaults)
         super().__init__(params, defaults)
@@ -473,6 +476,7 @@ class Lamb(_FirstOrder):
         check_flag(owner, "bias_correction", group["bias_correction"])
         check_flag(owner, "layer_adaptation", group["layer_adaptation"])
         check_pair(owner, "trust_clip", group["trust_clip"])
+        check_optional_positive(owner, "max_grad_norm", group["max_grad_norm"])
         check_flag(owner, "foreach", group["foreach"], allow_none=True)
         check_flag(owner, "fused", group["fused"], allow_none=True)
 
@@ -482,16 +486,32 @@ class Lamb(_FirstOrder):
     def _explore_hparams(self) -> list[tuple[float, float] | None]:
         return [None for _ in self.param_groups]
 
+    def _clip_grads(self) -> None:
+        """Scale each group's gradients by ``min(1, max_grad_norm/(‖g‖ + 1e-6))``.
+
+        ``‖g‖`` is the 2-norm of all gradients of the optimizer (every group), so with one
+        ``max_grad_norm`` for all groups this is ``clip_grad_norm_`` over the whole model
+        (the reference code's clipping); a group with ``max_grad_norm=None`` is not scaled.
+        """
+        clipped = [g for g in self.param_groups if g["max_grad_norm"] is not None]
+        if not clipped:
+            return
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        total = torch.nn.utils.get_total_norm(grads)
+        for group in clipped:
+            mine = [p for p in group["params"] if p.grad is not None]  # params, not grads
+            if mine:
+                torch.nn.utils.clip_grads_with_norm_(mine, group["max_grad_norm"], total)
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """One Lamb step; ``closure`` (optional) is run under ``torch.enable_grad()``."""
         loss = self._run_closure(closure)
         self._check_grads()
         explore = self._explore_hparams()  # validated before anything is modified
-        if self.max_grad_norm is not None:
-            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        self._clip_grads()
         for group, alpha_beta in zip(self.param_groups, explore):
             lists = self._gather(group)
             if not lists[0]:

@@ -508,3 +508,72 @@ def test_backends_exports_every_first_order_base():
     assert (backends.Lamb, backends.ALTO, backends.AdaBelief) == (Lamb, ALTO, AdaBelief)
     assert backends.param_groups_for is param_groups_for
     assert issubclass(ALTO, Lamb)
+
+
+# -- copies, pickling, hooks and state dicts (issue 11) --------------------------------------
+
+COPYABLE = [
+    pytest.param(lambda p: Lamb(p, lr=0.01, max_grad_norm=1.0), id="Lamb-clip"),
+    pytest.param(lambda p: ALTO(p, lr=0.01, max_grad_norm=1.0), id="ALTO-clip"),
+    pytest.param(lambda p: AdaBelief(p, lr=0.01, weight_decay=0.01), id="AdaBelief"),
+]
+
+
+def _stepped(make, steps=2):
+    theta0 = initial(torch.float64, zero_last=False)
+    _, optimizer = run(make, theta0, steps=steps)
+    return optimizer
+
+
+def _set_grads(optimizer, step):
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    for p, g in zip(live, grad_fn([p.detach() for p in live], step)):
+        p.grad = g
+    return live
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_after_a_scheduler_and_hooks_steps_its_own_parameters(make, how):
+    """Before: ``max_grad_norm`` was an instance attribute that torch's ``__getstate__`` drops,
+    so the copy raised AttributeError on ``step()``."""
+    import pickle
+
+    optimizer = _stepped(make)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    calls = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    _set_grads(optimizer, 2)
+    optimizer.step()  # through the scheduler's step wrapper
+    scheduler.step()
+    twin = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    originals = [p.detach().clone() for p in _set_grads(optimizer, 3)]
+    copies = _set_grads(twin, 3)
+    assert not any(p is q for p, q in zip(copies, optimizer.param_groups[0]["params"]))
+    before = [p.detach().clone() for p in copies]
+    twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(optimizer.param_groups[0]["params"], originals))
+    assert all(not torch.equal(p, q) for p, q in zip(copies, before))
+    assert twin.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.005
+    # the copy steps exactly as the original does from the same state
+    optimizer.step()
+    for p, q in zip(optimizer.param_groups[0]["params"], copies):
+        assert torch.equal(p, q)
+    assert calls == [1, 1]  # hooks stay with the original (torch's behaviour)
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+def test_load_tolerates_a_post_hook_that_writes_non_dict_state(make):
+    """torch's optimizers accept any value a load post-hook puts into ``optimizer.state``."""
+    optimizer = _stepped(make)
+    saved = optimizer.state_dict()
+
+    def hook(opt):
+        opt.state["note"] = 3
+
+    fresh = make([p.detach().clone().requires_grad_() for p in optimizer.param_groups[0]["params"]])
+    fresh.register_load_state_dict_post_hook(hook)
+    fresh.load_state_dict(saved)
+    assert fresh.state["note"] == 3
+    _set_grads(fresh, 2)
+    fresh.step()
