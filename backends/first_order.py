@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from adaptor.explore import BUFFER_KEY
+from adaptor.explore import ALPHA_KEY, BETA_KEY, BUFFER_KEY
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
@@ -83,6 +83,9 @@ class _FirstOrder(Optimizer):
     """What Lamb, ALTO and AdaBelief share: validation, state, closure, grouping."""
 
     _state_keys: tuple[str, ...] = ()
+    _optional_state_keys: tuple[str, ...] = ()
+    explores = False  # whether the optimizer already does the adaptor's replacement
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale/found_inf
 
     def _validate(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -435,7 +438,6 @@ class Lamb(_FirstOrder):
     """
 
     _owner = "Lamb"
-    _nbetas = 2
     _state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(
@@ -468,7 +470,7 @@ class Lamb(_FirstOrder):
     def _validate(self, group: dict[str, Any]) -> None:
         owner = self._owner
         check_lr(owner, group["lr"])
-        check_betas(owner, group["betas"], self._nbetas)
+        check_betas(owner, group["betas"], 2, names=("β₂", "β₃"))
         check_nonneg(owner, "eps", group["eps"])
         check_nonneg(owner, "weight_decay", group["weight_decay"])
         check_positive(owner, "trust_eps", group["trust_eps"])
@@ -517,7 +519,7 @@ class Lamb(_FirstOrder):
             if not lists[0]:
                 continue
             alpha, beta = alpha_beta if alpha_beta is not None else (0.0, 0.0)
-            beta2, beta3 = group["betas"][-2:]
+            beta2, beta3 = group["betas"]
             hp = dict(
                 lr=group["lr"], beta2=beta2, beta3=beta3, eps=group["eps"],
                 trust_eps=group["trust_eps"], norm_eps=group["norm_eps"],
@@ -545,54 +547,70 @@ class ALTO(Lamb):
     r"""ALTO, the paper's adapted Lamb (Algorithm 2): Lamb fed ``g̃ = g + α·a``.
 
     .. math::
-        a_k = β a_{k-1} + (1-β)(g_k - g_{k-1}),\qquad \tilde g_k = g_k + α a_k,
+        a_k = β_1 a_{k-1} + (1-β_1)(g_k - g_{k-1}),\qquad \tilde g_k = g_k + α a_k,
         \qquad a_0 = g_0 = 0
 
-    then exactly :class:`Lamb` on ``g̃`` (``m`` and ``v`` of ``g̃``, bias correction, the
-    trust ratio φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖)), φ(x) = x + ε₃). The replacement is the adaptor's
-    one-buffer form (:mod:`adaptor.replacement`), so the state per parameter is ``step``
-    and three parameter-sized buffers: ``exp_avg`` (m), ``exp_avg_sq`` (v) and
-    ``explore_buffer`` (c). The trajectory equals ``explore(Autograd(), Lamb(...,
-    betas=(β₂, β₃)), alpha=α, beta=β)``; ``alpha=0`` is :class:`Lamb`. After ``step()``,
-    ``p.grad`` holds ``g̃`` (the replacement is in place, as in the adaptor).
+    then exactly :class:`Lamb` on ``g̃`` (``m`` and ``v`` of ``g̃`` with rates β₂, β₃, bias
+    correction, the trust ratio). The paper's notation and this class's arguments:
 
-    Defaults are the paper's for batches ≥ 1K: ``betas=(β, β₂, β₃) = (0.99, 0.9, 0.99)``,
-    ``alpha=-5``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient clipping
-    (``max_grad_norm=1.0`` reproduces the reference code's clipping, which happens before
-    the replacement, so ``a`` is built from clipped gradients; ``explore(Autograd(),
-    Lamb(..., max_grad_norm=1.0))`` clips ``g̃`` instead). For batches < 1K the paper uses
-    ``alpha=0.5`` and β = 0.01. The three epsilons are separate arguments: ``eps`` (ε₁),
-    ``trust_eps`` (ε₂), ``norm_eps`` (ε₃). Changing β (``betas[0]``) mid-run applies to the
-    buffer formed under the old β, as in the adaptor.
+    ============  ======================  ===========================================
+    paper         argument                group key
+    ============  ======================  ===========================================
+    α             ``alpha`` (-5)          ``explore_alpha`` (the adaptor's key)
+    β₁            ``beta`` (0.99)         ``explore_beta`` (the adaptor's key)
+    β₂, β₃        ``betas`` (0.9, 0.99)   ``betas``, exactly as in :class:`Lamb`
+    ε₁, ε₂, ε₃    ``eps``, ``trust_eps``, ``norm_eps``
+    ============  ======================  ===========================================
 
-    Unlike the reference package's ``ALTO``: the trust ratio has ε₂ and ε₃ (the reference
-    uses ‖θ‖/‖r‖, or 1 where a norm is 0; set both tiny to come close), it is applied to
-    every group (the reference applies it only where weight decay ≠ 0;
-    use :func:`param_groups_for` with ``exclude_from_layer_adaptation=True`` for that),
-    no clipping unless asked, no host reads, and 3 buffers instead of 6.
+    so ``ALTO(params, lr, betas, alpha=α, beta=β, ...)`` has the same param groups as
+    ``E(Lamb(params, lr, betas, ...), alpha=α, beta=β)`` and follows the same trajectory;
+    schedulers that cycle ``betas[0]`` (``OneCycleLR``, ``CyclicLR``) change β₂ as they
+    change Adam's β₁, never the adaptor's β. ``alpha=0`` is :class:`Lamb`.
 
-    On CPU pass ``fused=True`` for models with large tensors: the foreach chain is memory
-    bound (some fifteen passes over every tensor), the compiled one makes two.
+    The replacement is the adaptor's one-buffer form (:mod:`adaptor.replacement`), so the
+    state per parameter is ``step`` and three parameter-sized buffers: ``exp_avg`` (m),
+    ``exp_avg_sq`` (v) and ``explore_buffer`` (c). After ``step()``, ``p.grad`` holds ``g̃``
+    (the replacement is in place, as in the adaptor). ``ALTO.explores`` is ``True``: the
+    adaptor refuses to wrap an optimizer that already explores.
+
+    Defaults are the paper's for batches ≥ 1K: ``alpha=-5``, ``beta=0.99``,
+    ``betas=(0.9, 0.99)``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient
+    clipping (``max_grad_norm=1.0`` reproduces the reference code's clipping, which happens
+    before the replacement, so ``a`` is built from clipped gradients; ``E(Lamb(...,
+    max_grad_norm=1.0))`` clips ``g̃`` instead). For batches < 1K the paper uses
+    ``alpha=0.5``, ``beta=0.01``. Changing β mid-run applies to the buffer formed under the
+    old β, as in the adaptor.
+
+    Unlike the reference package's ``ALTO``: the trust ratio has ε₂ and ε₃ (1 where
+    ‖θ‖ = 0 or ‖r‖ = 0, as there, by default), it is applied to every group (the reference
+    applies it only where weight decay ≠ 0; use :func:`param_groups_for` with
+    ``exclude_from_layer_adaptation=True`` for that), no clipping unless asked, no host
+    reads, and 3 buffers instead of 6.
 
     Args:
-        betas: (β, β₂, β₃): the persistence factor of the replacement and Lamb's two
-            moment rates, each in [0, 1).
-        alpha: α, with ``|α| < 1/(1-β)``; negative explores, positive exploits. Each group
-            may have its own ``alpha`` and ``betas``; both are checked at every step.
+        betas: (β₂, β₃), Lamb's moment rates, each in [0, 1). The three-number layout of
+            earlier versions, ``betas=(β, β₂, β₃)``, is refused with a message: write
+            ``betas=(β₂, β₃), beta=β``.
+        alpha: α, with ``|α| < 1/(1-β)``; negative explores, positive exploits.
+        beta: β (the paper's β₁), the persistence of the gradient-difference EMA, in [0, 1).
+            Each group may have its own ``explore_alpha``/``explore_beta``; both are checked
+            at every step before anything is modified.
 
     The other arguments are :class:`Lamb`'s.
     """
 
     _owner = "ALTO"
-    _nbetas = 3
     _state_keys = ("exp_avg", "exp_avg_sq", BUFFER_KEY)
+    _optional_state_keys = (BUFFER_KEY,)  # a Lamb state dict loads: the buffer starts at 0
+    explores = True
 
     def __init__(
         self,
         params: Any,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float, float] = (0.99, 0.9, 0.99),
+        betas: tuple[float, float] = (0.9, 0.99),
         alpha: float = -5.0,
+        beta: float = 0.99,
         eps: float = 1e-6,
         weight_decay: float = 1e-4,
         *,
@@ -605,26 +623,34 @@ class ALTO(Lamb):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        self._alpha = alpha
+        check_alpha_beta(alpha, beta, where="ALTO: alpha and beta")
+        self._alpha_beta = (float(alpha), float(beta))
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             trust_eps=trust_eps, norm_eps=norm_eps, bias_correction=bias_correction,
             layer_adaptation=layer_adaptation, trust_clip=trust_clip,
             max_grad_norm=max_grad_norm, foreach=foreach, fused=fused,
         )
+        del self._alpha_beta  # only defaults and param groups travel (deepcopy, pickle)
 
     def _more_defaults(self) -> dict[str, Any]:
-        return {"alpha": self._alpha}
+        alpha, beta = self._alpha_beta
+        return {ALPHA_KEY: alpha, BETA_KEY: beta}
 
     def _validate(self, group: dict[str, Any]) -> None:
+        betas = group["betas"]
+        if isinstance(betas, (tuple, list)) and len(betas) == 3:
+            raise ValueError(
+                f"ALTO: betas={tuple(betas)!r} has the old layout (β, β₂, β₃); betas is now "
+                f"Lamb's (β₂, β₃) and the adaptor's β is its own argument: write "
+                f"ALTO(..., betas=({betas[1]}, {betas[2]}), beta={betas[0]})"
+            )
         super()._validate(group)
-        check_alpha_beta(group["alpha"], group["betas"][0], where="ALTO: beta is betas[0]")
+        check_alpha_beta(group[ALPHA_KEY], group[BETA_KEY], where="ALTO")
 
     def _explore_hparams(self) -> list[tuple[float, float] | None]:
         return [
-            check_alpha_beta(
-                g["alpha"], g["betas"][0], where=f"ALTO param group {i}: beta is betas[0]"
-            )
+            check_alpha_beta(g[ALPHA_KEY], g[BETA_KEY], where=f"ALTO param group {i}")
             for i, g in enumerate(self.param_groups)
         ]
 

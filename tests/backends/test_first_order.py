@@ -191,7 +191,7 @@ def test_alto_matches_reference(foreach, bias_correction, weight_decay, alpha, b
               alpha=alpha, **BIG_EPS)  # fmt: skip
     theta0 = initial()
     ours, _ = run(
-        lambda p: ALTO(p, betas=(beta, 0.8, 0.95), foreach=foreach, **hp), theta0, skip=SKIP
+        lambda p: ALTO(p, betas=(0.8, 0.95), beta=beta, foreach=foreach, **hp), theta0, skip=SKIP
     )
     expected = reference_lamb(theta0, betas=(0.8, 0.95), beta=beta, skip=SKIP, **hp)
     assert_all_close(ours, expected, **F64)
@@ -214,7 +214,7 @@ def test_alto_matches_reference_for_any_admissible_hyperparameters(
     hp = dict(lr=lr, weight_decay=weight_decay, bias_correction=bias_correction, alpha=alpha,
               max_grad_norm=max_grad_norm)  # fmt: skip
     theta0 = initial(zero_last=False)
-    ours, _ = run(lambda p: ALTO(p, betas=(beta, beta2, beta3), **hp), theta0, steps=5)
+    ours, _ = run(lambda p: ALTO(p, betas=(beta2, beta3), beta=beta, **hp), theta0, steps=5)
     expected = reference_lamb(theta0, betas=(beta2, beta3), beta=beta, steps=5, **hp)
     assert_all_close(ours, expected, rtol=1e-8, atol=1e-10)
 
@@ -226,7 +226,7 @@ def test_alto_equals_explored_lamb():
         hp = dict(lr=0.02, weight_decay=1e-3, bias_correction=bias_correction)
 
         def alto(p, hp=hp):
-            return ALTO(p, betas=(0.9, 0.8, 0.95), alpha=-4.0, **hp)
+            return ALTO(p, betas=(0.8, 0.95), alpha=-4.0, beta=0.9, **hp)
 
         def explored_lamb(p, hp=hp):
             return explore(Autograd(), Lamb(p, betas=(0.8, 0.95), **hp), alpha=-4.0, beta=0.9)
@@ -251,7 +251,7 @@ def test_alto_state_is_exactly_three_parameter_sized_buffers():
 
 def test_alto_leaves_the_replaced_gradient_in_grad():
     p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    optimizer = ALTO([p], betas=(0.9, 0.9, 0.99), alpha=-5.0)
+    optimizer = ALTO([p], betas=(0.9, 0.99), alpha=-5.0, beta=0.9)
     p.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
     optimizer.step()
     # g̃_1 = g_1 + α(1-β)g_1
@@ -263,20 +263,22 @@ def test_alto_matches_the_reference_package_up_to_its_epsilons():
     from ALTO import ALTO as ReferenceALTO
 
     theta0 = initial(zero_last=False)
-    hp = dict(lr=0.02, betas=(0.99, 0.9, 0.99), weight_decay=1e-2)
+    hp = dict(lr=0.02, weight_decay=1e-2)
     ours, _ = run(
-        lambda p: ALTO(p, alpha=-5.0, eps=1e-6, trust_eps=1e-30, norm_eps=1e-30,
-                       max_grad_norm=1.0, **hp),
+        lambda p: ALTO(p, betas=(0.9, 0.99), alpha=-5.0, beta=0.99, eps=1e-6, trust_eps=1e-30,
+                       norm_eps=1e-30, max_grad_norm=1.0, **hp),
         theta0,
     )  # fmt: skip
-    theirs, _ = run(lambda p: ReferenceALTO(p, alp=-5.0, eps=1e-6, **hp), theta0)
+    theirs, _ = run(
+        lambda p: ReferenceALTO(p, betas=(0.99, 0.9, 0.99), alp=-5.0, eps=1e-6, **hp), theta0
+    )
     assert_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_alto_checks_alpha_at_every_step_before_changing_anything():
     theta0 = initial(torch.float32)
     params, optimizer = run(lambda p: ALTO(p), theta0, steps=2)
-    optimizer.param_groups[0]["alpha"] = -200.0
+    optimizer.param_groups[0]["explore_alpha"] = -200.0
     before = [p.clone() for p in params]
     state_before = copy.deepcopy(optimizer.state_dict()["state"])
     for p, g in zip(optimizer.param_groups[0]["params"], grad_fn(params, 2)):
@@ -577,3 +579,50 @@ def test_load_tolerates_a_post_hook_that_writes_non_dict_state(make):
     assert fresh.state["note"] == 3
     _set_grads(fresh, 2)
     fresh.step()
+
+
+# -- ALTO's layout: α and β are the adaptor's keys, betas is Lamb's ----------------------------
+
+
+def test_alto_and_explored_lamb_have_identical_param_groups():
+    from adaptor import E
+
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    hp = dict(lr=0.02, betas=(0.8, 0.95), weight_decay=1e-3, max_grad_norm=1.0)
+    alto = ALTO([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}], alpha=-3.0,
+                beta=0.9, **hp)  # fmt: skip
+    explored = E(Lamb([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}], **hp),
+                 alpha=-3.0, beta=0.9)  # fmt: skip
+    assert alto.param_groups == explored.param_groups
+    assert alto.param_groups[0]["explore_alpha"] == -3.0
+    assert alto.param_groups[0]["explore_beta"] == 0.9
+    assert alto.param_groups[0]["betas"] == (0.8, 0.95)
+    assert ALTO.explores is True and Lamb.explores is False
+
+
+def test_one_cycle_lr_cycles_lambs_beta2_and_leaves_alpha_and_beta_alone():
+    """Before: ``betas[0]`` was the adaptor's β; OneCycleLR moved it 0.99 → 0.85 and α = −50
+    then broke ``|α| < 1/(1-β)``."""
+    params = [p.clone().requires_grad_() for p in initial(torch.float32, zero_last=False)]
+    optimizer = ALTO(params, lr=0.01, alpha=-50.0, beta=0.99)
+    total = 12
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=total)
+    seen = set()
+    for step in range(total):
+        _set_grads(optimizer, step)
+        optimizer.step()
+        scheduler.step() if step < total - 1 else None
+        group = optimizer.param_groups[0]
+        assert (group["explore_alpha"], group["explore_beta"]) == (-50.0, 0.99)
+        seen.add(round(group["betas"][0], 6))
+    assert min(seen) <= 0.86 and max(seen) >= 0.94  # the cycle did move β₂
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_alto_refuses_the_old_three_betas_with_the_new_spelling():
+    params = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"old layout .*betas=\(0\.9, 0\.99\), beta=0\.99"):
+        ALTO(params, betas=(0.99, 0.9, 0.99))
+    optimizer = ALTO(params)
+    with pytest.raises(ValueError, match="old layout"):
+        optimizer.add_param_group({"params": [torch.zeros(1)], "betas": (0.5, 0.9, 0.99)})

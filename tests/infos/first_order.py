@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adaptor.explore import ALPHA_KEY, BETA_KEY
 from backends.first_order import ALTO, AdaBelief, Lamb
 from tests.optim_db import OptimizerInfo
 
@@ -22,11 +23,16 @@ def _adabelief(params, lr=1e-2, **kw):
 
 
 def _alto(params, lr=1e-2, alpha=-5.0, **kw):
+    # the group keys name the adaptor's α and β; as constructor arguments they are alpha/beta
+    alpha = kw.pop(ALPHA_KEY, alpha)
+    if BETA_KEY in kw:
+        kw["beta"] = kw.pop(BETA_KEY)
     return ALTO(params, lr=lr, alpha=alpha, **kw)
 
 
 def _alto_base(params, lr=1e-2, **kw):
     """ALTO's Lamb: same β₂, β₃, λ and epsilons, no replacement (``alpha=0``)."""
+    kw.pop("beta", None)
     kw.setdefault("weight_decay", 1e-4)
     return Lamb(params, lr=lr, betas=(0.9, 0.99), **kw)
 
@@ -102,19 +108,24 @@ INFOS = [
         name="ALTO",
         build=_alto,
         base=_alto_base,
-        group_override={"lr": 3e-3, "alpha": 0.5, "betas": (0.5, 0.9, 0.99)},
+        group_override={
+            "lr": 3e-3, "explore_alpha": 0.5, "explore_beta": 0.5, "betas": (0.8, 0.99),
+        },
         invalid=(
             *_lamb_invalid(_alto, "ALTO"),
-            _bad(_alto, ValueError, r"\|alpha\| < 1/\(1-beta\) = 100 .*beta is betas\[0\]",
-                 alpha=-100.0),
-            _bad(_alto, ValueError, r"betas\[0\]=1.0, must satisfy 0 <= betas\[0\] < 1",
-                 betas=(1.0, 0.9, 0.99)),
-            _bad(_alto, ValueError, r"betas must be a tuple of 3", betas=(0.99, 0.9)),
+            _bad(_alto, ValueError, r"\|alpha\| < 1/\(1-beta\) = 100 .*ALTO", alpha=-100.0),
+            _bad(_alto, ValueError, r"explore beta must satisfy 0 <= beta < 1", beta=1.0),
+            _bad(_alto, ValueError, r"betas=\(0.99, 0.9, 0.99\) has the old layout",
+                 betas=(0.99, 0.9, 0.99)),
+            _bad(_alto, ValueError, r"betas must be a tuple of 2 numbers \(β₂, β₃\)",
+                 betas=(0.9,)),
+            _bad(_alto, ValueError, r"invalid betas\[0\]=1.0, must satisfy 0 <= betas\[0\] < 1",
+                 betas=(1.0, 0.99)),
             _bad(_alto, TypeError, r"alpha must be a real number", alpha="big"),
             (
                 lambda params: _alto([
                     {"params": params[:2]},
-                    {"params": params[2:], "alpha": 2.0, "betas": (0.1, 0.9, 0.99)},
+                    {"params": params[2:], "explore_alpha": 2.0, "explore_beta": 0.1},
                 ]),
                 ValueError,
                 r"\|alpha\| < 1/\(1-beta\)",
