@@ -42,6 +42,7 @@ from adaptor.replacement import (
 from backends._common import step_dtype
 from backends._validation import (
     check_betas,
+    check_choice,
     check_flag,
     check_lr,
     check_nonneg,
@@ -64,6 +65,24 @@ def _real_view(t: Tensor) -> Tensor:
 
 def _scale(values: Tensor, lr: float | Tensor) -> Tensor:
     return values * (-lr)
+
+
+def _trust_ratio(
+    w_norm: Tensor,
+    r_norm: Tensor,
+    trust_eps: float,
+    norm_eps: float,
+    trust_clip: tuple[float, float] | None,
+    zero_norm_trust: str,
+) -> Tensor:
+    """``φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖))``, φ(x) = x + ε₃; 1 where a norm is 0 unless ``"paper"``."""
+    phi = w_norm + norm_eps
+    ratio = phi / (r_norm + trust_eps * phi)
+    if zero_norm_trust == "one":  # LAMB's reference, timm, pytorch-optimizer: no sync
+        ratio = torch.where((w_norm > 0) & (r_norm > 0), ratio, torch.ones_like(ratio))
+    if trust_clip is not None:
+        ratio = ratio.clamp(trust_clip[0], trust_clip[1])
+    return ratio
 
 
 def _divide_into(numerators: list[Tensor], denominators: list[Tensor]) -> list[Tensor]:
@@ -171,6 +190,7 @@ def _lamb_foreach(
     bias_correction: bool,
     layer_adaptation: bool,
     trust_clip: tuple[float, float] | None,
+    zero_norm_trust: str,
     alpha: float,
     beta: float,
 ) -> None:
@@ -199,13 +219,11 @@ def _lamb_foreach(
         else:
             torch._foreach_addcmul_(updates, params, (weight_decay / scale).unbind(0))
     if layer_adaptation:
-        phi = torch.stack(torch._foreach_norm(params)).add_(norm_eps)
+        w_norm = torch.stack(torch._foreach_norm(params))
         r_norm = torch.stack(torch._foreach_norm(updates))
         if scale is not None:
             r_norm = r_norm.mul_(scale)
-        ratio = phi / r_norm.add_(phi, alpha=trust_eps)
-        if trust_clip is not None:
-            ratio = ratio.clamp_(trust_clip[0], trust_clip[1])
+        ratio = _trust_ratio(w_norm, r_norm, trust_eps, norm_eps, trust_clip, zero_norm_trust)
         step_size = _scale(ratio if scale is None else ratio.mul_(scale), lr)
         torch._foreach_addcmul_(params, updates, step_size.unbind(0))
     elif scale is not None:
@@ -234,6 +252,7 @@ def _lamb_single(
     bias_correction: bool,
     layer_adaptation: bool,
     trust_clip: tuple[float, float] | None,
+    zero_norm_trust: str,
     alpha: float,
     beta: float,
 ) -> None:
@@ -254,10 +273,10 @@ def _lamb_single(
         if weight_decay != 0:
             update.add_(p, alpha=weight_decay)
         if layer_adaptation:
-            phi = torch.linalg.vector_norm(p).add_(norm_eps)
-            ratio = phi / torch.linalg.vector_norm(update).add_(phi, alpha=trust_eps)
-            if trust_clip is not None:
-                ratio = ratio.clamp_(trust_clip[0], trust_clip[1])
+            ratio = _trust_ratio(
+                torch.linalg.vector_norm(p), torch.linalg.vector_norm(update), trust_eps,
+                norm_eps, trust_clip, zero_norm_trust,
+            )
             p.add_(update.mul_(_scale(ratio, lr)))
         elif isinstance(lr, Tensor):
             p.add_(update.mul_(-lr))
@@ -301,11 +320,14 @@ def _alto_moments(
 
 def _lamb_apply(
     p, m, v, step, r_sq, w_sq, lr, bias2, bias3, eps, trust_eps, norm_eps, weight_decay,
-    low, high,
+    low, high, paper_trust,
 ):
     r = _lamb_direction(p, m, v, step, bias2, bias3, eps, weight_decay)
     phi = torch.sqrt(w_sq) + norm_eps
-    ratio = torch.clamp(phi / (torch.sqrt(r_sq) + trust_eps * phi), low, high)
+    ratio = phi / (torch.sqrt(r_sq) + trust_eps * phi)
+    if not paper_trust:
+        ratio = torch.where((w_sq > 0) & (r_sq > 0), ratio, 1.0)
+    ratio = torch.clamp(ratio, low, high)
     p.copy_(p - (lr * ratio) * r)
 
 
@@ -390,7 +412,7 @@ def _lamb_fused(
             )
         apply(
             p, m, v, step, r_sq, w_sq, hp["lr"], bias2, bias3, hp["eps"], hp["trust_eps"],
-            hp["norm_eps"], hp["weight_decay"], low, high,
+            hp["norm_eps"], hp["weight_decay"], low, high, hp["zero_norm_trust"] == "paper",
         )
 
 
@@ -407,10 +429,13 @@ class Lamb(_FirstOrder):
         θ_{k+1} = θ_k - η\,\frac{φ(‖θ_k‖)}{‖r_k‖ + ε_2 φ(‖θ_k‖)}\, r_k,\qquad φ(x) = x + ε_3
 
     ``bias_correction=False`` drops the two divisions (the paper's "Vanilla" form, the one
-    its theorems cover). The trust ratio is applied to every tensor, including zero ones
-    (whose ratio ≈ ε₃/‖r‖ makes their step tiny); a group with ``layer_adaptation=False``
-    uses ratio 1 (see :func:`param_groups_for`). ``trust_clip=(low, high)`` clamps the
-    ratio (the LAMB paper's clipping; the ALTO paper has none).
+    its theorems cover). Where ‖θ‖ = 0 or ‖r‖ = 0 the trust ratio is 1 by default
+    (``zero_norm_trust="one"``, as LAMB's reference code, timm and pytorch-optimizer: a
+    zero-initialised bias moves at the first step); ``zero_norm_trust="paper"`` keeps the
+    formula's literal value there, φ(0)/‖r‖ ≈ ε₃/‖r‖, which freezes zero tensors. A group
+    with ``layer_adaptation=False`` uses ratio 1 everywhere (see :func:`param_groups_for`).
+    ``trust_clip=(low, high)`` clamps the ratio (the LAMB paper's clipping; the ALTO paper
+    has none).
 
     Args:
         params: parameters or param-group dicts.
@@ -423,6 +448,8 @@ class Lamb(_FirstOrder):
         bias_correction: divide by (1-β^k) (default) or not (the "Vanilla" form).
         layer_adaptation: apply the trust ratio (default) or use ratio 1.
         trust_clip: ``None`` (default) or ``(low, high)`` with ``0 <= low <= high``.
+        zero_norm_trust: ``"one"`` (default): ratio 1 where ‖θ‖ = 0 or ‖r‖ = 0 (decided on
+            the device with ``torch.where``); ``"paper"``: the formula everywhere.
         max_grad_norm: ``None`` (default, as in the paper's algorithm) or a positive float:
             first clip the gradients in place to this 2-norm, measured over all gradients
             of the optimizer (``clip_grad_norm_`` over the whole model; the reference code
@@ -453,6 +480,7 @@ class Lamb(_FirstOrder):
         bias_correction: bool = True,
         layer_adaptation: bool = True,
         trust_clip: tuple[float, float] | None = None,
+        zero_norm_trust: str = "one",
         max_grad_norm: float | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -461,8 +489,8 @@ class Lamb(_FirstOrder):
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, trust_eps=trust_eps, norm_eps=norm_eps,
             bias_correction=bias_correction, layer_adaptation=layer_adaptation,
-            trust_clip=trust_clip, max_grad_norm=max_grad_norm, foreach=foreach, fused=fused,
-            **self._more_defaults(),
+            trust_clip=trust_clip, zero_norm_trust=zero_norm_trust, max_grad_norm=max_grad_norm,
+            foreach=foreach, fused=fused, **self._more_defaults(),
         )
         self._validate(defaults)
         super().__init__(params, defaults)
@@ -478,6 +506,7 @@ class Lamb(_FirstOrder):
         check_flag(owner, "bias_correction", group["bias_correction"])
         check_flag(owner, "layer_adaptation", group["layer_adaptation"])
         check_pair(owner, "trust_clip", group["trust_clip"])
+        check_choice(owner, "zero_norm_trust", group["zero_norm_trust"], ("one", "paper"))
         check_optional_positive(owner, "max_grad_norm", group["max_grad_norm"])
         check_flag(owner, "foreach", group["foreach"], allow_none=True)
         check_flag(owner, "fused", group["fused"], allow_none=True)
@@ -525,7 +554,7 @@ class Lamb(_FirstOrder):
                 trust_eps=group["trust_eps"], norm_eps=group["norm_eps"],
                 weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
                 layer_adaptation=group["layer_adaptation"], trust_clip=group["trust_clip"],
-                alpha=alpha, beta=beta,
+                zero_norm_trust=group["zero_norm_trust"], alpha=alpha, beta=beta,
             )
             for device, tensors in self._buckets(lists):
                 params, grads, exp_avgs, exp_avg_sqs, *rest = tensors
@@ -619,6 +648,7 @@ class ALTO(Lamb):
         bias_correction: bool = True,
         layer_adaptation: bool = True,
         trust_clip: tuple[float, float] | None = None,
+        zero_norm_trust: str = "one",
         max_grad_norm: float | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -629,7 +659,8 @@ class ALTO(Lamb):
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             trust_eps=trust_eps, norm_eps=norm_eps, bias_correction=bias_correction,
             layer_adaptation=layer_adaptation, trust_clip=trust_clip,
-            max_grad_norm=max_grad_norm, foreach=foreach, fused=fused,
+            zero_norm_trust=zero_norm_trust, max_grad_norm=max_grad_norm, foreach=foreach,
+            fused=fused,
         )
         del self._alpha_beta  # only defaults and param groups travel (deepcopy, pickle)
 
@@ -833,8 +864,10 @@ def param_groups_for(
     LayerNorm, GroupNorm, RMSNorm; when ``exclude_norm``) and those for which
     ``exclude(name, param)`` is true. With ``exclude_from_layer_adaptation=True`` the
     excluded group also gets ``layer_adaptation=False`` (Lamb/ALTO then use trust ratio 1
-    there, so zero-initialised biases are not frozen by φ(0)/‖r‖ ≈ 0); torch's optimizers
-    ignore that key. This is the job of the reference package's ``create_ALTO_optimizer``.
+    there, as the reference code does for groups without weight decay; with
+    ``zero_norm_trust="paper"`` this also keeps zero-initialised biases from being frozen by
+    φ(0)/‖r‖ ≈ 0); torch's optimizers ignore that key. This is the job of the reference
+    package's ``create_ALTO_optimizer``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups_for: model must be an nn.Module, got {type(model).__name__}")

@@ -30,7 +30,7 @@ def initial(dtype=torch.float64, shapes=SHAPES, zero_last=True):
     generator = torch.Generator().manual_seed(0)
     theta = [torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
     if zero_last:
-        theta[-1].zero_()  # a zero tensor: φ(0) = ε₃ makes its step tiny
+        theta[-1].zero_()  # a zero tensor: trust ratio 1 (default) or φ(0)/‖r‖ ("paper")
     return theta
 
 
@@ -64,9 +64,13 @@ def clip_coefficient(grads, max_norm):
 def reference_lamb(
     theta0, *, lr, betas, eps=1e-6, trust_eps=1e-6, norm_eps=1e-10, weight_decay=0.0,
     bias_correction=True, layer_adaptation=True, trust_clip=None, alpha=0.0, beta=0.0,
-    max_grad_norm=None, steps=STEPS, skip=(),
+    max_grad_norm=None, zero_norm_trust="one", steps=STEPS, skip=(),
 ):
-    """Algorithm 2 of the paper (Lamb when α = 0), two-buffer replacement, float64."""
+    """Algorithm 2 of the paper (Lamb when α = 0), two-buffer replacement, float64.
+
+    Trust ratio φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖)), φ(x) = x + ε₃; with ``zero_norm_trust="one"`` it is
+    1 where ‖θ‖ = 0 or ‖r‖ = 0 (LAMB's reference code), with ``"paper"`` the formula always.
+    """
     beta2, beta3 = betas
     theta = [t.clone() for t in theta0]
     zeros = lambda: [torch.zeros_like(t) for t in theta]  # noqa: E731
@@ -93,8 +97,12 @@ def reference_lamb(
             r = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * theta[i]
             ratio = 1.0
             if layer_adaptation:
-                phi = float(torch.linalg.vector_norm(theta[i])) + norm_eps
-                ratio = phi / (float(torch.linalg.vector_norm(r)) + trust_eps * phi)
+                w_norm = float(torch.linalg.vector_norm(theta[i]))
+                r_norm = float(torch.linalg.vector_norm(r))
+                phi = w_norm + norm_eps
+                ratio = phi / (r_norm + trust_eps * phi)
+                if zero_norm_trust == "one" and (w_norm == 0.0 or r_norm == 0.0):
+                    ratio = 1.0
                 if trust_clip is not None:
                     ratio = min(max(ratio, trust_clip[0]), trust_clip[1])
             theta[i] = theta[i] - lr * ratio * r
@@ -144,9 +152,11 @@ SKIP = {(2, 1), (3, 1), (4, 2)}  # per-parameter step counters
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "vanilla"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["wd0", "wd"])
 @pytest.mark.parametrize("epsilons", [{}, BIG_EPS], ids=["paper-eps", "big-eps"])
-def test_lamb_matches_reference(foreach, bias_correction, weight_decay, epsilons):
+@pytest.mark.parametrize("zero_norm_trust", ["one", "paper"])
+def test_lamb_matches_reference(foreach, bias_correction, weight_decay, epsilons, zero_norm_trust):
     hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=weight_decay,
-              bias_correction=bias_correction, **epsilons)  # fmt: skip
+              bias_correction=bias_correction, zero_norm_trust=zero_norm_trust,
+              **epsilons)  # fmt: skip
     theta0 = initial()
     ours, _ = run(lambda p: Lamb(p, foreach=foreach, **hp), theta0, skip=SKIP)
     assert_all_close(ours, reference_lamb(theta0, skip=SKIP, **hp), **F64)
@@ -490,7 +500,8 @@ def test_param_groups_for_layer_adaptation_off_moves_zero_biases():
     x = torch.randn(8, 3)
     for flag, moves in ((False, False), (True, True)):
         model = copy.deepcopy(net)
-        optimizer = Lamb(param_groups_for(model, 0.01, exclude_from_layer_adaptation=flag), lr=0.1)
+        optimizer = Lamb(param_groups_for(model, 0.01, exclude_from_layer_adaptation=flag), lr=0.1,
+                         zero_norm_trust="paper")  # the default ratio 1 moves them anyway
         model(x).square().sum().backward()
         optimizer.step()
         assert (model.bias.abs().max() > 1e-3) == moves
@@ -626,3 +637,20 @@ def test_alto_refuses_the_old_three_betas_with_the_new_spelling():
     optimizer = ALTO(params)
     with pytest.raises(ValueError, match="old layout"):
         optimizer.add_param_group({"params": [torch.zeros(1)], "betas": (0.5, 0.9, 0.99)})
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_zero_initialised_bias_moves_in_altos_first_step(foreach):
+    """Before: φ(0) = ε₃ gave the zero tensor a ratio ~1e-10 (1e-11 after 10 steps at lr 0.01).
+
+    First step with bias correction: m̂/(√v̂ + ε₁) = g̃/(|g̃| + ε₁) ≈ sign(g̃), so with ratio 1
+    each element moves by lr (up to ε₁/|g̃|); with the paper's φ(0) the move is ~lr·ε₃/‖r‖."""
+    for mode, low, high in (("one", 0.0099, 0.01), ("paper", 0.0, 1e-11)):
+        bias = torch.zeros(4, requires_grad=True)
+        weight = torch.ones(3, requires_grad=True)
+        optimizer = ALTO([weight, bias], lr=0.01, foreach=foreach, zero_norm_trust=mode)
+        weight.grad = torch.ones(3)
+        bias.grad = torch.tensor([1.0, -2.0, 3.0, -0.5])
+        optimizer.step()
+        moved = bias.detach().abs()
+        assert torch.all((moved >= low) & (moved <= high)), (mode, moved)
