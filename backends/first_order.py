@@ -23,6 +23,7 @@ first-order base.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from adaptor.explore import ALPHA_KEY, BETA_KEY, BUFFER_KEY
+from adaptor.precision import SKIPS_KEY, resolve_state_dtype
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
@@ -54,6 +56,7 @@ from backends._validation import (
 __all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
 
 Closure = Callable[[], Any]
+KAHAN_KEY = "kahan_comp"  # Kahan compensation of bf16/fp16 parameter writes
 
 
 # -- shared machinery ------------------------------------------------------------------------
@@ -155,18 +158,117 @@ class _FirstOrder(Optimizer):
         for (device, _), (tensors, _) in grouped.items():
             yield device, tensors
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loading, then each step counter moved to its parameter's device and dtype."""
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            # A load post-hook may have put anything into ``self.state`` (torch accepts it).
-            if not isinstance(p, Tensor) or not isinstance(state, dict):
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        """Rewrite a loaded group saved by an earlier version (nothing to do by default)."""
+
+    def _state_dtype(self, p: Tensor, key: str) -> torch.dtype:
+        """The dtype a state tensor of ``p`` is kept in (see :mod:`adaptor.precision`)."""
+        if key == "step":
+            return step_dtype(p)
+        if key == SKIPS_KEY:
+            return torch.float32
+        if key == KAHAN_KEY:
+            return p.dtype
+        group = self._group_of(p)
+        return resolve_state_dtype(p.dtype, group.get("state_dtype") if group else None)
+
+    def _group_of(self, p: Tensor) -> dict[str, Any] | None:
+        for group in self.param_groups:
+            if any(p is q for q in group["params"]):
+                return group
+        return None
+
+    def _check_state_dict(self, state_dict: Any) -> list[tuple[Tensor, dict[str, Any]]]:
+        """Raise ``ValueError`` naming parameter index, key and shapes for a state dict that
+        does not fit; return ``(param, saved entry)`` pairs. Reads nothing but Python values
+        and tensor metadata, and changes nothing."""
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{where}: the state dict has {len(saved_groups)} param groups, the optimizer "
+                f"{len(self.param_groups)}"
+            )
+        id_map: dict[Any, Tensor] = {}
+        for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{where}: param group {g} has {len(saved['params'])} parameters in the "
+                    f"state dict, {len(group['params'])} in the optimizer"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+        sized = set(self._state_keys) | {KAHAN_KEY}
+        required = {"step", *self._state_keys} - set(self._optional_state_keys)
+        allowed = {"step", SKIPS_KEY} | sized
+        pairs = []
+        for index, entry in state_dict["state"].items():
+            if index not in id_map:
+                if isinstance(index, int):
+                    raise ValueError(
+                        f"{where}: state for parameter index {index}, but the optimizer has "
+                        f"{len(id_map)} parameters (indices {min(id_map, default=0)}.."
+                        f"{max(id_map, default=-1)})"
+                    )
+                continue  # not a parameter's state: torch keeps it as it is
+            if not isinstance(entry, dict) or not entry:
                 continue
-            step = state.get("step")
-            if isinstance(step, Tensor):
-                state["step"] = step.to(device=p.device, dtype=step_dtype(p), copy=True)
-            elif step is not None:
-                state["step"] = torch.tensor(float(step), dtype=step_dtype(p), device=p.device)
+            p = id_map[index]
+            unknown = sorted(map(str, set(entry) - allowed))
+            if unknown:
+                raise ValueError(
+                    f"{where}: parameter {index}: unknown state key(s) {unknown}; "
+                    f"{type(self).__name__} keeps {sorted(allowed)}"
+                )
+            missing = sorted(required - set(entry))
+            if missing:
+                raise ValueError(f"{where}: parameter {index}: missing state key(s) {missing}")
+            for key, value in entry.items():
+                if key in sized:
+                    if not isinstance(value, Tensor) or value.shape != p.shape:
+                        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+                        raise ValueError(
+                            f"{where}: parameter {index}: state {key!r} has shape {shape}, "
+                            f"the parameter has shape {tuple(p.shape)}"
+                        )
+                elif isinstance(value, Tensor) and value.numel() != 1:
+                    raise ValueError(
+                        f"{where}: parameter {index}: state {key!r} must have one element, "
+                        f"got shape {tuple(value.shape)}"
+                    )
+            pairs.append((p, entry))
+        return pairs
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loading, after checking that the state fits (``ValueError`` naming the
+        parameter index, key and shapes otherwise, with the optimizer left as it was).
+
+        State tensors are copied in the dtype this optimizer keeps them in (torch's loading
+        casts them to the parameter's dtype, which would round float32 state of bf16
+        parameters), on the parameter's device; step counters in :func:`step_dtype`.
+        """
+        pairs = self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._upgrade_group(group)
+            for key, value in self.defaults.items():  # keys newer than the state dict
+                group.setdefault(key, value)
+        for p, saved in pairs:
+            state = self.state.get(p)
+            # A load post-hook may have put anything into ``self.state`` (torch accepts it).
+            if not isinstance(state, dict):
+                continue
+            for key, value in saved.items():
+                if key not in state:
+                    continue
+                dtype = self._state_dtype(p, key)
+                if isinstance(value, Tensor):
+                    if value.is_complex() and not dtype.is_complex:
+                        dtype = value.dtype
+                    state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                elif isinstance(value, numbers.Real):
+                    state[key] = torch.tensor(float(value), dtype=dtype, device=p.device)
 
 
 # -- Lamb and ALTO ---------------------------------------------------------------------------
@@ -663,6 +765,15 @@ class ALTO(Lamb):
             fused=fused,
         )
         del self._alpha_beta  # only defaults and param groups travel (deepcopy, pickle)
+
+    def _upgrade_group(self, group: dict[str, Any]) -> None:
+        # Earlier ALTO saved betas=(β, β₂, β₃) and "alpha"; today's keys are the adaptor's.
+        betas = group.get("betas")
+        if isinstance(betas, (tuple, list)) and len(betas) == 3:
+            group.setdefault(BETA_KEY, float(betas[0]))
+            group["betas"] = tuple(betas[1:])
+        if "alpha" in group:
+            group.setdefault(ALPHA_KEY, group.pop("alpha"))
 
     def _more_defaults(self) -> dict[str, Any]:
         alpha, beta = self._alpha_beta

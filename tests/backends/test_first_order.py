@@ -654,3 +654,100 @@ def test_zero_initialised_bias_moves_in_altos_first_step(foreach):
         optimizer.step()
         moved = bias.detach().abs()
         assert torch.all((moved >= low) & (moved <= high)), (mode, moved)
+
+
+def _state_snapshot(optimizer):
+    return copy.deepcopy(
+        ({id(p): dict(s) for p, s in optimizer.state.items()}, optimizer.param_groups)
+    )
+
+
+def _assert_same_state(optimizer, snapshot):
+    state, groups = snapshot
+    assert {id(p) for p in optimizer.state} == set(state)
+    for p, entry in optimizer.state.items():
+        assert set(entry) == set(state[id(p)])
+        for key, value in entry.items():
+            old = state[id(p)][key]
+            assert value.dtype == old.dtype and torch.equal(value, old), key
+    for group, old in zip(optimizer.param_groups, groups):
+        assert {k: v for k, v in group.items() if k != "params"} == {
+            k: v for k, v in old.items() if k != "params"
+        }
+
+
+def _bad_state_dicts(optimizer):
+    """(description, state dict, message regex) built from a good state dict."""
+    good = optimizer.state_dict()
+    key = next(k for k in good["state"][0] if k != "step")
+    out = []
+    bad = copy.deepcopy(good)
+    bad["state"][0][key] = torch.zeros(2, 2)
+    out.append((bad, rf"parameter 0: state '{key}' has shape \(2, 2\), the parameter has "
+                     r"shape \(5,\)"))  # fmt: skip
+    bad = copy.deepcopy(good)
+    bad["state"][1]["exp_avg_typo"] = torch.zeros(3)
+    out.append((bad, r"parameter 1: unknown state key\(s\) \['exp_avg_typo'\]"))
+    bad = copy.deepcopy(good)
+    del bad["state"][1]["exp_avg"]
+    out.append((bad, r"parameter 1: missing state key\(s\) \['exp_avg'\]"))
+    bad = copy.deepcopy(good)
+    bad["state"][0]["step"] = torch.zeros(3)
+    out.append((bad, r"parameter 0: state 'step' must have one element"))
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["params"] = bad["param_groups"][0]["params"][:-1]
+    out.append((bad, r"param group 0 has 1 parameters in the state dict, 2 in the optimizer"))
+    bad = copy.deepcopy(good)
+    bad["state"][7] = bad["state"][0]
+    out.append((bad, r"state for parameter index 7, but the optimizer has 2 parameters"))
+    return out
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+def test_bad_state_dicts_raise_and_leave_the_optimizer_bit_identical(make):
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    optimizer = make(params)
+    for step in range(2):
+        for p, g in zip(params, grad_fn([p.detach() for p in params], step)):
+            p.grad = g
+        optimizer.step()
+    cases = _bad_state_dicts(optimizer)
+    before = _state_snapshot(optimizer)
+    weights = [p.detach().clone() for p in params]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            optimizer.load_state_dict(bad)
+        _assert_same_state(optimizer, before)
+        assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_alto_loads_a_lamb_state_dict_with_a_fresh_buffer():
+    params = [torch.randn(5, requires_grad=True)]
+    lamb = Lamb(params, betas=(0.9, 0.99), weight_decay=1e-4)
+    params[0].grad = torch.ones(5)
+    lamb.step()
+    alto = ALTO([params[0].detach().clone().requires_grad_()])
+    alto.load_state_dict(lamb.state_dict())
+    assert "explore_buffer" not in alto.state[alto.param_groups[0]["params"][0]]
+    assert alto.param_groups[0]["explore_alpha"] == -5.0  # the keys Lamb lacks: defaults
+    alto.param_groups[0]["params"][0].grad = torch.ones(5)
+    alto.step()
+
+
+def test_alto_loads_a_state_dict_of_the_old_layout():
+    params = [torch.randn(5, requires_grad=True)]
+    alto = ALTO(params, alpha=-2.0, beta=0.9)
+    params[0].grad = torch.ones(5)
+    alto.step()
+    old = alto.state_dict()
+    group = old["param_groups"][0]
+    group["betas"] = (0.5, *group["betas"])
+    group["alpha"] = -3.0
+    del group["explore_alpha"], group["explore_beta"]
+    fresh = ALTO([params[0].detach().clone().requires_grad_()])
+    fresh.load_state_dict(old)
+    loaded = fresh.param_groups[0]
+    assert (loaded["explore_alpha"], loaded["explore_beta"], loaded["betas"]) == (
+        -3.0, 0.5, (0.9, 0.99)
+    )
+    assert "alpha" not in loaded
