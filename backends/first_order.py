@@ -88,17 +88,25 @@ def _trust_ratio(
     return ratio
 
 
-def _divide_into(numerators: list[Tensor], denominators: list[Tensor]) -> list[Tensor]:
-    """``numerators / denominators``, written over the (temporary) denominators on CPU.
+def _divide_into(
+    numerators: list[Tensor], denominators: list[Tensor], *, in_place: bool
+) -> list[Tensor]:
+    """``numerators / denominators``: written over the (temporary) denominators when
+    ``in_place``, else a new list (``torch._foreach_div``).
 
-    On CPU a fresh large tensor costs page faults that take longer than the division
-    itself; on other devices the caching allocator makes a new list free.
+    Callers pass ``in_place=_on_cpu(denominators)``: on CPU a fresh large tensor costs page
+    faults that take longer than the division itself; on other devices the caching
+    allocator makes a new list free and the foreach kernel is one launch.
     """
-    if denominators[0].device.type != "cpu":
+    if not in_place:
         return torch._foreach_div(numerators, denominators)
     for n, d in zip(numerators, denominators):
         torch.div(n, d, out=d)
     return denominators
+
+
+def _on_cpu(tensors: list[Tensor]) -> bool:
+    return tensors[0].device.type == "cpu"
 
 
 class _FirstOrder(Optimizer):
@@ -314,7 +322,7 @@ def _lamb_foreach(
     else:
         scale = None
         torch._foreach_add_(denom, eps)
-    updates = _divide_into(exp_avgs, denom)
+    updates = _divide_into(exp_avgs, denom, in_place=_on_cpu(denom))
     if weight_decay != 0:
         if scale is None:
             torch._foreach_add_(updates, params, alpha=weight_decay)
@@ -399,9 +407,9 @@ def _lamb_direction(p, m, v, k, bias2, bias3, eps, weight_decay):
     return r + weight_decay * p
 
 
-def _lamb_moments(p, g, m, v, step, beta2, beta3, bias2, bias3, eps, weight_decay):
-    k = step + 1
-    step.copy_(k)
+def _lamb_moments(p, g, m, v, k, beta2, beta3, bias2, bias3, eps, weight_decay):
+    # k: the step counter, already incremented outside (a 0-d float64 CPU input mutated
+    # inside a compiled graph is not written back: torch 2.13 gave NaN for float64 params).
     m_new = torch.lerp(m, g, 1.0 - beta2)
     v_new = v * beta3 + (g * g) * (1.0 - beta3)
     r = _lamb_direction(p, m_new, v_new, k, bias2, bias3, eps, weight_decay)
@@ -503,6 +511,7 @@ def _lamb_fused(
             buffers = None
     moments = _kernel("lamb" if buffers is None else "alto")
     apply = _kernel("apply")
+    torch._foreach_add_([steps[i] for i in large], 1)
     for i in large:
         p, g, m, v, step = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
         if buffers is None:
@@ -832,7 +841,7 @@ def _adabelief_foreach(
     step_size = _scale(bias2_sqrt / (1.0 - torch.pow(beta1, k)), lr)
     denom = torch._foreach_sqrt(exp_avg_vars)
     torch._foreach_add_(denom, (bias2_sqrt * eps).unbind(0))
-    updates = _divide_into(exp_avgs, denom)
+    updates = _divide_into(exp_avgs, denom, in_place=_on_cpu(denom))
     torch._foreach_addcmul_(params, updates, step_size.unbind(0))
 
 

@@ -442,19 +442,54 @@ def test_load_state_dict_puts_step_counters_on_the_parameter_device_and_dtype():
         assert fresh.state[p]["step"].device == p.device
 
 
-def test_fused_path_matches_foreach():
-    """The compiled path (opt-in on CPU) against the foreach one, float32 rounding."""
-    generator = torch.Generator().manual_seed(5)
-    theta0 = [torch.randn(300, 300, generator=generator), torch.randn(40, generator=generator)]
-    configurations = [
-        (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0)),
-        (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1)),
-    ]
-    for cls, hp in configurations:
-        fused, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=True, **hp), theta0, steps=4)
-        plain, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=False, **hp), theta0, steps=4)
-        assert_all_close(fused, plain, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(fused[0], theta0[0])
+FUSED_SHAPES = [(300, 300), (256, 256), (40,)]  # two tensors ≥ FUSED_MIN_NUMEL, one below
+
+
+@pytest.mark.parametrize(
+    ("cls", "hp"),
+    [
+        (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0, beta=0.9, betas=(0.8, 0.95))),
+        (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1,
+                    betas=(0.8, 0.95))),
+    ],
+    ids=["ALTO", "Lamb-vanilla-clip"],
+)  # fmt: skip
+def test_fused_path_matches_the_float64_reference(cls, hp):
+    """The compiled path itself (tensors ≥ FUSED_MIN_NUMEL) against the float64 reference at
+    rtol 1e-9, with the paper's ε₂ = 1e-6: dropping ``ε₂·φ`` in the fused kernel moves the
+    ratio by ~1e-6 (relative), far above 1e-9, and the zero (256, 256) tensor takes the
+    ``‖θ‖ = 0`` branch of the compiled ratio."""
+    from adaptor.replacement import FUSED_MIN_NUMEL
+
+    theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
+    theta0[1].zero_()
+    assert theta0[0].numel() >= FUSED_MIN_NUMEL and theta0[1].numel() >= FUSED_MIN_NUMEL
+    ours, _ = run(lambda p: cls(p, fused=True, **hp), theta0, steps=4)
+    reference_hp = {**hp}
+    reference_hp.pop("alpha", None)
+    expected = reference_lamb(
+        theta0, alpha=hp.get("alpha", 0.0), beta=reference_hp.pop("beta", 0.0), steps=4,
+        **reference_hp,
+    )
+    assert_all_close(ours, expected, **F64)
+    assert not torch.equal(ours[1], theta0[1])  # the zero tensor moved (ratio 1)
+
+
+def test_divide_into_both_branches_on_cpu():
+    """Both the in-place (CPU default) and the new-list branch run with data here."""
+    from backends.first_order import _divide_into
+
+    generator = torch.Generator().manual_seed(1)
+    n = [torch.randn(4, 3, generator=generator), torch.randn(5, generator=generator)]
+    d = [torch.rand(4, 3, generator=generator) + 0.5, torch.rand(5, generator=generator) + 0.5]
+    expected = [a / b for a, b in zip(n, d)]
+    fresh = _divide_into(n, [t.clone() for t in d], in_place=False)
+    reused_denominators = [t.clone() for t in d]
+    reused = _divide_into(n, reused_denominators, in_place=True)
+    for x, y, z, w in zip(fresh, reused, expected, reused_denominators):
+        assert torch.equal(x, z) and torch.equal(y, z)
+        assert y is w  # written over the temporaries
+    assert not any(x is t for x, t in zip(fresh, d))
 
 
 # -- param groups ----------------------------------------------------------------------------
