@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +32,17 @@ from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from adaptor.explore import ALPHA_KEY, BETA_KEY, BUFFER_KEY
-from adaptor.precision import SKIPS_KEY, resolve_state_dtype
+from adaptor.precision import (
+    LOW_PRECISION,
+    SKIPS_KEY,
+    count_skip_,
+    kahan_add_,
+    prepare_step,
+    resolve_state_dtype,
+    restore_where_,
+    skip_count,
+    snapshot,
+)
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
@@ -51,6 +61,7 @@ from backends._validation import (
     check_optional_positive,
     check_pair,
     check_positive,
+    check_state_dtype,
 )
 
 __all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
@@ -109,6 +120,137 @@ def _on_cpu(tensors: list[Tensor]) -> bool:
     return tensors[0].device.type == "cpu"
 
 
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of a bucket: float32 at least (bf16/fp16 tensors are computed in
+    float32 and rounded once when written), float64 when any tensor is float64."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def _work(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``tensors`` themselves when already in ``dtype``, else temporary copies in ``dtype``."""
+    if not tensors or tensors[0].dtype == dtype:
+        return tensors
+    return [t.to(dtype) for t in tensors]
+
+
+def _axpy_(ys: list[Tensor], xs: list[Tensor], a: float | Tensor) -> None:
+    """``y += a·x`` for a float or a 0-d tensor ``a`` (``alpha=`` takes numbers only)."""
+    if isinstance(a, Tensor):
+        torch._foreach_add_(ys, torch._foreach_mul(xs, a))
+    else:
+        torch._foreach_add_(ys, xs, alpha=a)
+
+
+class _Writer:
+    """The one write of each parameter per step: ``θ ← round(θ + s·u)``.
+
+    ``targets`` are the parameters (real views, their own dtype); ``work`` the same values in
+    the compute dtype (the parameters themselves when that is their dtype). ``direct``: the
+    parameters are written in place by foreach ops (float32/float64, no compensation).
+    Otherwise the sum is formed in the compute dtype and rounded once on the write, or
+    Kahan-compensated with ``comps`` (:func:`adaptor.precision.kahan_add_`).
+    """
+
+    def __init__(self, targets: list[Tensor], work: list[Tensor], comps: list[Tensor] | None):
+        self.targets, self.work, self.comps = targets, work, comps
+        self.direct = work is targets and comps is None
+
+    def add_(
+        self, updates: list[Tensor], scales: list[Tensor] | tuple[Tensor, ...] | float | Tensor
+    ) -> None:
+        """``θᵢ += scalesᵢ·updatesᵢ`` (``updates`` may be overwritten)."""
+        if self.direct:
+            if isinstance(scales, (list, tuple)):
+                torch._foreach_addcmul_(self.targets, updates, list(scales))
+            elif isinstance(scales, Tensor):
+                torch._foreach_addcmul_(self.targets, updates, [scales] * len(updates))
+            else:
+                torch._foreach_add_(self.targets, updates, alpha=scales)
+            return
+        if isinstance(scales, (list, tuple, Tensor)) or scales != 1.0:
+            torch._foreach_mul_(updates, scales)
+        if self.comps is None:
+            torch._foreach_add_(self.work, updates)
+            torch._foreach_copy_(self.targets, self.work)  # the one rounding
+        else:
+            for target, update, comp in zip(self.targets, updates, self.comps):
+                kahan_add_(target, update, comp)
+
+    def add_one_(self, i: int, update: Tensor, scale: float | Tensor) -> None:
+        """``θᵢ += scale·update`` for one tensor (the single-tensor path)."""
+        if self.direct:
+            if isinstance(scale, Tensor):
+                self.targets[i].add_(update.mul_(scale))
+            else:
+                self.targets[i].add_(update, alpha=scale)
+            return
+        update = update.mul_(scale)
+        if self.comps is None:
+            self.targets[i].copy_(self.work[i].add_(update))
+        else:
+            kahan_add_(self.targets[i], update, self.comps[i])
+
+
+class _Bucket:
+    """One group's tensors on one device with one parameter dtype (real views)."""
+
+    def __init__(self, device, params, grads, states, steps, comps):
+        self.device: torch.device = device
+        self.params: list[Tensor] = params
+        self.grads: list[Tensor] = grads
+        self.states: list[list[Tensor]] = states
+        self.steps: list[Tensor] = steps
+        self.comps: list[Tensor] | None = comps
+
+    def pick(self, index: list[int]) -> _Bucket:
+        take = lambda xs: [xs[i] for i in index]  # noqa: E731
+        return _Bucket(
+            self.device, take(self.params), take(self.grads), [take(s) for s in self.states],
+            take(self.steps), None if self.comps is None else take(self.comps),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        """Everything a skipped step must leave bit-identical."""
+        out = [*self.params, *(t for s in self.states for t in s), *self.steps]
+        return out + (self.comps or [])
+
+
+def _run_bucket(
+    kernel: Callable[..., None],
+    bucket: _Bucket,
+    skip: Tensor | None,
+    *,
+    grad_out: bool = False,
+    **hp: Any,
+) -> None:
+    """Run a foreach/single-tensor ``kernel`` on ``bucket`` in its compute dtype.
+
+    ``kernel(params, grads, *states, steps, write=writer, **hp)`` receives work lists in the
+    compute dtype; state lists held in another dtype are written back once afterwards, and
+    the replaced gradient (ALTO) is written back into ``p.grad``. With a skip flag, every
+    tensor the step may change is snapshotted and restored where the flag is set
+    (``precision.snapshot``/``restore_where_``: one temporary copy of params and state).
+    """
+    dtype = _compute_dtype(bucket.params[0].dtype, *(s[0].dtype for s in bucket.states))
+    params = _work(bucket.params, dtype)
+    grads = _work(bucket.grads, dtype)
+    states = [_work(s, dtype) for s in bucket.states]
+    guarded = bucket.tensors() if skip is not None else []
+    saved = snapshot(guarded) if skip is not None else None
+    writer = _Writer(bucket.params, params, bucket.comps)
+    kernel(params, grads, *states, bucket.steps, write=writer, **hp)
+    for held, work in zip(bucket.states, states):
+        if work is not held:
+            torch._foreach_copy_(held, work)
+    if grad_out and grads is not bucket.grads:  # ALTO leaves g̃ in p.grad
+        torch._foreach_copy_(bucket.grads, grads)
+    if saved is not None:
+        restore_where_(guarded, saved, skip)
+
+
 class _FirstOrder(Optimizer):
     """What Lamb, ALTO and AdaBelief share: validation, state, closure, grouping."""
 
@@ -142,29 +284,81 @@ class _FirstOrder(Optimizer):
         with torch.enable_grad():
             return closure()
 
-    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], list[Tensor]]:
-        """``[params, grads, *state tensors, steps]`` as real views, creating state lazily."""
-        lists: list[list[Tensor]] = [[] for _ in range(3 + len(self._state_keys))]
+    def _gather(self, group: dict[str, Any]) -> list[_Bucket]:
+        """The group's parameters with a gradient, bucketed by device and dtype (real views),
+        creating state lazily: moments in the group's state dtype, a Kahan compensation
+        (parameter dtype) for bf16/fp16 parameters of a ``kahan=True`` group."""
+        count = len(self._state_keys)
+        lists: list[list[Any]] = [[] for _ in range(4 + count)]
+        kahan = group["kahan"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
+            dtype = resolve_state_dtype(p.dtype, group["state_dtype"])
             for key in self._state_keys:
                 if key not in state:  # new, or loaded from a state dict without it
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
+            comp = None
+            if kahan and p.dtype in LOW_PRECISION:
+                comp = state.get(KAHAN_KEY)
+                if comp is None:
+                    comp = state[KAHAN_KEY] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
             lists[0].append(_real_view(p))
             lists[1].append(_real_view(p.grad))
             for i, key in enumerate(self._state_keys):
                 lists[2 + i].append(_real_view(state[key]))
-            lists[-1].append(state["step"])
-        return lists
-
-    def _buckets(self, lists: list[list[Tensor]]) -> Iterable[tuple[torch.device, list]]:
+            lists[2 + count].append(state["step"])
+            lists[3 + count].append(comp)
+        if not lists[0]:
+            return []
         grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
-        for (device, _), (tensors, _) in grouped.items():
-            yield device, tensors
+        buckets = []
+        # Under torch.compile the keys are (None, None): the device comes from a tensor.
+        for tensors, _ in grouped.values():
+            params, grads, *states, steps, comps = tensors
+            full = all(c is not None for c in comps)
+            buckets.append(
+                _Bucket(params[0].device, params, grads, states, steps, comps if full else None)
+            )
+        return buckets
+
+    def _prepare(self) -> Tensor | None:
+        """GradScaler's unscale and the step's skip flag (``None``: no flag, no masking)."""
+        grads = [
+            _real_view(p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        check = any(group["skip_nonfinite"] for group in self.param_groups)
+        return prepare_step(self, grads, skip_nonfinite=check)
+
+    def _count_skips(self, skip: Tensor | None) -> None:
+        if skip is None:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    count_skip_(self.state[p], skip, p)
+
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """Steps skipped for a non-finite gradient or GradScaler's ``found_inf``: a 0-d
+        float32 tensor on the first parameter's device, ``None`` before any check ran."""
+        return skip_count(self)
+
+    def _validate_precision(self, group: dict[str, Any]) -> None:
+        owner = self._owner
+        check_state_dtype(owner, group["state_dtype"])
+        check_flag(owner, "kahan", group["kahan"])
+        check_flag(owner, "skip_nonfinite", group["skip_nonfinite"])
 
     def _upgrade_group(self, group: dict[str, Any]) -> None:
         """Rewrite a loaded group saved by an earlier version (nothing to do by default)."""
@@ -287,9 +481,8 @@ def _lamb_foreach(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor] | None,
-    steps: list[Tensor],
-    *,
+    *more: list[Tensor],
+    write: _Writer,
     lr: float | Tensor,
     beta2: float,
     beta3: float,
@@ -304,6 +497,7 @@ def _lamb_foreach(
     alpha: float,
     beta: float,
 ) -> None:
+    buffers, steps = more if len(more) == 2 else (None, more[0])
     if buffers is not None:
         replace_foreach_(grads, buffers, alpha, beta)
     torch._foreach_add_(steps, 1)
@@ -315,7 +509,7 @@ def _lamb_foreach(
     # so the corrections cost no full pass of their own (s = 1 without bias correction).
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if bias_correction:
-        k = torch.stack(steps)
+        k = torch.stack(steps).to(denom[0].dtype)
         bias3_sqrt = (1.0 - torch.pow(beta3, k)).sqrt_()
         scale: Tensor | None = bias3_sqrt / (1.0 - torch.pow(beta2, k))
         torch._foreach_add_(denom, (bias3_sqrt * eps).unbind(0))
@@ -334,14 +528,11 @@ def _lamb_foreach(
         if scale is not None:
             r_norm = r_norm.mul_(scale)
         ratio = _trust_ratio(w_norm, r_norm, trust_eps, norm_eps, trust_clip, zero_norm_trust)
-        step_size = _scale(ratio if scale is None else ratio.mul_(scale), lr)
-        torch._foreach_addcmul_(params, updates, step_size.unbind(0))
+        write.add_(updates, _scale(ratio if scale is None else ratio.mul_(scale), lr).unbind(0))
     elif scale is not None:
-        torch._foreach_addcmul_(params, updates, _scale(scale, lr).unbind(0))
-    elif isinstance(lr, Tensor):
-        torch._foreach_addcmul_(params, updates, [-lr] * len(params))
+        write.add_(updates, _scale(scale, lr).unbind(0))
     else:
-        torch._foreach_add_(params, updates, alpha=-lr)
+        write.add_(updates, -lr)
 
 
 def _lamb_single(
@@ -349,9 +540,8 @@ def _lamb_single(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor] | None,
-    steps: list[Tensor],
-    *,
+    *more: list[Tensor],
+    write: _Writer,
     lr: float | Tensor,
     beta2: float,
     beta3: float,
@@ -366,6 +556,7 @@ def _lamb_single(
     alpha: float,
     beta: float,
 ) -> None:
+    buffers, steps = more if len(more) == 2 else (None, more[0])
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         if buffers is not None:
             # The adaptor's own replacement (one tensor), near-bound precision branch included.
@@ -375,8 +566,9 @@ def _lamb_single(
         v.mul_(beta3).addcmul_(g, g, value=1.0 - beta3)
         denom = v.sqrt()
         if bias_correction:
-            denom.div_((1.0 - torch.pow(beta3, step)).sqrt_()).add_(eps)
-            denom.mul_(1.0 - torch.pow(beta2, step))
+            k = step.to(denom.dtype)
+            denom.div_((1.0 - torch.pow(beta3, k)).sqrt_()).add_(eps)
+            denom.mul_(1.0 - torch.pow(beta2, k))
         else:
             denom.add_(eps)
         update = torch.div(m, denom)
@@ -387,75 +579,100 @@ def _lamb_single(
                 torch.linalg.vector_norm(p), torch.linalg.vector_norm(update), trust_eps,
                 norm_eps, trust_clip, zero_norm_trust,
             )
-            p.add_(update.mul_(_scale(ratio, lr)))
-        elif isinstance(lr, Tensor):
-            p.add_(update.mul_(-lr))
+            write.add_one_(i, update, _scale(ratio, lr))
         else:
-            p.add_(update, alpha=-lr)
+            write.add_one_(i, update, -lr)
 
 
-# The compiled path: pass 1 updates the moments (and the replacement) in place and returns
-# ‖r‖² and ‖θ‖²; pass 2 recomputes r from the new moments and applies the trust-ratio step.
-# Each reads and writes every tensor once, where the foreach chain needs some fifteen passes.
+# The compiled path: pass 1 updates the moments (and the replacement) and returns ‖r‖² and
+# ‖θ‖²; pass 2 recomputes r from the new moments and applies the trust-ratio step. Each
+# reads and writes every tensor once, where the foreach chain needs some fifteen passes.
+# Arithmetic is in float32 at least (bf16/fp16 parameters are rounded once, on the write),
+# every write is masked by the step's skip flag (``torch.where``: bit-identical when set),
+# and ``comp`` (Kahan compensation, or None) keeps the rounding error of the write.
+
+
+def _cdtype(p: Tensor, m: Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(p.dtype, m.dtype), torch.float32)
 
 
 def _lamb_direction(p, m, v, k, bias2, bias3, eps, weight_decay):
     # bias2 = log β₂ and bias3 = log β₃ with bias correction, -inf without (then the
     # correction 1 - exp(-inf) = 1 exactly): one compiled graph serves both forms, and the
     # floats enter as graph inputs (float ** tensor would specialise them).
+    k = k.to(m.dtype)
     r = (m / (1.0 - torch.exp(k * bias2))) / (torch.sqrt(v / (1.0 - torch.exp(k * bias3))) + eps)
     return r + weight_decay * p
 
 
-def _lamb_moments(p, g, m, v, k, beta2, beta3, bias2, bias3, eps, weight_decay):
+def _lamb_moments(p, g, m, v, k, skip, beta2, beta3, bias2, bias3, eps, weight_decay):
     # k: the step counter, already incremented outside (a 0-d float64 CPU input mutated
     # inside a compiled graph is not written back: torch 2.13 gave NaN for float64 params).
-    m_new = torch.lerp(m, g, 1.0 - beta2)
-    v_new = v * beta3 + (g * g) * (1.0 - beta3)
-    r = _lamb_direction(p, m_new, v_new, k, bias2, bias3, eps, weight_decay)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    return (r * r).sum(), (p * p).sum()
+    dtype = _cdtype(p, m)
+    keep = skip == 0
+    p32, g32, m32, v32 = p.to(dtype), g.to(dtype), m.to(dtype), v.to(dtype)
+    m_new = torch.lerp(m32, g32, 1.0 - beta2)
+    v_new = v32 * beta3 + (g32 * g32) * (1.0 - beta3)
+    r = _lamb_direction(p32, m_new, v_new, k, bias2, bias3, eps, weight_decay)
+    m.copy_(torch.where(keep, m_new, m32))
+    v.copy_(torch.where(keep, v_new, v32))
+    return (r * r).sum(), (p32 * p32).sum()
 
 
 def _alto_moments(
-    p, g, c, m, v, step, k1, alpha, persist, inject, beta2, beta3, bias2, bias3, eps,
+    p, g, c, m, v, k, skip, k1, alpha, persist, inject, beta2, beta3, bias2, bias3, eps,
     weight_decay,
 ):
-    g_tilde = g * k1 + c * alpha
-    c.copy_(c * persist + g_tilde * inject)
+    dtype = _cdtype(p, m)
+    c32, g32 = c.to(dtype), g.to(dtype)
+    g_tilde = g32 * k1 + c32 * alpha
+    c.copy_(torch.where(skip == 0, c32 * persist + g_tilde * inject, c32))
     g.copy_(g_tilde)
-    return _lamb_moments(p, g_tilde, m, v, step, beta2, beta3, bias2, bias3, eps, weight_decay)
+    return _lamb_moments(
+        p, g_tilde, m, v, k, skip, beta2, beta3, bias2, bias3, eps, weight_decay
+    )
 
 
 def _lamb_apply(
-    p, m, v, step, r_sq, w_sq, lr, bias2, bias3, eps, trust_eps, norm_eps, weight_decay,
-    low, high, paper_trust,
+    p, m, v, k, r_sq, w_sq, skip, comp, lr, bias2, bias3, eps, trust_eps, norm_eps,
+    weight_decay, low, high, paper_trust,
 ):
-    r = _lamb_direction(p, m, v, step, bias2, bias3, eps, weight_decay)
+    dtype = _cdtype(p, m)
+    p32 = p.to(dtype)
+    r = _lamb_direction(p32, m.to(dtype), v.to(dtype), k, bias2, bias3, eps, weight_decay)
     phi = torch.sqrt(w_sq) + norm_eps
     ratio = phi / (torch.sqrt(r_sq) + trust_eps * phi)
     if not paper_trust:
         ratio = torch.where((w_sq > 0) & (r_sq > 0), ratio, 1.0)
-    ratio = torch.clamp(ratio, low, high)
-    p.copy_(p - (lr * ratio) * r)
+    delta = -(lr * torch.clamp(ratio, low, high)) * r
+    keep = skip == 0
+    if comp is None:
+        p.copy_(torch.where(keep, (p32 + delta).to(p.dtype), p))
+        return
+    y = delta + comp.to(dtype)
+    new = (p32 + y).to(p.dtype)
+    comp.copy_(torch.where(keep, (y - (new.to(dtype) - p32)).to(comp.dtype), comp))
+    p.copy_(torch.where(keep, new, p))
 
 
-_bounds: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+_cached: dict[tuple[Any, ...], Any] = {}
 
 
-def _clip_bounds(trust_clip: tuple[float, float] | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The clamp's bounds as 0-d tensors (float bounds would be specialised into the graph),
-    made once per device, dtype and value (no host-to-device copy per step)."""
+def _device_constants(
+    trust_clip: tuple[float, float] | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The clamp's bounds and a zero skip flag as 0-d tensors (floats would be specialised
+    into the graph), made once per device, dtype and value (no host-to-device copy per step)."""
     low, high = (0.0, math.inf) if trust_clip is None else tuple(map(float, trust_clip))
-    key = (like.device, like.dtype, low, high)
-    bounds = _bounds.get(key)
-    if bounds is None:
-        if len(_bounds) > 64:
-            _bounds.clear()
-        pair = torch.tensor((low, high), dtype=like.dtype, device=like.device)
-        bounds = _bounds[key] = (pair[0], pair[1])
-    return bounds
+    key = (device, dtype, low, high)
+    constants = _cached.get(key)
+    if constants is None:
+        if len(_cached) > 64:
+            _cached.clear()
+        pair = torch.tensor((low, high), dtype=dtype, device=device)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        constants = _cached[key] = (pair[0], pair[1], zero)
+    return constants
 
 
 def _log(beta: float) -> float:
@@ -474,56 +691,47 @@ def _kernel(name: str) -> Callable[..., Any]:
 
 
 def _lamb_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    buffers: list[Tensor] | None,
-    steps: list[Tensor],
-    *,
-    fallback: Callable[..., None],
-    **hp: Any,
+    bucket: _Bucket, skip: Tensor | None, *, fallback: Callable[..., None], **hp: Any
 ) -> None:
     """Large tensors through the two compiled passes, small ones through ``fallback``."""
-    large = [i for i, p in enumerate(params) if p.numel() >= FUSED_MIN_NUMEL]
-    if not hp["layer_adaptation"] or not large:
-        fallback(params, grads, exp_avgs, exp_avg_sqs, buffers, steps, **hp)
+    explores = len(bucket.states) == 3
+    large = [i for i, p in enumerate(bucket.params) if p.numel() >= FUSED_MIN_NUMEL]
+    if explores:
+        k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
+    # Near the α bound the fused replacement's division by k₁ loses digits (see
+    # adaptor.replacement.WELL_CONDITIONED_K1): the foreach form then does everything.
+    if not hp["layer_adaptation"] or not large or (explores and k1 < WELL_CONDITIONED_K1):
+        _run_bucket(fallback, bucket, skip, grad_out=explores, **hp)
         return
-    small = [i for i, p in enumerate(params) if p.numel() < FUSED_MIN_NUMEL]
+    small = [i for i, p in enumerate(bucket.params) if p.numel() < FUSED_MIN_NUMEL]
     if small:
-        pick = lambda xs: [xs[i] for i in small]  # noqa: E731
-        fallback(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-            None if buffers is None else pick(buffers), pick(steps), **hp,
-        )
-    low, high = _clip_bounds(hp["trust_clip"], params[0])
+        _run_bucket(fallback, bucket.pick(small), skip, grad_out=explores, **hp)
+    bucket = bucket.pick(large)
+    m0 = bucket.states[0][0]
+    low, high, zero = _device_constants(hp["trust_clip"], _cdtype(bucket.params[0], m0),
+                                        bucket.device)  # fmt: skip
+    flag = zero if skip is None else skip
+    # Counters outside the graph; a skipped step adds 0 (bit-identical counter).
+    torch._foreach_add_(bucket.steps, 1 if skip is None else (1.0 - skip))
     beta2, beta3 = hp["beta2"], hp["beta3"]
     bias2, bias3 = (_log(beta2), _log(beta3)) if hp["bias_correction"] else (-math.inf, -math.inf)
     tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
-    if buffers is not None:
-        k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
-        if k1 < WELL_CONDITIONED_K1:
-            # The fused form divides by k₁ (see adaptor.replacement.WELL_CONDITIONED_K1): near
-            # the α bound replace with the adaptor's foreach form, then run Lamb's kernel.
-            replace_foreach_(
-                [grads[i] for i in large], [buffers[i] for i in large], hp["alpha"], hp["beta"]
-            )
-            buffers = None
-    moments = _kernel("lamb" if buffers is None else "alto")
+    moments = _kernel("alto" if explores else "lamb")
     apply = _kernel("apply")
-    torch._foreach_add_([steps[i] for i in large], 1)
-    for i in large:
-        p, g, m, v, step = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
-        if buffers is None:
-            r_sq, w_sq = moments(p, g, m, v, step, beta2, beta3, *tail)
-        else:
+    paper = hp["zero_norm_trust"] == "paper"
+    for i, (p, g) in enumerate(zip(bucket.params, bucket.grads)):
+        m, v, step = bucket.states[0][i], bucket.states[1][i], bucket.steps[i]
+        if explores:
             r_sq, w_sq = moments(
-                p, g, buffers[i], m, v, step, k1, hp["alpha"], persist, inject, beta2, beta3,
-                *tail,
+                p, g, bucket.states[2][i], m, v, step, flag, k1, hp["alpha"], persist, inject,
+                beta2, beta3, *tail,
             )
+        else:
+            r_sq, w_sq = moments(p, g, m, v, step, flag, beta2, beta3, *tail)
+        comp = None if bucket.comps is None else bucket.comps[i]
         apply(
-            p, m, v, step, r_sq, w_sq, hp["lr"], bias2, bias3, hp["eps"], hp["trust_eps"],
-            hp["norm_eps"], hp["weight_decay"], low, high, hp["zero_norm_trust"] == "paper",
+            p, m, v, step, r_sq, w_sq, flag, comp, hp["lr"], bias2, bias3, hp["eps"],
+            hp["trust_eps"], hp["norm_eps"], hp["weight_decay"], low, high, paper,
         )
 
 
@@ -593,6 +801,9 @@ class Lamb(_FirstOrder):
         trust_clip: tuple[float, float] | None = None,
         zero_norm_trust: str = "one",
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        kahan: bool = False,
+        skip_nonfinite: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -601,6 +812,7 @@ class Lamb(_FirstOrder):
             weight_decay=weight_decay, trust_eps=trust_eps, norm_eps=norm_eps,
             bias_correction=bias_correction, layer_adaptation=layer_adaptation,
             trust_clip=trust_clip, zero_norm_trust=zero_norm_trust, max_grad_norm=max_grad_norm,
+            state_dtype=state_dtype, kahan=kahan, skip_nonfinite=skip_nonfinite,
             foreach=foreach, fused=fused, **self._more_defaults(),
         )
         self._validate(defaults)
@@ -619,6 +831,7 @@ class Lamb(_FirstOrder):
         check_pair(owner, "trust_clip", group["trust_clip"])
         check_choice(owner, "zero_norm_trust", group["zero_norm_trust"], ("one", "paper"))
         check_optional_positive(owner, "max_grad_norm", group["max_grad_norm"])
+        self._validate_precision(group)
         check_flag(owner, "foreach", group["foreach"], allow_none=True)
         check_flag(owner, "fused", group["fused"], allow_none=True)
 
@@ -653,11 +866,9 @@ class Lamb(_FirstOrder):
         loss = self._run_closure(closure)
         self._check_grads()
         explore = self._explore_hparams()  # validated before anything is modified
+        skip = self._prepare()  # unscales for GradScaler first: clipping sees true norms
         self._clip_grads()
         for group, alpha_beta in zip(self.param_groups, explore):
-            lists = self._gather(group)
-            if not lists[0]:
-                continue
             alpha, beta = alpha_beta if alpha_beta is not None else (0.0, 0.0)
             beta2, beta3 = group["betas"]
             hp = dict(
@@ -667,19 +878,16 @@ class Lamb(_FirstOrder):
                 layer_adaptation=group["layer_adaptation"], trust_clip=group["trust_clip"],
                 zero_norm_trust=group["zero_norm_trust"], alpha=alpha, beta=beta,
             )
-            for device, tensors in self._buckets(lists):
-                params, grads, exp_avgs, exp_avg_sqs, *rest = tensors
-                buffers = rest[0] if alpha_beta is not None else None
-                steps = rest[-1]
-                fallback = _lamb_single if group["foreach"] is False else _lamb_foreach
-                fused = group["fused"] if group["fused"] is not None else device.type == "cuda"
-                if fused and fused_supported(device):
-                    _lamb_fused(
-                        params, grads, exp_avgs, exp_avg_sqs, buffers, steps,
-                        fallback=fallback, **hp,
-                    )
+            fallback = _lamb_single if group["foreach"] is False else _lamb_foreach
+            for bucket in self._gather(group):
+                fused = group["fused"] if group["fused"] is not None else (
+                    bucket.device.type == "cuda"
+                )
+                if fused and fused_supported(bucket.device):
+                    _lamb_fused(bucket, skip, fallback=fallback, **hp)
                 else:
-                    fallback(params, grads, exp_avgs, exp_avg_sqs, buffers, steps, **hp)
+                    _run_bucket(fallback, bucket, skip, grad_out=self.explores, **hp)
+        self._count_skips(skip)
         return loss
 
 
@@ -761,6 +969,9 @@ class ALTO(Lamb):
         trust_clip: tuple[float, float] | None = None,
         zero_norm_trust: str = "one",
         max_grad_norm: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        kahan: bool = False,
+        skip_nonfinite: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -770,8 +981,9 @@ class ALTO(Lamb):
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             trust_eps=trust_eps, norm_eps=norm_eps, bias_correction=bias_correction,
             layer_adaptation=layer_adaptation, trust_clip=trust_clip,
-            zero_norm_trust=zero_norm_trust, max_grad_norm=max_grad_norm, foreach=foreach,
-            fused=fused,
+            zero_norm_trust=zero_norm_trust, max_grad_norm=max_grad_norm,
+            state_dtype=state_dtype, kahan=kahan, skip_nonfinite=skip_nonfinite,
+            foreach=foreach, fused=fused,
         )
         del self._alpha_beta  # only defaults and param groups travel (deepcopy, pickle)
 
@@ -816,6 +1028,7 @@ def _adabelief_foreach(
     exp_avg_vars: list[Tensor],
     steps: list[Tensor],
     *,
+    write: _Writer,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -823,11 +1036,9 @@ def _adabelief_foreach(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    if weight_decay != 0:
-        if decoupled:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # type: ignore[arg-type]
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    decay = weight_decay != 0 and decoupled
+    if weight_decay != 0 and not decoupled:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_add_(steps, 1)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     residual = torch._foreach_sub(grads, exp_avgs)
@@ -835,14 +1046,25 @@ def _adabelief_foreach(
     torch._foreach_addcmul_(exp_avg_vars, residual, residual, value=1.0 - beta2)
     torch._foreach_add_(exp_avg_vars, eps)
     del residual
-    k = torch.stack(steps)
+    k = torch.stack(steps).to(exp_avgs[0].dtype)
     bias2_sqrt = (1.0 - torch.pow(beta2, k)).sqrt_()
     # θ ← θ − η·m̂/(√ŝ + ε) = θ + (−η·√b₂/b₁)·m/(√s + ε√b₂),  b₁ = 1-β₁^k, b₂ = 1-β₂^k
     step_size = _scale(bias2_sqrt / (1.0 - torch.pow(beta1, k)), lr)
     denom = torch._foreach_sqrt(exp_avg_vars)
     torch._foreach_add_(denom, (bias2_sqrt * eps).unbind(0))
     updates = _divide_into(exp_avgs, denom, in_place=_on_cpu(denom))
-    torch._foreach_addcmul_(params, updates, step_size.unbind(0))
+    if decay and write.direct:
+        # float32/float64: θ ← (1-ηλ)θ, then the update (as torch's AdamW)
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)  # type: ignore[arg-type]
+        write.add_(updates, step_size.unbind(0))
+        return
+    if decay:
+        # bf16/fp16: both terms in float32, one rounding: θ ← round(θ + s·u − ηλθ)
+        torch._foreach_mul_(updates, step_size.unbind(0))
+        _axpy_(updates, params, -lr * weight_decay)
+        write.add_(updates, 1.0)
+        return
+    write.add_(updates, step_size.unbind(0))
 
 
 def _adabelief_single(
@@ -852,6 +1074,7 @@ def _adabelief_single(
     exp_avg_vars: list[Tensor],
     steps: list[Tensor],
     *,
+    write: _Writer,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -859,19 +1082,23 @@ def _adabelief_single(
     weight_decay: float,
     decoupled: bool,
 ) -> None:
-    for p, g, m, s, step in zip(params, grads, exp_avgs, exp_avg_vars, steps):
-        if weight_decay != 0:
-            if decoupled:
-                p.mul_(1.0 - lr * weight_decay)
-            else:
-                g = g.add(p, alpha=weight_decay)
+    for i, (p, g, m, s, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_vars, steps)):
+        if weight_decay != 0 and not decoupled:
+            g = g.add(p, alpha=weight_decay)
         step.add_(1)
         m.lerp_(g, 1.0 - beta1)
         residual = g - m
         s.mul_(beta2).addcmul_(residual, residual, value=1.0 - beta2).add_(eps)
-        step_size = (-lr) / (1.0 - torch.pow(beta1, step))
-        denom = s.sqrt().div_((1.0 - torch.pow(beta2, step)).sqrt_()).add_(eps)
-        p.addcdiv_(m, denom.div_(step_size))
+        k = step.to(m.dtype)
+        step_size = (-lr) / (1.0 - torch.pow(beta1, k))
+        denom = s.sqrt().div_((1.0 - torch.pow(beta2, k)).sqrt_()).add_(eps)
+        update = torch.div(m, denom).mul_(step_size)
+        if weight_decay != 0 and decoupled:
+            if write.direct:
+                p.mul_(1.0 - lr * weight_decay)
+            else:
+                update.add_(p * (-lr * weight_decay))
+        write.add_one_(i, update, 1.0)
 
 
 class AdaBelief(_FirstOrder):
@@ -911,11 +1138,15 @@ class AdaBelief(_FirstOrder):
         weight_decay: float = 0.0,
         *,
         decoupled_weight_decay: bool = True,
+        state_dtype: torch.dtype | None = None,
+        kahan: bool = False,
+        skip_nonfinite: bool = False,
         foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+            state_dtype=state_dtype, kahan=kahan, skip_nonfinite=skip_nonfinite,
             foreach=foreach,
         )
         self._validate(defaults)
@@ -928,6 +1159,7 @@ class AdaBelief(_FirstOrder):
         check_nonneg(owner, "eps", group["eps"])
         check_nonneg(owner, "weight_decay", group["weight_decay"])
         check_flag(owner, "decoupled_weight_decay", group["decoupled_weight_decay"])
+        self._validate_precision(group)
         check_flag(owner, "foreach", group["foreach"], allow_none=True)
 
     @torch.no_grad()
@@ -935,10 +1167,8 @@ class AdaBelief(_FirstOrder):
         """One AdaBelief step; ``closure`` (optional) is run under ``torch.enable_grad()``."""
         loss = self._run_closure(closure)
         self._check_grads()
+        skip = self._prepare()
         for group in self.param_groups:
-            lists = self._gather(group)
-            if not lists[0]:
-                continue
             beta1, beta2 = group["betas"]
             hp = dict(
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -946,8 +1176,9 @@ class AdaBelief(_FirstOrder):
                 decoupled=group["decoupled_weight_decay"],
             )
             update = _adabelief_single if group["foreach"] is False else _adabelief_foreach
-            for _, tensors in self._buckets(lists):
-                update(*tensors, **hp)
+            for bucket in self._gather(group):
+                _run_bucket(update, bucket, skip, **hp)
+        self._count_skips(skip)
         return loss
 
 
