@@ -686,7 +686,11 @@ def _kernel(name: str) -> Callable[..., Any]:
     kernel = _compiled.get(name)
     if kernel is None:
         source = {"lamb": _lamb_moments, "alto": _alto_moments, "apply": _lamb_apply}[name]
-        kernel = _compiled[name] = torch.compile(source, dynamic=True, fullgraph=True)
+        # emulate_precision_casts: round bf16/fp16 casts inside the kernel (Kahan needs the
+        # rounded value; inductor otherwise keeps the float32 intermediate).
+        kernel = _compiled[name] = torch.compile(
+            source, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+        )
     return kernel
 
 

@@ -1031,3 +1031,82 @@ def test_grad_scaler_inf_step_equals_a_skipped_step_without_host_reads(make, aut
         assert torch.equal(p, q)
     assert torch.equal(optimizer.skipped_steps, torch.tensor(1.0))
     assert reads == []
+
+
+def test_fused_bf16_kahan_and_skip_match_the_foreach_path():
+    """The compiled kernels with bf16 parameters, float32 state, Kahan writes and a NaN step:
+    the skipped step leaves everything bit-identical (``torch.where`` inside the kernels), and
+    the trajectory equals the foreach path's up to one bf16 rounding of an element (both
+    compute in float32 and round once; summation order differs)."""
+    kw = dict(lr=0.01, alpha=-5.0, beta=0.9, kahan=True, skip_nonfinite=True)
+    generator = torch.Generator().manual_seed(2)
+    theta0 = [torch.randn(256, 256, generator=generator), torch.randn(40, generator=generator)]
+
+    def go(fused):
+        params = [t.to(torch.bfloat16).requires_grad_() for t in theta0]
+        optimizer = ALTO(params, fused=fused, **kw)
+        snaps = []
+        for step in range(4):
+            for p, g in zip(params, grad_fn([p.detach().float() for p in params], step)):
+                p.grad = g.to(torch.bfloat16)
+            if step == 2:
+                params[0].grad[3, 4] = float("nan")
+            snaps.append(_everything(optimizer))
+            optimizer.step()
+        return params, optimizer, snaps
+
+    fused, optimizer, snaps = go(True)
+    for x, y in zip(snaps[2], snaps[3]):
+        assert torch.equal(x, y)
+    assert torch.equal(optimizer.skipped_steps, torch.tensor(1.0))
+    state = optimizer.state[fused[0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["kahan_comp"].dtype == torch.bfloat16
+    plain, _, _ = go(False)
+    for x, y in zip(fused, plain):
+        torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-6)
+    assert not torch.equal(fused[0], theta0[0].to(torch.bfloat16))
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+COMPILED = [
+    pytest.param(lambda p: Lamb(p, lr=0.01, weight_decay=0.01), id="Lamb"),
+    pytest.param(lambda p: ALTO(p, lr=0.01), id="ALTO"),
+    pytest.param(lambda p: AdaBelief(p, lr=0.01, weight_decay=0.01), id="AdaBelief"),
+]
+# aot_eager: dynamo's trace (where (None, None) device keys crashed) with eager kernels, so
+# compiled and eager agree bit for bit; one inductor test checks the generated code (float32:
+# rtol 1e-5, its reassociated sums differ from eager by a few ulps).
+COMPILE_TOLERANCE = {"aot_eager": dict(rtol=0, atol=0), "inductor": dict(rtol=1e-5, atol=1e-6)}
+
+
+def _compiled_vs_eager(make, backend, dtype=torch.float32, steps=3):
+    generator = torch.Generator().manual_seed(4)
+    theta0 = [torch.randn(8, 4, generator=generator), torch.randn(4, generator=generator)]
+    grads = [[torch.randn(t.shape, generator=generator) for t in theta0] for _ in range(steps)]
+    out = []
+    for compiled in (False, True):
+        params = [t.to(dtype).requires_grad_() for t in theta0]
+        optimizer = make(params)
+
+        def train_step(gs, params=params, optimizer=optimizer):
+            for p, g in zip(params, gs):
+                p.grad = g.to(dtype)
+            optimizer.step()
+
+        run_step = torch.compile(train_step, backend=backend) if compiled else train_step
+        for gs in grads:
+            run_step(gs)
+        out.append([p.detach() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_compiled_step_with_default_arguments_equals_eager(make):
+    eager, compiled = _compiled_vs_eager(make, "aot_eager")
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["aot_eager"])
+
+
+def test_inductor_compiled_alto_step_equals_eager():
+    eager, compiled = _compiled_vs_eager(lambda p: ALTO(p, lr=0.01), "inductor")
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["inductor"])
