@@ -1,4 +1,12 @@
-"""Entries for the first-order backends: Lamb, AdaBelief and ALTO (the adapted Lamb)."""
+"""Entries for the first-order backends: Lamb, AdaBelief and ALTO (the adapted Lamb).
+
+Every ``build(params, **overrides)`` passes keyword overrides to the constructor, so the
+generic tests' ``state_dtype=``, ``skip_nonfinite=`` and ``kahan=`` reach the optimizer (all
+three are constructor arguments of Lamb, ALTO and AdaBelief); for ALTO the group keys
+``explore_alpha``/``explore_beta`` are mapped to its ``alpha``/``beta`` arguments. The
+``-fused`` entries take the compiled path for tensors of at least
+``adaptor.replacement.FUSED_MIN_NUMEL`` elements (smaller ones take the foreach path).
+"""
 
 from __future__ import annotations
 
@@ -131,5 +139,20 @@ INFOS = [
                 r"\|alpha\| < 1/\(1-beta\)",
             ),
         ),
+    ),
+    OptimizerInfo(
+        name="Lamb-fused",
+        build=lambda params, **kw: _lamb(params, fused=True, **kw),
+        group_override={"lr": 3e-3, "weight_decay": 0.0, "trust_clip": (0.0, 2.0)},
+        fused_compile=True,
+    ),
+    OptimizerInfo(
+        name="ALTO-fused",
+        build=lambda params, **kw: _alto(params, fused=True, **kw),
+        base=lambda params, **kw: _alto_base(params, fused=True, **kw),
+        group_override={
+            "lr": 3e-3, "explore_alpha": 0.5, "explore_beta": 0.5, "betas": (0.8, 0.99),
+        },
+        fused_compile=True,
     ),
 ]
