@@ -16,6 +16,26 @@ because the first step compiles for tens of seconds): two ``torch.compile``\d pa
 large tensor (moments, replacement and the two squared norms in the first; the update in the
 second) instead of some fifteen foreach passes; small tensors still take the foreach path.
 
+Precision, non-finite steps, GradScaler and compile (every path of all three classes):
+
+* ``state_dtype=None``: float32 moments (and ALTO's buffer) for bf16/fp16 parameters, the
+  parameter's dtype otherwise; any floating dtype may be given.
+* Arithmetic on bf16/fp16 parameters is done in float32 and each parameter is written once
+  per step (one rounding); ``kahan=True`` keeps that rounding error in
+  ``state["kahan_comp"]`` (parameter dtype, +2 bytes per bf16 element) and adds it back at
+  the next step, so updates below half an ulp are not lost. No effect on float32/float64.
+* ``skip_nonfinite=True`` skips a step whose gradients hold a NaN or Inf, decided on the
+  device: parameters and every state tensor stay bit-identical (``torch.where`` inside the
+  compiled kernels; a snapshot and masked restore around the foreach/single-tensor step,
+  which costs one temporary copy of parameters and state), ``state["nonfinite_skips"]``
+  counts it and ``optimizer.skipped_steps`` returns the count. Off by default, like torch.
+* ``_step_supports_amp_scaling = True``: ``torch.amp.GradScaler.step`` hands over its scale
+  and ``found_inf``; the step unscales on the device and skips where ``found_inf`` is set
+  (no host read in ``scaler.step(opt)``).
+* ``torch.compile`` of a function that calls ``opt.step()`` works with default arguments
+  (the fused kernels are not nested into an outer compile: the traced step takes the foreach
+  path).
+
 ``SGD``, ``Adam`` and ``AdamW`` are torch's own, re-exported so that one import gives every
 first-order base.
 """
@@ -773,6 +793,10 @@ class Lamb(_FirstOrder):
         trust_clip: ``None`` (default) or ``(low, high)`` with ``0 <= low <= high``.
         zero_norm_trust: ``"one"`` (default): ratio 1 where ‖θ‖ = 0 or ‖r‖ = 0 (decided on
             the device with ``torch.where``); ``"paper"``: the formula everywhere.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (and ALTO's buffer); ``None``:
+            float32 for bf16/fp16 parameters, the parameter's dtype otherwise.
+        kahan: Kahan-compensated parameter writes for bf16/fp16 parameters (see above).
+        skip_nonfinite: skip (bit-identically) a step whose gradients hold NaN/Inf.
         max_grad_norm: ``None`` (default, as in the paper's algorithm) or a positive float:
             first clip the gradients in place to this 2-norm, measured over all gradients
             of the optimizer (``clip_grad_norm_`` over the whole model; the reference code
@@ -784,7 +808,7 @@ class Lamb(_FirstOrder):
             the first step compiles). ``None`` (default): on CUDA only.
 
     State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
-    ``exp_avg_sq`` (v).
+    ``exp_avg_sq`` (v); ``kahan_comp`` and ``nonfinite_skips`` when those options are on.
     """
 
     _owner = "Lamb"
@@ -1124,10 +1148,12 @@ class AdaBelief(_FirstOrder):
             official implementation).
         weight_decay: λ ≥ 0.
         decoupled_weight_decay: see above.
+        state_dtype, kahan, skip_nonfinite: as in :class:`Lamb` (the decoupled decay and the
+            update are one write: ``θ ← round(θ − ηλθ − η·m̂/(√ŝ + ε))``).
         foreach: multi-tensor implementation (``None``/``True``, default) or a loop (``False``).
 
     State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
-    ``exp_avg_var`` (s).
+    ``exp_avg_var`` (s); ``kahan_comp`` and ``nonfinite_skips`` when those options are on.
     """
 
     _owner = "AdaBelief"
