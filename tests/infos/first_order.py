@@ -144,6 +144,7 @@ INFOS = [
         name="Lamb-fused",
         build=lambda params, **kw: _lamb(params, fused=True, **kw),
         group_override={"lr": 3e-3, "weight_decay": 0.0, "trust_clip": (0.0, 2.0)},
+        invalid=_lamb_invalid(lambda params, **kw: _lamb(params, fused=True, **kw), "Lamb"),
         fused_compile=True,
     ),
     OptimizerInfo(
@@ -153,6 +154,12 @@ INFOS = [
         group_override={
             "lr": 3e-3, "explore_alpha": 0.5, "explore_beta": 0.5, "betas": (0.8, 0.99),
         },
+        invalid=(
+            _bad(lambda params, **kw: _alto(params, fused=True, **kw), ValueError,
+                 r"\|alpha\| < 1/\(1-beta\) = 100 .*ALTO", alpha=-100.0),
+            _bad(lambda params, **kw: _alto(params, fused=True, **kw), TypeError,
+                 r"ALTO: skip_nonfinite must be True or False", skip_nonfinite=None),
+        ),
         fused_compile=True,
     ),
 ]
