@@ -1115,3 +1115,13 @@ def test_compiled_step_with_default_arguments_equals_eager(make):
 def test_inductor_compiled_alto_step_equals_eager():
     eager, compiled = _compiled_vs_eager(lambda p: ALTO(p, lr=0.01), "inductor")
     assert_all_close(compiled, eager, **COMPILE_TOLERANCE["inductor"])
+
+
+def test_compiled_bf16_alto_with_kahan_and_skip_equals_eager():
+    """The precision paths (float32 work copies, Kahan writes, the skip flag's masked
+    restore) under ``torch.compile`` (aot_eager): bf16 results bit-identical to eager."""
+    eager, compiled = _compiled_vs_eager(
+        lambda p: ALTO(p, lr=0.01, kahan=True, skip_nonfinite=True), "aot_eager",
+        dtype=torch.bfloat16,
+    )
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["aot_eager"])
