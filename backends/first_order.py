@@ -386,12 +386,23 @@ class _FirstOrder(Optimizer):
         return flag
 
     def _count_skips(self, skip: Tensor | None) -> None:
+        """Add the flag to every stepped parameter's ``nonfinite_skips`` (one foreach add
+        per device; :func:`adaptor.precision.count_skip_` creates a missing counter)."""
         if skip is None:
             return
+        counters: dict[torch.device, list[Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    count_skip_(self.state[p], skip, p)
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if SKIPS_KEY not in state:
+                    count_skip_(state, skip, p)
+                else:
+                    counters.setdefault(state[SKIPS_KEY].device, []).append(state[SKIPS_KEY])
+        for device, tensors in counters.items():
+            flag = skip.to(device, non_blocking=True)
+            torch._foreach_add_(tensors, [flag] * len(tensors))  # 0-d operands: no host read
 
     @property
     def skipped_steps(self) -> Tensor | None:
@@ -761,7 +772,10 @@ def _lamb_fused(
                                         bucket.device)  # fmt: skip
     flag = zero if skip is None else skip
     # Counters outside the graph; a skipped step adds 0 (bit-identical counter).
-    torch._foreach_add_(bucket.steps, 1 if skip is None else (1.0 - skip))
+    if skip is None:
+        torch._foreach_add_(bucket.steps, 1)
+    else:
+        torch._foreach_add_(bucket.steps, [1.0 - skip] * len(bucket.steps))
     beta2, beta3 = hp["beta2"], hp["beta3"]
     bias2, bias3 = (_log(beta2), _log(beta3)) if hp["bias_correction"] else (-math.inf, -math.inf)
     tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
