@@ -134,12 +134,19 @@ def test_estimate_of_a_linear_loss_is_rank_one_and_exact():
         torch.testing.assert_close(g, delta * (delta @ b), rtol=1e-9, atol=0.0)
 
 
-def test_returned_loss_is_the_mean_of_the_two_evaluations():
-    """For ``f = ½Σλᵢθᵢ²`` and Rademacher Δ: ``(f₊+f₋)/2 = f(θ) + (c²/2)·Σλᵢ`` exactly."""
+@pytest.mark.parametrize("samples", [1, 3], ids=["one-sample", "three-samples"])
+def test_returned_loss_is_the_mean_of_the_two_evaluations(samples):
+    """For ``f = ½Σλᵢθᵢ²`` and Rademacher Δ: ``(f₊+f₋)/2 = f(θ) + (c²/2)·Σλᵢ`` exactly.
+
+    Both paths (``samples == 1`` keeps Δ in ``p.grad``; ``samples > 1`` regenerates it), by
+    ``estimate`` and through the explored optimizer's ``step``. Mutation caught: the
+    one-sample path returning ``f₊`` (or ``f₋``) instead of ``(f₊+f₋)/2`` — they differ
+    from the reference by ``±c·Δᵀ∇f`` (about 1e-2 here, against rtol 1e-12).
+    """
     theta = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64).requires_grad_()
     lam = torch.arange(1.0, 10.0, dtype=torch.float64)
     c = 1e-2
-    spsa = SPSA(perturbation=c, samples=3, seed=0)
+    spsa = SPSA(perturbation=c, samples=samples, seed=0)
 
     def loss():
         return 0.5 * (lam * theta * theta).sum()
@@ -152,6 +159,15 @@ def test_returned_loss_is_the_mean_of_the_two_evaluations():
     as_float = spsa.estimate(lambda: loss().item(), [{"params": [theta]}])
     assert isinstance(as_float, float)
     assert math.isclose(as_float, expected.item(), rel_tol=1e-12)
+
+    # through explore(...).step: the loss of θ before the base moves it
+    optimizer = explore(
+        SPSA(perturbation=c, samples=samples, seed=1), torch.optim.SGD([theta], lr=0.1),
+        alpha=0.5, beta=0.01,
+    )
+    with torch.no_grad():
+        expected = loss() + 0.5 * c * c * lam.sum()
+    torch.testing.assert_close(optimizer.step(loss), expected, rtol=1e-12, atol=0.0)
 
 
 # -- convergence ------------------------------------------------------------------------------
