@@ -24,6 +24,7 @@ from a per-step seed instead of being stored. See :class:`SPSA` for the details.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -125,6 +126,7 @@ class SPSA(GradEstimator):
         seed: int | None = None,
         *,
         chunk: int = 1 << 20,
+        process_group: Any = None,
     ) -> None:
         if isinstance(perturbation, bool) or not isinstance(perturbation, numbers.Real):
             raise TypeError(
@@ -143,9 +145,19 @@ class SPSA(GradEstimator):
             raise TypeError(f"SPSA seed must be an integer or None, got {type(seed).__name__}")
         if not _is_int(chunk) or chunk < 1:
             raise ValueError(f"SPSA chunk must be an integer >= 1, got {chunk!r}")
+        _check_process_group(process_group)
+        self.process_group = process_group
         if seed is None:
-            # Host-side, at construction: follows torch.manual_seed.
+            # Host-side, at construction: follows torch.manual_seed; under torch.distributed
+            # rank 0's draw is broadcast so that every rank perturbs along the same Δ.
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            group = self._reduction_group()
+            if group is not None:
+                box = [seed]
+                torch.distributed.broadcast_object_list(
+                    box, src=torch.distributed.get_global_rank(group, 0), group=group
+                )
+                seed = int(box[0])
         self.perturbation = float(perturbation)
         self.samples = int(samples)
         self.distribution = distribution
@@ -153,6 +165,79 @@ class SPSA(GradEstimator):
         self.seed = int(seed) & _MASK64
         self.step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    # -- copies and pickling ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration and ``seed``/``step`` only: generators are a cache (reseeded per draw).
+
+        An explicit process group cannot travel (pickle raises ``TypeError``); the default
+        (``None``: the world group when initialised) and ``False`` do.
+        """
+        state = self.__dict__.copy()
+        state["_generators"] = {}
+        group = state.get("process_group")
+        if group is not None and group is not False:
+            if _is_world(group):
+                state["process_group"] = None
+            else:
+                raise TypeError(
+                    "SPSA with an explicit process_group cannot be pickled (process groups "
+                    "are not picklable); build it with process_group=None (the world group) "
+                    "or set the group again after loading"
+                )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._generators = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SPSA:
+        """An independent estimator: same configuration, ``seed`` and ``step``; the process
+        group (a communicator handle) is shared, the generator cache is not."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            if name == "_generators":
+                value = {}
+            elif name != "process_group":
+                value = copy.deepcopy(value, memo)
+            setattr(twin, name, value)
+        return twin
+
+    # -- distributed -----------------------------------------------------------------
+
+    def _reduction_group(self) -> Any:
+        """The group whose ranks average their loss values, or ``None`` (no communication)."""
+        if self.process_group is False:
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        group = torch.distributed.group.WORLD if self.process_group is None else self.process_group
+        if torch.distributed.get_world_size(group) == 1:
+            return None
+        return group
+
+    def _average_over_ranks(
+        self, f_plus: Tensor | float, f_minus: Tensor | float, like: Tensor
+    ) -> tuple[Tensor | float, Tensor | float]:
+        """``(f₊, f₋)`` averaged over the ranks of the group: one all-reduce of 2 scalars.
+
+        Every rank perturbs along the same ``Δ`` (same seed and step), so the average of the
+        ranks' loss differences is the difference of the global-batch loss (for a mean loss
+        over equal shards). The values stay on the device (no host read); Python numbers are
+        put on ``like``'s device first, so the result is then a tensor.
+        """
+        group = self._reduction_group()
+        if group is None:
+            return f_plus, f_minus
+        device = f_plus.device if isinstance(f_plus, Tensor) else like.device
+        values = torch.stack([torch.as_tensor(f, device=device) for f in (f_plus, f_minus)])
+        if not values.is_floating_point():
+            values = values.double()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=group)
+        values = values / torch.distributed.get_world_size(group)
+        return values[0], values[1]
 
     # -- random directions -----------------------------------------------------------
 
@@ -390,6 +475,7 @@ class SPSA(GradEstimator):
         finally:
             if offset:
                 shift(-offset * c)
+        f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
         scale = (f_plus - f_minus) / (2.0 * c)
         for device, _, grads in buckets:
             torch._foreach_mul_(grads, _on(scale, device))
@@ -411,6 +497,7 @@ class SPSA(GradEstimator):
                     self._apply_direction_(entries, sample, -2.0 * c)
                     offset = -1.0
                     f_minus = self._evaluate(closure)
+                    f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
                     weight = (f_plus - f_minus) / (2.0 * c * n)
                     offset = 0.0
                     # restore θ and accumulate g from the same regenerated blocks
@@ -448,6 +535,31 @@ class SPSA(GradEstimator):
         return (
             f"SPSA(perturbation={self.perturbation}, samples={self.samples}, "
             f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk})"
+        )
+
+
+def _is_world(group: Any) -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and group is torch.distributed.group.WORLD
+    )
+
+
+def _check_process_group(group: Any) -> None:
+    """``None`` (the world group when initialised), ``False`` (never communicate) or a group."""
+    if group is None or group is False:
+        return
+    process_group_type = (
+        getattr(torch.distributed, "ProcessGroup", None)
+        if torch.distributed.is_available()
+        else None
+    )
+    if process_group_type is None or not isinstance(group, process_group_type):
+        raise TypeError(
+            "SPSA process_group must be None (the world group when torch.distributed is "
+            "initialised), False (no communication) or a torch.distributed ProcessGroup, got "
+            f"{type(group).__name__}"
         )
 
 

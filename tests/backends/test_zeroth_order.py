@@ -494,3 +494,72 @@ def test_a_raising_closure_leaves_the_parameters_restored(samples):
         )
     bound = 2 * 2.0**-24 * (3 * start.abs() + 2 * 2.0**-7)
     assert ((theta.detach() - start).abs() <= bound).all()
+
+
+# -- copies and pickling ----------------------------------------------------------------------
+
+
+def _estimates(spsa, params, steps=2):
+    """The gradients of ``steps`` estimates on a fixed loss (θ unchanged between them)."""
+    out = []
+    for _ in range(steps):
+        spsa.estimate(lambda: sum((p.sin() * (1 + i)).sum() for i, p in enumerate(params)),
+                      [{"params": params}])
+        out.append([p.grad.clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("samples", [1, 2])
+def test_copies_and_pickles_continue_the_stream_independently(how, samples):
+    """A copy (deepcopy or pickle round trip) of a used SPSA draws what the original would
+    draw next, and stepping it leaves the original's step counter and generators alone.
+
+    Mutations caught: ``__deepcopy__`` sharing ``_generators`` with the original (``twin``
+    ``_generators is spsa._generators``), and ``__getstate__`` resetting ``step`` (the
+    copy would redraw step 0's directions).
+    """
+    import pickle
+
+    params = _two_params(dtype=torch.float32)
+    spsa = SPSA(samples=samples, distribution="gaussian", seed=11, chunk=5)
+    _estimates(spsa, params, steps=1)
+    twin = copy.deepcopy(spsa) if how == "deepcopy" else pickle.loads(pickle.dumps(spsa))
+    assert twin is not spsa and twin.step == spsa.step == 1 and twin.seed == spsa.seed
+    assert repr(twin) == repr(spsa)
+    assert twin._generators is not spsa._generators and not twin._generators
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    from_twin = _estimates(twin, twin_params, steps=2)
+    assert spsa.step == 1, "stepping the copy moved the original's counter"
+    from_original = _estimates(spsa, params, steps=2)
+    for mine, theirs in zip(from_original, from_twin):
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b)
+    assert twin.step == spsa.step == 3
+
+
+def test_explored_spsa_deepcopies_with_an_independent_estimator():
+    """``copy.deepcopy(explore(SPSA, SGD))`` steps its own parameters with its own estimator."""
+    params = _two_params(dtype=torch.float32)
+    optimizer = explore(SPSA(seed=3), torch.optim.SGD(params, lr=0.1), alpha=0.5, beta=0.01)
+
+    def closure_for(ps):
+        return lambda: sum((p.cos() * (1 + i)).sum() for i, p in enumerate(ps))
+
+    optimizer.step(closure_for(params))
+    twin = copy.deepcopy(optimizer)
+    twin_params = twin.param_groups[0]["params"]
+    assert all(a is not b for a, b in zip(params, twin_params))
+    before = [p.detach().clone() for p in params]
+    twin.step(closure_for(twin_params))
+    assert all(torch.equal(a, b) for a, b in zip(params, before)), "copy moved the original"
+    optimizer.step(closure_for(params))
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
+def test_process_group_argument_is_validated():
+    """Validation of ``process_group``: a non-group is a TypeError naming the argument."""
+    with pytest.raises(TypeError, match="SPSA process_group must be None"):
+        SPSA(process_group="world")
+    assert SPSA(process_group=False).process_group is False
