@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 from adaptor.estimators import Closure, GradEstimator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASK64 = (1 << 64) - 1
 
 
@@ -278,6 +279,23 @@ class SPSA(GradEstimator):
         for block, view in self._blocks(out.view(-1)):
             self._draw_(view, _block_seed(sample_seed, index, block), signs)
 
+    @torch.compiler.disable
+    def _fill_directions_(self, entries: Sequence[tuple[int, Tensor, Tensor]]) -> None:
+        """``p.grad ← Δ`` bits (``samples == 1``); the seed is read here, outside any graph.
+
+        Under ``torch.compile`` this and :meth:`_apply_direction_` run eagerly (seeding and
+        drawing from a ``torch.Generator`` cannot be traced, and a traced read of the step
+        counter would recompile every step); the closure's forward passes are traced.
+        """
+        sample_seed = self._sample_seed(0)
+        for index, _, grad in entries:
+            self._fill_direction_(grad, sample_seed, index, signs=False)
+
+    @torch.compiler.disable
+    def _advance(self) -> None:
+        self.step += 1
+
+    @torch.compiler.disable
     def _apply_direction_(
         self,
         entries: Sequence[tuple[int, Tensor, Tensor]],
@@ -425,7 +443,9 @@ class SPSA(GradEstimator):
         entries = self._entries(param_groups)
         total: Tensor | float
         if entries:
-            if self.samples == 1:
+            if any(p.dtype in _LOW_PRECISION for _, p, _ in entries):
+                total = self._estimate_rounded(closure, entries)
+            elif self.samples == 1:
                 total = self._estimate_one(closure, entries)
             else:
                 total = self._estimate_many(closure, entries)
@@ -434,7 +454,7 @@ class SPSA(GradEstimator):
         for _, p, grad in entries:
             if p.grad is not grad:
                 p.grad = grad
-        self.step += 1
+        self._advance()
         return total
 
     def _buckets(
@@ -443,16 +463,15 @@ class SPSA(GradEstimator):
         grouped = Optimizer._group_tensors_by_device_and_dtype(
             [[p for _, p, _ in entries], [grad for _, _, grad in entries]]
         )
-        return [(device, params, grads) for (device, _), ((params, grads), _) in grouped.items()]
+        # The device comes from a tensor: under torch.compile the key is (None, None).
+        return [(params[0].device, params, grads) for (params, grads), _ in grouped.values()]
 
     def _estimate_one(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
     ) -> Tensor | float:
         """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
         c = self.perturbation
-        sample_seed = self._sample_seed(0)
-        for index, _, grad in entries:
-            self._fill_direction_(grad, sample_seed, index, signs=False)
+        self._fill_directions_(entries)
         buckets = self._buckets(entries)
         if self.distribution == "rademacher":  # bits b → signs 2b − 1, exactly
             for _, _, grads in buckets:
@@ -506,6 +525,79 @@ class SPSA(GradEstimator):
                     if offset:
                         self._apply_direction_(entries, sample, -offset * c)
                     raise
+                total = total + (f_plus + f_minus) / (2.0 * n)
+        return total
+
+    @torch.compiler.disable
+    def _direction32(self, p: Tensor, sample: int, index: int) -> Tensor:
+        """``Δ_s`` of parameter ``index`` as a float32 tensor of its shape (a temporary)."""
+        delta = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+        self._fill_direction_(delta, self._sample_seed(sample), index)
+        return delta
+
+    def _estimate_rounded(
+        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> Tensor | float:
+        r"""bf16/fp16 parameters: exact restore, perturbations rounded once, realized steps.
+
+        In a low-precision format ``θ ± cΔ`` lands on the format's grid: with ``c`` below half
+        an ulp of ``|θ|`` the perturbation vanishes, just above it doubles (bf16, ``c = 1e-3``:
+        every ``|θ| ≥ 0.5`` is not perturbed at all and ``|θ| ∈ [0.25, 0.5)`` moves by
+        ``±2^{-9} ≈ 1.95c``), and the in-place ``+c, −2c, +c`` walk does not come back to
+        ``θ``. Here, per sample:
+
+        * ``θ₊ = rnd(θ₀ + cΔ)`` and ``θ₋ = rnd(θ₀ − cΔ)`` are computed in float32 from a copy
+          ``θ₀`` of the parameters and rounded once; ``θ₀`` is copied back afterwards, so
+          the parameters are restored bit for bit;
+        * Rademacher: the realized difference ``d = θ₊ − θ₋`` (exact in float32) is
+          ``Δᵢ·mᵢ`` with ``mᵢ ≥ 0`` fixed by ``θ₀``, so
+          ``ĝᵢ = (f₊ − f₋)/dᵢ`` (0 where ``dᵢ = 0``) has ``E ĝᵢ = ∇ᵢf`` wherever the format can
+          move ``θᵢ`` at all (``ĝᵢ = (f₊−f₋)/(2c)·Δᵢ`` when ``dᵢ = 2cΔᵢ``); Gaussian keeps
+          ``(f₊ − f₋)/(2c)·Δᵢ`` (its quantisation is not corrected).
+
+        Memory: a copy of the parameters in their dtype, plus ``Δ`` of one parameter in
+        float32 at a time (regenerated three times per sample). Also used for float32/64
+        parameters of a model that has any bf16/fp16 parameter.
+        """
+        c, n = self.perturbation, self.samples
+        params = [p for _, p, _ in entries]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+
+        def place(sample: int, sign: float) -> None:
+            for (index, p, _), theta in zip(entries, saved):
+                delta = self._direction32(p, sample, index)
+                p.copy_(theta.float().add_(delta, alpha=sign * c))
+
+        def restore() -> None:
+            torch._foreach_copy_(params, saved)
+
+        total: Tensor | float = 0.0
+        with torch.no_grad():
+            for sample in range(n):
+                try:
+                    place(sample, 1.0)
+                    f_plus = self._evaluate(closure)
+                    place(sample, -1.0)
+                    f_minus = self._evaluate(closure)
+                finally:
+                    restore()
+                f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, params[0])
+                for (index, p, grad), theta in zip(entries, saved):
+                    delta = self._direction32(p, sample, index)
+                    if self.distribution == "rademacher":
+                        up = theta.float().add_(delta, alpha=c).to(p.dtype).float()
+                        down = theta.float().add_(delta, alpha=-c).to(p.dtype).float()
+                        realized = up.sub_(down)  # dᵢ = Δᵢ·mᵢ, exact in float32
+                        moved = realized != 0
+                        weight = torch.where(moved, realized, 1.0).reciprocal_()
+                        estimate = weight.mul_(moved).mul_(_on(f_plus - f_minus, p.device))
+                    else:
+                        estimate = delta.mul_(_on((f_plus - f_minus) / (2.0 * c), p.device))
+                    if sample == 0:
+                        grad.copy_(estimate.div_(n))
+                    else:
+                        grad.add_(estimate.div_(n))
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
 

@@ -372,9 +372,12 @@ def test_restore_drift_is_within_the_documented_bound():
     assert not torch.equal(theta.detach(), start), "expected some round-off drift"
 
 
-@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 3)])
-def test_step_on_meta_device_with_both_paths(distribution, samples):
-    params = [torch.empty(5, 4, device="meta", requires_grad=True),
+@pytest.mark.parametrize(("distribution", "samples", "dtype"), [
+    ("rademacher", 1, torch.float32), ("gaussian", 3, torch.float32),
+    ("rademacher", 2, torch.bfloat16),  # the low-precision path (saved copy, realized steps)
+])
+def test_step_on_meta_device_with_both_paths(distribution, samples, dtype):
+    params = [torch.empty(5, 4, device="meta", requires_grad=True, dtype=dtype),
               torch.empty(7, device="meta", requires_grad=True)]
     optimizer = explore(
         SPSA(distribution=distribution, samples=samples, chunk=6),
@@ -563,3 +566,66 @@ def test_process_group_argument_is_validated():
     with pytest.raises(TypeError, match="SPSA process_group must be None"):
         SPSA(process_group="world")
     assert SPSA(process_group=False).process_group is False
+
+
+# -- bf16 / fp16 parameters ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "coarse_range", "fine_range"),
+    [(torch.bfloat16, (0.25, 0.5), (1 / 16, 1 / 8)), (torch.float16, (2.0, 4.0), (0.25, 0.5))],
+    ids=["bf16", "fp16"],
+)
+def test_low_precision_estimate_is_unbiased_where_the_format_can_move_and_restores_exactly(
+    dtype, coarse_range, fine_range
+):
+    """bf16/fp16: ``E ĝᵢ = ∇ᵢf`` on coordinates whose perturbation the grid rounds to ≠ 2c.
+
+    ``f = bᵀθ`` (evaluated in float64), Rademacher, ``c = 1e-3``. The test computes the
+    realized half-steps ``mᵢ = (rnd(θᵢ+c) − rnd(θᵢ−c))/2`` itself (float64 of the rounded
+    values): ``|θ|`` in a coarse binade has ``m = 2⁻⁹ ≈ 1.95c`` (bf16 ``[0.25, 0.5)``, fp16
+    ``[2, 4)``), in a fine one ``m = 2⁻¹⁰ ≈ 0.98c``. With ``ĝᵢ = (f₊−f₋)/(2mᵢΔᵢ)`` the
+    per-coordinate variance is ``Σ_{j≠i} b_j² m_j²/mᵢ²``; the mean of N estimates must be
+    within a Bonferroni bound of ``b``, and the naive estimator's expectation
+    ``(mᵢ/c)·bᵢ`` (slope 1.95 on the coarse binade) must be rejected by the regression
+    slope over that binade (power). The parameters are restored bit for bit after every
+    estimate.
+
+    Mutations caught: dividing by ``2cΔᵢ`` instead of the realized difference (the former
+    behaviour: slope 1.95 on the coarse binade), restoring with ``θ += cΔ`` instead of the
+    saved copy (the parameters drift).
+    """
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.empty(96, dtype=torch.float64).uniform_(*coarse_range, generator=generator)
+    fine = torch.empty(96, dtype=torch.float64).uniform_(*fine_range, generator=generator)
+    signs = torch.randint(0, 2, (192,), generator=generator) * 2.0 - 1.0
+    theta = (torch.cat([coarse, fine]) * signs).to(dtype).requires_grad_()
+    start = theta.detach().clone()
+    b = torch.randn(192, generator=generator, dtype=torch.float64)
+    c = 1e-3
+    t64 = start.double()
+    half_step = ((t64 + c).to(dtype).double() - (t64 - c).to(dtype).double()) / 2.0
+    assert (half_step > 0).all()
+    spsa = SPSA(perturbation=c, seed=4)
+    n = 600
+    total = torch.zeros(192, dtype=torch.float64)
+    for _ in range(n):
+        spsa.estimate(lambda: (theta.double() * b).sum(), [{"params": [theta]}])
+        assert torch.equal(theta.detach(), start), "the parameters were not restored exactly"
+        assert theta.grad.dtype == dtype
+        total += theta.grad.double()
+    mean = total / n
+    variance = ((b * half_step).square().sum() - (b * half_step).square()) / half_step.square()
+    z = _bonferroni_z(192)
+    # the estimate is written to p.grad in the parameter's dtype: allow its rounding
+    rounding = 2.0 ** -(8 if dtype == torch.bfloat16 else 11) * (mean.abs() + b.abs())
+    scores = ((mean - b).abs() - rounding).clamp_min(0) / (variance / n).sqrt()
+    assert scores.max().item() < z
+    # slope of the mean estimate on b over the coarse binade: 1 here, m/c ≈ 1.95 if naive
+    bc, mc, vc = b[:96], mean[:96], variance[:96] / n
+    slope = (mc * bc).sum() / bc.square().sum()
+    slope_error = (bc.square() * vc).sum().sqrt() / bc.square().sum()
+    naive_slope = (half_step[:96] / c).mean()
+    assert naive_slope > 1.9
+    assert abs(slope - 1.0) < 4 * slope_error + 2e-3, (slope, slope_error)
+    assert abs(slope - naive_slope) > 10 * slope_error, "the check has no power"
