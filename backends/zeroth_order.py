@@ -100,13 +100,46 @@ class SPSA(GradEstimator):
     ``explore_estimator``, so a resumed run draws the same directions. Seeding a generator is
     host-side; no device value is ever read.
 
-    **Round-off.** The in-place restore is not exact in floating point: after one sample
-    ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit roundoff,
-    ``2⁻²⁴`` in float32), i.e. a few ulps of ``|θ|`` (and of ``c`` where ``|θ| < c``). A
-    power-of-two ``c`` with Rademacher directions does not make it exact in general (the
-    low bits of a small ``|θ|`` are lost in ``θ + c``). The drift is deterministic, so
-    resuming stays bit-exact. If the closure raises, the current perturbation is undone
-    (to this accuracy) before the error propagates; ``p.grad`` is then unspecified.
+    **Round-off.** For float32/float64 parameters the in-place restore is not exact: after
+    one sample ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit
+    roundoff, ``2⁻²⁴`` in float32), i.e. a few ulps of ``|θ|`` (and of ``c`` where
+    ``|θ| < c``). A power-of-two ``c`` with Rademacher directions does not make it exact in
+    general (the low bits of a small ``|θ|`` are lost in ``θ + c``). The drift is
+    deterministic, so resuming stays bit-exact. If the closure raises, the current
+    perturbation is undone (to this accuracy) before the error propagates; ``p.grad`` is
+    then unspecified.
+
+    **bf16/fp16 parameters.** In these formats the same walk would drift by percents
+    (``u = 2⁻⁸`` in bf16) and the grid decides the perturbation: ``θ ± cΔ`` rounds to
+    ``θ`` where ``c`` is below half an ulp of ``|θ|`` and to ``θ ± 1 ulp`` just above it
+    (bf16, ``c = 1e-3``: ``|θ| ≥ 0.5`` is not perturbed, ``|θ| ∈ [0.25, 0.5)`` moves by
+    ``1.95c``, so dividing by ``2c`` overestimated its gradient 1.95-fold). When any
+    trainable parameter is bf16/fp16 the estimate therefore perturbs from a saved copy
+    ``θ₀`` (``θ± = rnd(θ₀ ± cΔ)`` computed in float32, rounded once), copies ``θ₀`` back (bit
+    exact) and, for Rademacher ``Δ``, divides ``f₊ − f₋`` by the realized difference
+    ``θ₊ − θ₋`` instead of ``2cΔ`` (unbiased wherever the format can move ``θᵢ``; 0 where
+    ``θ₊ = θ₋``: choose ``c`` at least half an ulp of the largest weights, ``2⁻⁹·max|θ|``
+    in bf16). Cost: one copy of the parameters (their dtype) per step and ``Δ`` of one
+    parameter in float32 at a time, regenerated three times per sample.
+
+    **Distributed.** Under ``torch.distributed`` every rank draws the same ``Δ`` (same
+    ``seed`` and ``step``; with ``seed=None`` rank 0's draw is broadcast at construction)
+    and the ranks average their ``(f₊, f₋)`` with one all-reduce of two scalars per sample:
+    with each rank evaluating a mean loss on its equal shard of the batch, every rank then
+    forms the full-batch estimate, with or without a ``DistributedDataParallel`` wrapper
+    (the closure runs under ``no_grad``, so DDP's gradient hooks never fire).
+    ``process_group=None`` uses the world group when one is initialised, a group restricts
+    the average to it, ``False`` never communicates.
+
+    **torch.compile.** A compiled function that calls ``explore(SPSA(...), base).step``
+    traces the closure's forward passes and the foreach perturbations; drawing ``Δ``
+    (seeding ``torch.Generator`` objects) and advancing the step counter run eagerly
+    (``torch.compiler.disable``: a graph break around each).
+
+    **Copies.** ``copy.deepcopy`` and ``pickle`` carry the configuration, ``seed`` and
+    ``step`` (a copy continues the same stream of directions, independently of the
+    original); the per-device generators are a cache and are not copied. A deepcopy shares
+    an explicit process group; pickling one raises ``TypeError``.
 
     Args:
         perturbation: ``c > 0``, the finite-difference step.
@@ -115,6 +148,8 @@ class SPSA(GradEstimator):
         seed: an integer; ``None`` draws one from torch's global generator at construction.
         chunk: block size of the regenerated directions (elements); bounds the scratch
             memory when ``samples > 1``. Part of the definition of ``Δ``.
+        process_group: ``None`` (default: the world group when ``torch.distributed`` is
+            initialised), a ``ProcessGroup``, or ``False`` (each rank estimates alone).
     """
 
     requires_closure = True
