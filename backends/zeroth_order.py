@@ -118,7 +118,7 @@ class SPSA(GradEstimator):
     ``θ₀`` (``θ± = rnd(θ₀ ± cΔ)`` computed in float32, rounded once), copies ``θ₀`` back (bit
     exact) and, for Rademacher ``Δ``, divides ``f₊ − f₋`` by the realized difference
     ``θ₊ − θ₋`` instead of ``2cΔ`` (unbiased wherever the format can move ``θᵢ``; 0 where
-    ``θ₊ = θ₋``: choose ``c`` at least half an ulp of the largest weights, ``2⁻⁹·max|θ|``
+    ``θ₊ = θ₋``: choose ``c`` at least half an ulp of the largest weights, ``2⁻⁸·max|θ|``
     in bf16). Cost: one copy of the parameters (their dtype) per step and ``Δ`` of one
     parameter in float32 at a time, regenerated three times per sample.
 
