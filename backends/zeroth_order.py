@@ -109,12 +109,13 @@ class SPSA(GradEstimator):
     perturbation is undone (to this accuracy) before the error propagates; ``p.grad`` is
     then unspecified.
 
-    **bf16/fp16 parameters.** In these formats the same walk would drift by percents
-    (``u = 2⁻⁸`` in bf16) and the grid decides the perturbation: ``θ ± cΔ`` rounds to
-    ``θ`` where ``c`` is below half an ulp of ``|θ|`` and to ``θ ± 1 ulp`` just above it
-    (bf16, ``c = 1e-3``: ``|θ| ≥ 0.5`` is not perturbed, ``|θ| ∈ [0.25, 0.5)`` moves by
-    ``1.95c``, so dividing by ``2c`` overestimated its gradient 1.95-fold). When any
-    trainable parameter is bf16/fp16 the estimate therefore perturbs from a saved copy
+    **bf16/fp16 parameters** (and ``exact_restore=True``). In these formats the same walk
+    would drift by percents (``u = 2⁻⁸`` in bf16) and the grid decides the perturbation:
+    ``θ ± cΔ`` rounds to ``θ`` where ``c`` is below half an ulp of ``|θ|`` and to
+    ``θ ± 1 ulp`` just above it (bf16, ``c = 1e-3``: ``|θ| ≥ 0.5`` is not perturbed,
+    ``|θ| ∈ [0.25, 0.5)`` moves by ``1.95c``, so dividing by ``2c`` overestimated its
+    gradient 1.95-fold). When any trainable parameter is bf16/fp16 (or with
+    ``exact_restore=True``) the estimate therefore perturbs from a saved copy
     ``θ₀`` (``θ± = rnd(θ₀ ± cΔ)`` computed in float32, rounded once), copies ``θ₀`` back (bit
     exact) and, for Rademacher ``Δ``, divides ``f₊ − f₋`` by the realized difference
     ``θ₊ − θ₋`` instead of ``2cΔ`` (unbiased wherever the format can move ``θᵢ``; 0 where
@@ -150,6 +151,11 @@ class SPSA(GradEstimator):
             memory when ``samples > 1``. Part of the definition of ``Δ``.
         process_group: ``None`` (default: the world group when ``torch.distributed`` is
             initialised), a ``ProcessGroup``, or ``False`` (each rank estimates alone).
+        exact_restore: perturb from a saved copy of the parameters and copy it back (bit
+            exact; memory: one copy of the parameters per step) instead of the in-place
+            walk. ``None`` (default): on when any trainable parameter is bf16/fp16. Turn it
+            on for float32/64 models whose skipped steps (``explore(...,
+            skip_nonfinite=True)``, GradScaler) must leave the parameters bit-identical.
     """
 
     requires_closure = True
@@ -163,6 +169,7 @@ class SPSA(GradEstimator):
         *,
         chunk: int = 1 << 20,
         process_group: Any = None,
+        exact_restore: bool | None = None,
     ) -> None:
         if isinstance(perturbation, bool) or not isinstance(perturbation, numbers.Real):
             raise TypeError(
@@ -181,8 +188,13 @@ class SPSA(GradEstimator):
             raise TypeError(f"SPSA seed must be an integer or None, got {type(seed).__name__}")
         if not _is_int(chunk) or chunk < 1:
             raise ValueError(f"SPSA chunk must be an integer >= 1, got {chunk!r}")
+        if exact_restore is not None and not isinstance(exact_restore, bool):
+            raise TypeError(
+                f"SPSA exact_restore must be None, True or False, got {exact_restore!r}"
+            )
         _check_process_group(process_group)
         self.process_group = process_group
+        self.exact_restore = exact_restore
         if seed is None:
             # Host-side, at construction: follows torch.manual_seed; under torch.distributed
             # rank 0's draw is broadcast so that every rank perturbs along the same Δ.
@@ -478,7 +490,10 @@ class SPSA(GradEstimator):
         entries = self._entries(param_groups)
         total: Tensor | float
         if entries:
-            if any(p.dtype in _LOW_PRECISION for _, p, _ in entries):
+            exact = self.exact_restore
+            if exact is None:
+                exact = any(p.dtype in _LOW_PRECISION for _, p, _ in entries)
+            if exact:
                 total = self._estimate_rounded(closure, entries)
             elif self.samples == 1:
                 total = self._estimate_one(closure, entries)
@@ -565,8 +580,10 @@ class SPSA(GradEstimator):
 
     @torch.compiler.disable
     def _direction32(self, p: Tensor, sample: int, index: int) -> Tensor:
-        """``Δ_s`` of parameter ``index`` as a float32 tensor of its shape (a temporary)."""
-        delta = torch.empty(p.shape, device=p.device, dtype=torch.float32)
+        """``Δ_s`` of parameter ``index`` (a temporary of its shape) in float32, or float64
+        for float64 parameters: the dtype the perturbation is computed in."""
+        work = torch.promote_types(p.dtype, torch.float32)
+        delta = torch.empty(p.shape, device=p.device, dtype=work)
         self._fill_direction_(delta, self._sample_seed(sample), index)
         return delta
 
@@ -591,8 +608,8 @@ class SPSA(GradEstimator):
           ``(f₊ − f₋)/(2c)·Δᵢ`` (its quantisation is not corrected).
 
         Memory: a copy of the parameters in their dtype, plus ``Δ`` of one parameter in
-        float32 at a time (regenerated three times per sample). Also used for float32/64
-        parameters of a model that has any bf16/fp16 parameter.
+        float32 at a time (regenerated three times per sample). Used for every parameter
+        when ``exact_restore`` is on (by default: when any parameter is bf16/fp16).
         """
         c, n = self.perturbation, self.samples
         params = [p for _, p, _ in entries]
@@ -602,7 +619,9 @@ class SPSA(GradEstimator):
         def place(sample: int, sign: float) -> None:
             for (index, p, _), theta in zip(entries, saved):
                 delta = self._direction32(p, sample, index)
-                p.copy_(theta.float().add_(delta, alpha=sign * c))
+                # out of place: θ₀ (any dtype) + cΔ (float32) is formed in float32 or
+                # float64 and rounded once by the copy; θ₀ itself is never written
+                p.copy_(torch.add(theta, delta, alpha=sign * c))
 
         def restore() -> None:
             torch._foreach_copy_(params, saved)
@@ -621,8 +640,8 @@ class SPSA(GradEstimator):
                 for (index, p, grad), theta in zip(entries, saved):
                     delta = self._direction32(p, sample, index)
                     if self.distribution == "rademacher":
-                        up = theta.float().add_(delta, alpha=c).to(p.dtype).float()
-                        down = theta.float().add_(delta, alpha=-c).to(p.dtype).float()
+                        up = torch.add(theta, delta, alpha=c).to(p.dtype).to(delta.dtype)
+                        down = torch.add(theta, delta, alpha=-c).to(p.dtype).to(delta.dtype)
                         realized = up.sub_(down)  # dᵢ = Δᵢ·mᵢ, exact in float32
                         moved = realized != 0
                         weight = torch.where(moved, realized, 1.0).reciprocal_()
@@ -661,7 +680,8 @@ class SPSA(GradEstimator):
     def __repr__(self) -> str:
         return (
             f"SPSA(perturbation={self.perturbation}, samples={self.samples}, "
-            f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk})"
+            f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk}, "
+            f"exact_restore={self.exact_restore})"
         )
 
 

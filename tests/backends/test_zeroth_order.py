@@ -629,3 +629,35 @@ def test_low_precision_estimate_is_unbiased_where_the_format_can_move_and_restor
     assert naive_slope > 1.9
     assert abs(slope - 1.0) < 4 * slope_error + 2e-3, (slope, slope_error)
     assert abs(slope - naive_slope) > 10 * slope_error, "the check has no power"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 2)])
+def test_exact_restore_leaves_float_parameters_bit_identical(dtype, distribution, samples):
+    """``exact_restore=True``: after every estimate the parameters are the same bits (the
+    in-place walk of the default drifts by an ulp here), and the estimate is the usual one
+    to rounding (float64 reference: ``(f₊−f₋)/(2c)·Δ`` for a linear loss is ``Δ(Δᵀb)``).
+
+    Mutation caught: ``p.copy_(theta.float().add_(delta, ...))`` — ``.float()`` of a float32
+    tensor is the tensor itself, so the saved copy was overwritten and the "restore" wrote
+    ``θ + cΔ − cΔ`` back (found by the generic skipped-step test).
+    """
+    generator = torch.Generator().manual_seed(3)
+    magnitudes = torch.exp2(torch.empty(256).uniform_(-12, 3, generator=generator))
+    theta = (magnitudes * torch.randn(256, generator=generator).sign()).to(dtype)
+    theta.requires_grad_()
+    start = theta.detach().clone()
+    b = torch.randn(256, generator=generator, dtype=torch.float64)
+    exact = SPSA(perturbation=1e-3, samples=samples, distribution=distribution, seed=2,
+                 exact_restore=True)
+    walk = SPSA(perturbation=1e-3, samples=samples, distribution=distribution, seed=2)
+    twin = start.clone().requires_grad_()
+    drifted = False
+    for _ in range(5):
+        exact.estimate(lambda: (theta.double() * b).sum(), [{"params": [theta]}])
+        assert torch.equal(theta.detach(), start)
+        walk.estimate(lambda: (twin.double() * b).sum(), [{"params": [twin]}])
+        drifted |= not torch.equal(twin.detach(), start)
+        rtol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(theta.grad, twin.grad, rtol=rtol, atol=rtol * b.abs().sum())
+    assert drifted, "the in-place walk was expected to drift on these values"
