@@ -578,14 +578,47 @@ class SPSA(GradEstimator):
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
 
+    def _packs(
+        self, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> list[list[tuple[int, Tensor, Tensor]]]:
+        """Entries grouped by (device, dtype) into packs of at most ``chunk`` elements."""
+        packs: list[list[tuple[int, Tensor, Tensor]]] = []
+        open_packs: dict[tuple[torch.device, torch.dtype], tuple[list, int]] = {}
+        for entry in entries:
+            p = entry[1]
+            key = (p.device, p.dtype)
+            items, size = open_packs.get(key, ([], 0))
+            if items and size + p.numel() > self.chunk:
+                packs.append(items)
+                items, size = [], 0
+            items.append(entry)
+            open_packs[key] = (items, size + p.numel())
+        packs.extend(items for items, _ in open_packs.values() if items)
+        return packs
+
     @torch.compiler.disable
-    def _direction32(self, p: Tensor, sample: int, index: int) -> Tensor:
-        """``Δ_s`` of parameter ``index`` (a temporary of its shape) in float32, or float64
-        for float64 parameters: the dtype the perturbation is computed in."""
-        work = torch.promote_types(p.dtype, torch.float32)
-        delta = torch.empty(p.shape, device=p.device, dtype=work)
-        self._fill_direction_(delta, self._sample_seed(sample), index)
-        return delta
+    def _pack_direction(self, pack: Sequence[tuple[int, Tensor, Tensor]], sample: int) -> Tensor:
+        """``Δ_s`` of the pack's parameters, flat and concatenated, in the work dtype (float32,
+        or float64 for float64 parameters): the same values as the in-place paths draw."""
+        first = pack[0][1]
+        work = torch.promote_types(first.dtype, torch.float32)
+        flat = torch.empty(sum(p.numel() for _, p, _ in pack), device=first.device, dtype=work)
+        sample_seed = self._sample_seed(sample)
+        used = 0
+        for index, p, _ in pack:
+            self._fill_direction_(flat[used : used + p.numel()], sample_seed, index, signs=False)
+            used += p.numel()
+        if self.distribution == "rademacher":
+            flat.mul_(2.0).sub_(1.0)
+        return flat
+
+    @staticmethod
+    def _views(flat: Tensor, pack: Sequence[tuple[int, Tensor, Tensor]]) -> list[Tensor]:
+        views, used = [], 0
+        for _, p, _ in pack:
+            views.append(flat[used : used + p.numel()].view(p.shape))
+            used += p.numel()
+        return views
 
     def _estimate_rounded(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
@@ -607,24 +640,33 @@ class SPSA(GradEstimator):
           move ``θᵢ`` at all (``ĝᵢ = (f₊−f₋)/(2c)·Δᵢ`` when ``dᵢ = 2cΔᵢ``); Gaussian keeps
           ``(f₊ − f₋)/(2c)·Δᵢ`` (its quantisation is not corrected).
 
-        Memory: a copy of the parameters in their dtype, plus ``Δ`` of one parameter in
-        float32 at a time (regenerated three times per sample). Used for every parameter
-        when ``exact_restore`` is on (by default: when any parameter is bf16/fp16).
+        Parameters are packed by (device, dtype) into packs of at most ``chunk`` elements (a
+        larger parameter is a pack of its own) and each pack is handled with a few flat ops.
+        Memory: a copy of the parameters in their dtype (one flat buffer per pack) for the
+        step, plus temporaries of one pack in float32 (float64 for float64 parameters); ``Δ``
+        is regenerated three times per sample. Used for every parameter when
+        ``exact_restore`` is on (by default: when any parameter is bf16/fp16).
         """
         c, n = self.perturbation, self.samples
-        params = [p for _, p, _ in entries]
+        packs = self._packs(entries)
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
+            saved = []  # θ₀ of each pack, flat, in the parameters' dtype
+            for pack in packs:
+                flat = torch.empty(sum(p.numel() for _, p, _ in pack),
+                                   device=pack[0][1].device, dtype=pack[0][1].dtype)
+                torch._foreach_copy_(self._views(flat, pack), [p for _, p, _ in pack])
+                saved.append(flat)
 
         def place(sample: int, sign: float) -> None:
-            for (index, p, _), theta in zip(entries, saved):
-                delta = self._direction32(p, sample, index)
-                # out of place: θ₀ (any dtype) + cΔ (float32) is formed in float32 or
-                # float64 and rounded once by the copy; θ₀ itself is never written
-                p.copy_(torch.add(theta, delta, alpha=sign * c))
+            for pack, theta in zip(packs, saved):
+                # θ₀ + cΔ formed in the work dtype (c never rounded to bf16) and rounded
+                # once by the copy into the parameters; θ₀ itself is never written
+                moved = self._pack_direction(pack, sample).mul_(sign * c).add_(theta)
+                torch._foreach_copy_([p for _, p, _ in pack], self._views(moved, pack))
 
         def restore() -> None:
-            torch._foreach_copy_(params, saved)
+            for pack, theta in zip(packs, saved):
+                torch._foreach_copy_([p for _, p, _ in pack], self._views(theta, pack))
 
         total: Tensor | float = 0.0
         with torch.no_grad():
@@ -636,22 +678,26 @@ class SPSA(GradEstimator):
                     f_minus = self._evaluate(closure)
                 finally:
                     restore()
-                f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, params[0])
-                for (index, p, grad), theta in zip(entries, saved):
-                    delta = self._direction32(p, sample, index)
+                f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
+                for pack, theta in zip(packs, saved):
+                    delta = self._pack_direction(pack, sample)
+                    low = theta.dtype
                     if self.distribution == "rademacher":
-                        up = torch.add(theta, delta, alpha=c).to(p.dtype).to(delta.dtype)
-                        down = torch.add(theta, delta, alpha=-c).to(p.dtype).to(delta.dtype)
-                        realized = up.sub_(down)  # dᵢ = Δᵢ·mᵢ, exact in float32
+                        # dᵢ = rnd(θ₀ + cΔᵢ) − rnd(θ₀ − cΔᵢ) = Δᵢ·mᵢ, exact in the work dtype
+                        up = torch.add(theta, delta, alpha=c).to(low).to(delta.dtype)
+                        down = torch.add(theta, delta, alpha=-c).to(low).to(delta.dtype)
+                        realized = up.sub_(down)
                         moved = realized != 0
-                        weight = torch.where(moved, realized, 1.0).reciprocal_()
-                        estimate = weight.mul_(moved).mul_(_on(f_plus - f_minus, p.device))
+                        estimate = torch.where(moved, realized, 1.0).reciprocal_().mul_(moved)
+                        estimate.mul_(_on(f_plus - f_minus, delta.device))
                     else:
-                        estimate = delta.mul_(_on((f_plus - f_minus) / (2.0 * c), p.device))
+                        estimate = delta.mul_(_on((f_plus - f_minus) / (2.0 * c), delta.device))
+                    estimate.div_(n)
+                    grads = [grad for _, _, grad in pack]
                     if sample == 0:
-                        grad.copy_(estimate.div_(n))
+                        torch._foreach_copy_(grads, self._views(estimate, pack))
                     else:
-                        grad.add_(estimate.div_(n))
+                        torch._foreach_add_(grads, self._views(estimate, pack))
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
 

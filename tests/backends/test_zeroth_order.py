@@ -661,3 +661,47 @@ def test_exact_restore_leaves_float_parameters_bit_identical(dtype, distribution
         rtol = 1e-4 if dtype == torch.float32 else 1e-10
         torch.testing.assert_close(theta.grad, twin.grad, rtol=rtol, atol=rtol * b.abs().sum())
     assert drifted, "the in-place walk was expected to drift on these values"
+
+
+def test_exact_restore_packs_mixed_dtypes_blocks_and_strides():
+    """The copy path over bf16, fp16 and float32 parameters (one non-contiguous), packed in
+    packs of ``chunk = 7`` elements with a parameter larger than a pack, against a float64
+    reference: for ``f = bᵀθ`` and Rademacher Δ, ``f₊ − f₋ = S = Σⱼ bⱼΔⱼmⱼ`` with
+    ``mⱼ = rnd(θⱼ+c) − rnd(θⱼ−c)`` (computed here), and ``ĝᵢ = S/(Δᵢmᵢ)``. The test reads
+    ``Δᵢ = sign(ĝᵢ)·sign(S)`` from the estimate, rebuilds ``S`` and checks every coordinate.
+    Mutations caught: the estimate shifted by one element within a pack
+    (``torch.roll(estimate, 1)`` before the copy into the gradients), the first pack's
+    restore skipped (parameters not bit-identical)."""
+    generator = torch.Generator().manual_seed(7)
+    shapes_dtypes = [((4, 5), torch.bfloat16), ((3,), torch.float32), ((6,), torch.float16),
+                     ((2, 2), torch.float32)]
+    params = []
+    for shape, dtype in shapes_dtypes:
+        values = torch.empty(shape, dtype=torch.float64).uniform_(0.3, 3.0, generator=generator)
+        params.append(values.to(dtype))
+    params[3] = params[3].t().contiguous().t()  # non-contiguous
+    assert not params[3].is_contiguous()
+    for p in params:
+        p.requires_grad_()
+    start = [p.detach().clone() for p in params]
+    bs = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    c = 2e-3
+    spsa = SPSA(perturbation=c, seed=1, chunk=7)
+
+    def loss():
+        return sum((p.double() * b).sum() for p, b in zip(params, bs))
+
+    for _ in range(3):
+        spsa.estimate(loss, [{"params": params}])
+        for p, s in zip(params, start):
+            assert torch.equal(p.detach(), s) and p.grad.dtype == p.dtype
+        g = torch.cat([p.grad.double().reshape(-1) for p in params])
+        m = torch.cat([((s.double() + c).to(s.dtype).double()
+                        - (s.double() - c).to(s.dtype).double()).reshape(-1) for s in start])
+        b = torch.cat([b.reshape(-1) for b in bs])
+        signs = torch.sign(g)  # = Δ·sign(S)
+        total = (b * signs * m).sum()  # = S·sign(S) = |S|
+        expected = total / (signs * m)  # |S|/(Δᵢ·sign(S)·mᵢ) = S/(Δᵢmᵢ) = ĝᵢ
+        rounding = torch.cat([torch.full((p.numel(),), 2.0 ** -(8 if p.dtype == torch.bfloat16
+                              else 11 if p.dtype == torch.float16 else 24)) for p in params])
+        assert ((g - expected).abs() <= 2 * rounding * expected.abs()).all()
