@@ -11,7 +11,6 @@ loss), with and without a ``DistributedDataParallel`` wrapper (the estimator run
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -31,7 +30,11 @@ CASES = (
     ("local", {"samples": 1, "process_group": False}, False),  # no averaging: ranks diverge
 )
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing"),
+    # with --dist loadgroup: one worker runs the multi-process tests of this group in turn
+    pytest.mark.xdist_group("torch_distributed"),
+]
 
 
 def _model() -> torch.nn.Module:
@@ -63,11 +66,11 @@ def _train(model, optimizer, rank: int | None) -> list[torch.Tensor]:
     return losses
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file store: no TCP port to pick, so no race with another test's free-port probe.
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     sent: list[int] = []
     all_reduce = dist.all_reduce
 
@@ -98,12 +101,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ranks_agree_and_match_one_process_on_the_full_batch(tmp_path):
     """Parameters equal a one-process full-batch run (float64, rtol 1e-10) on every rank.
 
@@ -116,7 +113,7 @@ def test_ranks_agree_and_match_one_process_on_the_full_batch(tmp_path):
     the world size: the estimate doubles), ``seed=None`` not broadcast (the ranks' seeds
     differ).
     """
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     start = [p.detach().clone() for p in _model().parameters()]
     for name, spsa_kwargs, _ in CASES:
