@@ -130,7 +130,11 @@ class SPSA(GradEstimator):
     forms the full-batch estimate, with or without a ``DistributedDataParallel`` wrapper
     (the closure runs under ``no_grad``, so DDP's gradient hooks never fire).
     ``process_group=None`` uses the world group when one is initialised, a group restricts
-    the average to it, ``False`` never communicates.
+    the average to it, ``False`` never communicates. FSDP2 (``fully_shard``, DTensor
+    parameters sharded on dim 0): each rank perturbs and writes the gradient of its own
+    shard only, with the values of the whole parameter's stream at the shard's offset, so
+    the result equals one process on the full batch; FSDP2 gathers the perturbed shards in
+    its forward as usual.
 
     **torch.compile.** A compiled function that calls ``explore(SPSA(...), base).step``
     traces the closure's forward passes and the foreach perturbations; drawing ``Δ``
@@ -213,6 +217,9 @@ class SPSA(GradEstimator):
         self.seed = int(seed) & _MASK64
         self.step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        # per estimate: DTensor parameters' (flat offset, numel) and (parameter, local grad)
+        self._shards: dict[int, tuple[int, int]] = {}
+        self._sharded: list[tuple[Tensor, Tensor]] = []
 
     # -- copies and pickling ---------------------------------------------------------
 
@@ -322,9 +329,30 @@ class SPSA(GradEstimator):
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
     ) -> None:
-        """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``."""
-        for block, view in self._blocks(out.view(-1)):
-            self._draw_(view, _block_seed(sample_seed, index, block), signs)
+        """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``.
+
+        For the local shard of a DTensor parameter (FSDP2) ``out`` is the slab
+        ``[offset, offset + n)`` of the whole parameter's flattening: the blocks of the whole
+        parameter that overlap it are drawn and sliced, so every rank's shard holds exactly
+        the values one process draws for the whole parameter.
+        """
+        flat = out.view(-1)
+        shard = self._shards.get(index)
+        if shard is None:
+            for block, view in self._blocks(flat):
+                self._draw_(view, _block_seed(sample_seed, index, block), signs)
+            return
+        offset, total = shard
+        if flat.numel() == 0:
+            return
+        first, last = offset // self.chunk, (offset + flat.numel() - 1) // self.chunk
+        for block in range(first, last + 1):
+            start = block * self.chunk
+            drawn = torch.empty(min(self.chunk, total - start), device=out.device,
+                                dtype=out.dtype)
+            self._draw_(drawn, _block_seed(sample_seed, index, block), signs)
+            lo, hi = max(offset, start), min(offset + flat.numel(), start + drawn.numel())
+            flat[lo - offset : hi - offset].copy_(drawn[lo - start : hi - start])
 
     @torch.compiler.disable
     def _fill_directions_(self, entries: Sequence[tuple[int, Tensor, Tensor]]) -> None:
@@ -404,7 +432,11 @@ class SPSA(GradEstimator):
         packed: dict[tuple[torch.device, torch.dtype], int] = {}
         for index, p, grad in entries:
             key = (p.device, p.dtype)
-            if p.is_contiguous() and p.numel() <= self.chunk:
+            if index in self._shards:  # a DTensor's local shard: drawn by global offset
+                delta = torch.empty(p.shape, device=p.device, dtype=p.dtype)
+                self._fill_direction_(delta, sample_seed, index)
+                update([p], [grad], [delta], delta)
+            elif p.is_contiguous() and p.numel() <= self.chunk:
                 if packed.get(key, 0) + p.numel() > self.chunk:
                     flush(key)
                 packs.setdefault(key, []).append((index, p, grad))
@@ -446,7 +478,17 @@ class SPSA(GradEstimator):
                     trainable.append((index, p))
                 index += 1
         entries = []
+        self._shards, self._sharded = {}, []
         for index, p in trainable:
+            if _is_dtensor(p):
+                local, grad = p.to_local(), p.grad
+                grad = grad.to_local() if _is_dtensor(grad) else None
+                if grad is None or grad.shape != local.shape or not grad.is_contiguous():
+                    grad = torch.empty(local.shape, dtype=local.dtype, device=local.device)
+                self._shards[index] = _shard_offset(p, index)
+                self._sharded.append((p, grad))
+                entries.append((index, local, grad))
+                continue
             grad = p.grad
             if (
                 grad is None
@@ -501,9 +543,17 @@ class SPSA(GradEstimator):
                 total = self._estimate_many(closure, entries)
         else:  # nothing to perturb: the loss at θ is exact
             total = self._evaluate(closure)
+        sharded = {id(grad) for _, grad in self._sharded}
         for _, p, grad in entries:
-            if p.grad is not grad:
+            if id(grad) not in sharded and p.grad is not grad:
                 p.grad = grad
+        for p, grad in self._sharded:
+            if p.grad is None or p.grad.to_local().data_ptr() != grad.data_ptr():
+                p.grad = torch.distributed.tensor.DTensor.from_local(
+                    grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                    stride=p.stride(),
+                )
+        self._shards, self._sharded = {}, []
         self._advance()
         return total
 
@@ -729,6 +779,36 @@ class SPSA(GradEstimator):
             f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk}, "
             f"exact_restore={self.exact_restore})"
         )
+
+
+def _is_dtensor(t: object) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _shard_offset(p: Any, index: int) -> tuple[int, int]:
+    """``(flat offset, numel)`` of a DTensor's local shard in the whole parameter's flattening.
+
+    Supported placements: ``Shard(0)`` (FSDP2's default) and ``Replicate()``, for which the
+    local shard is one contiguous slab of the row-major flattening.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or
+                (isinstance(placement, Shard) and placement.dim == 0)):
+            raise TypeError(
+                f"SPSA supports DTensor parameters sharded on dim 0 (FSDP2's default) or "
+                f"replicated, got placements {p.placements} (param index {index})"
+            )
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = p.numel() // p.shape[0] if p.dim() > 0 and p.shape[0] > 0 else 1
+    offset = global_offset[0] * row if p.dim() > 0 else 0
+    return int(offset), p.numel()
 
 
 def _is_world(group: Any) -> bool:

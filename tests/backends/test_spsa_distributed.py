@@ -1,5 +1,7 @@
 """SPSA under torch.distributed (gloo, two CPU processes): only loss values are communicated.
 
+DDP and FSDP2 (``fully_shard``: DTensor parameters, each rank perturbs its own rows).
+
 Each rank evaluates the loss on its half of the batch along the same direction ``Δ`` (same
 seed and step on every rank); ``SPSA`` all-reduces the ``2 × samples`` loss values and every
 rank forms the same gradient estimate. The result must match one process on the whole batch
@@ -22,12 +24,18 @@ from backends import SPSA
 
 STEPS = 4
 WORLD = 2
-# (name, SPSA keyword arguments, wrap the model in DDP)
+# (name, SPSA keyword arguments, wrapper: None, "ddp" or "fsdp2")
 CASES = (
-    ("plain-1", {"samples": 1}, False),
-    ("plain-3-gaussian", {"samples": 3, "distribution": "gaussian", "chunk": 50}, False),
-    ("ddp-1", {"samples": 1}, True),
-    ("local", {"samples": 1, "process_group": False}, False),  # no averaging: ranks diverge
+    ("plain-1", {"samples": 1}, None),
+    ("plain-3-gaussian", {"samples": 3, "distribution": "gaussian", "chunk": 50}, None),
+    ("ddp-1", {"samples": 1}, "ddp"),
+    # FSDP2: each rank perturbs its shard (rows) with the values of the whole parameter's
+    # stream; blocks of 50 elements do not align with the 64-element shards of the 16×8 weight
+    ("fsdp2-1", {"samples": 1}, "fsdp2"),
+    ("fsdp2-2-gaussian-blocks", {"samples": 2, "distribution": "gaussian", "chunk": 50},
+     "fsdp2"),
+    ("fsdp2-exact", {"samples": 1, "exact_restore": True}, "fsdp2"),
+    ("local", {"samples": 1, "process_group": False}, None),  # no averaging: ranks diverge
 )
 
 pytestmark = [
@@ -81,15 +89,25 @@ def _worker(rank: int, out_dir: str) -> None:
     dist.all_reduce = counting_all_reduce  # this process only: the bytes SPSA reduces
     try:
         results = {}
-        for name, spsa_kwargs, ddp in CASES:
+        for name, spsa_kwargs, wrapper in CASES:
             model = _model()
-            if ddp:
+            if wrapper == "ddp":
                 model = torch.nn.parallel.DistributedDataParallel(model)
+            elif wrapper == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model:
+                    if isinstance(layer, torch.nn.Linear):
+                        fully_shard(layer)
+                fully_shard(model)
             optimizer = _optimizer(model, spsa_kwargs)
             sent.clear()
             losses = _train(model, optimizer, rank)
             results[name] = {
-                "params": [p.detach().clone() for p in model.parameters()],
+                "params": [
+                    p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                    for p in model.parameters()
+                ],
                 "losses": torch.stack([torch.as_tensor(v) for v in losses]),
                 "bytes": sum(sent),
             }
