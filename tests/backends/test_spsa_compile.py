@@ -26,11 +26,6 @@ def _problem():
     return model, torch.randn(32, 8, generator=generator), torch.randn(32, 2, generator=generator)
 
 
-@pytest.mark.xfail(
-    raises=AttributeError, strict=False,
-    reason="until the adaptor-core branch is merged: adaptor/explore.py reads device.type from "
-    "torch's grouping key, which is (None, None) under tracing",
-)
 @pytest.mark.parametrize("samples", [1, 2])
 def test_compiled_step_agrees_with_eager_and_stops_recompiling(samples):
     """Compiled and eager runs of 5 steps agree (float32: losses to rtol 1e-5, parameters to
