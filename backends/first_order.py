@@ -140,6 +140,77 @@ def _on_cpu(tensors: list[Tensor]) -> bool:
     return tensors[0].device.type == "cpu"
 
 
+try:  # torch built without torch.distributed has no DTensor: nothing is ever sharded
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+
+def _shard_groups(t: Tensor) -> tuple[Any, ...]:
+    """The process groups over which a DTensor's local shards must be summed to give a sum
+    over the whole tensor: one per mesh dimension it is sharded over (FSDP2: the shard
+    group; HSDP: not the replicate dimension). ``()`` for an ordinary tensor."""
+    if _DTensor is None or not isinstance(t, _DTensor):
+        return ()
+    mesh = t.device_mesh
+    return tuple(mesh.get_group(d) for d, pl in enumerate(t.placements) if pl.is_shard())
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (shares its storage: in-place writes reach the DTensor)."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+class _Shards:
+    """For each tensor of a bucket, the process groups of its shards (``()``: not sharded).
+
+    Lamb's trust ratio needs ‖θ‖ and ‖r‖ of the *whole* parameter; a rank holds one shard.
+    :meth:`norms` forms the local squared norms and all-reduces them (sum) over each
+    tensor's shard groups, then takes the square roots: the same numbers as one process up
+    to the order of the sum. Communication: one ``all_reduce`` of ``2·n`` scalars per bucket
+    and step (``n`` tensors; 16 bytes per float64 parameter tensor, 8 per float32).
+    """
+
+    def __init__(self, groups: list[tuple[Any, ...]]):
+        self.groups = groups
+
+    def pick(self, index: list[int]) -> _Shards:
+        return _Shards([self.groups[i] for i in index])
+
+    def sum_(self, values: Tensor) -> Tensor:
+        """All-reduce (sum) the last axis of ``values`` (one column per tensor) in place
+        over each column's shard groups."""
+        by_groups: dict[tuple[int, ...], list[int]] = {}
+        for i, groups in enumerate(self.groups):
+            if groups:
+                by_groups.setdefault(tuple(map(id, groups)), []).append(i)
+        for index in by_groups.values():
+            groups = self.groups[index[0]]
+            whole = len(index) == values.shape[-1]
+            part = values if whole else values[..., index]
+            for group in groups:
+                torch.distributed.all_reduce(part, group=group)
+            if not whole:
+                values[..., index] = part
+        return values
+
+    def norms(self, a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Whole-tensor 2-norms of the shards ``a`` and ``b`` (stacked, one per tensor)."""
+        sq = torch.stack(torch._foreach_norm([*a, *b])).square_()
+        sq = self.sum_(sq.view(2, len(a)))
+        return sq[0].sqrt(), sq[1].sqrt()
+
+
+def _norms(
+    a: list[Tensor], b: list[Tensor], shards: _Shards | None
+) -> tuple[Tensor, Tensor]:
+    """Stacked 2-norms of each tensor of ``a`` and of ``b``; whole-parameter norms of
+    sharded tensors (:class:`_Shards`)."""
+    if shards is None:
+        return torch.stack(torch._foreach_norm(a)), torch.stack(torch._foreach_norm(b))
+    return shards.norms(a, b)
+
+
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Arithmetic dtype of a bucket: float32 at least (bf16/fp16 tensors are computed in
     float32 and rounded once when written), float64 when any tensor is float64."""
@@ -239,19 +310,22 @@ def _nonfinite(grads: list[Tensor]) -> Tensor:
 class _Bucket:
     """One group's tensors on one device with one parameter dtype (real views)."""
 
-    def __init__(self, device, params, grads, states, steps, comps):
+    def __init__(self, device, params, grads, states, steps, comps, shards=None):
         self.device: torch.device = device
         self.params: list[Tensor] = params
         self.grads: list[Tensor] = grads
         self.states: list[list[Tensor]] = states
         self.steps: list[Tensor] = steps
         self.comps: list[Tensor] | None = comps
+        # FSDP2: the lists hold the DTensors' local shards; ``shards`` says where to reduce
+        self.shards: _Shards | None = shards
 
     def pick(self, index: list[int]) -> _Bucket:
         take = lambda xs: [xs[i] for i in index]  # noqa: E731
         return _Bucket(
             self.device, take(self.params), take(self.grads), [take(s) for s in self.states],
             take(self.steps), None if self.comps is None else take(self.comps),
+            None if self.shards is None else self.shards.pick(index),
         )
 
     def tensors(self) -> list[Tensor]:
@@ -331,7 +405,7 @@ class _FirstOrder(Optimizer):
         creating state lazily: moments in the group's state dtype, a Kahan compensation
         (parameter dtype) for bf16/fp16 parameters of a ``kahan=True`` group."""
         count = len(self._state_keys)
-        lists: list[list[Any]] = [[] for _ in range(4 + count)]
+        lists: list[list[Any]] = [[] for _ in range(5 + count)]
         kahan = group["kahan"]
         for p in group["params"]:
             if p.grad is None:
@@ -352,37 +426,63 @@ class _FirstOrder(Optimizer):
                     comp = state[KAHAN_KEY] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            lists[0].append(_real_view(p))
-            lists[1].append(_real_view(p.grad))
-            for i, key in enumerate(self._state_keys):
-                lists[2 + i].append(_real_view(state[key]))
+            # FSDP2 (DTensor parameters, gradients and state): the kernels work on the local
+            # shards, element-wise as on any tensor; only Lamb's norms need the shard groups.
+            groups = _shard_groups(p)
+            if groups:
+                lists[0].append(_real_view(_local(p)))
+                lists[1].append(_real_view(_local(p.grad)))
+                for i, key in enumerate(self._state_keys):
+                    lists[2 + i].append(_real_view(_local(state[key])))
+                comp = None if comp is None else _local(comp)
+            else:
+                lists[0].append(_real_view(p))
+                lists[1].append(_real_view(p.grad))
+                for i, key in enumerate(self._state_keys):
+                    lists[2 + i].append(_real_view(state[key]))
             lists[2 + count].append(state["step"])
             lists[3 + count].append(comp)
+            lists[4 + count].append(groups)
         if not lists[0]:
             return []
-        grouped = Optimizer._group_tensors_by_device_and_dtype(lists)  # type: ignore[arg-type]
+        shard_groups = lists.pop()
+        sharded = any(shard_groups)
+        grouped = Optimizer._group_tensors_by_device_and_dtype(
+            lists, with_indices=sharded  # type: ignore[arg-type]
+        )
         buckets = []
         # Under torch.compile the keys are (None, None): the device comes from a tensor.
-        for tensors, _ in grouped.values():
+        for tensors, indices in grouped.values():
             params, grads, *states, steps, comps = tensors
             full = all(c is not None for c in comps)
+            shards = _Shards([shard_groups[i] for i in indices]) if sharded else None
             buckets.append(
-                _Bucket(params[0].device, params, grads, states, steps, comps if full else None)
+                _Bucket(
+                    params[0].device, params, grads, states, steps, comps if full else None,
+                    shards,
+                )
             )
         return buckets
 
     def _prepare(self) -> Tensor | None:
         """GradScaler's unscale and the step's skip flag (``None``: no flag, no masking)."""
-        grads = [
-            _real_view(p.grad)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        grads: list[Tensor] = []
+        shard_groups: dict[int, Any] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    for pg in _shard_groups(p.grad):
+                        shard_groups.setdefault(id(pg), pg)
+                    grads.append(_real_view(_local(p.grad)))  # FSDP2: the local shard
         flag = prepare_step(self, grads, skip_nonfinite=False)  # GradScaler's part
         if grads and any(group["skip_nonfinite"] for group in self.param_groups):
             own = _nonfinite(grads)
             flag = own if flag is None else torch.maximum(flag, own)
+        if flag is not None and shard_groups:
+            # A NaN in one rank's shard skips the step on every rank (else the shards of a
+            # parameter would part ways): one all-reduce (max) of one scalar per shard group.
+            for pg in shard_groups.values():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=pg)
         return flag
 
     def _count_skips(self, skip: Tensor | None) -> None:
@@ -552,6 +652,7 @@ def _lamb_foreach(
     zero_norm_trust: str,
     alpha: float,
     beta: float,
+    shards: _Shards | None = None,
 ) -> None:
     buffers, steps = more if len(more) == 2 else (None, more[0])
     if buffers is not None:
@@ -579,8 +680,7 @@ def _lamb_foreach(
         else:
             torch._foreach_addcmul_(updates, params, (weight_decay / scale).unbind(0))
     if layer_adaptation:
-        w_norm = torch.stack(torch._foreach_norm(params))
-        r_norm = torch.stack(torch._foreach_norm(updates))
+        w_norm, r_norm = _norms(params, updates, shards)  # whole-parameter norms
         if scale is not None:
             r_norm = r_norm.mul_(scale)
         ratio = _trust_ratio(w_norm, r_norm, trust_eps, norm_eps, trust_clip, zero_norm_trust)
@@ -611,6 +711,7 @@ def _lamb_single(
     zero_norm_trust: str,
     alpha: float,
     beta: float,
+    shards: _Shards | None = None,
 ) -> None:
     buffers, steps = more if len(more) == 2 else (None, more[0])
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
@@ -631,9 +732,12 @@ def _lamb_single(
         if weight_decay != 0:
             update.add_(p, alpha=weight_decay)
         if layer_adaptation:
+            if shards is None:
+                w_norm, r_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+            else:  # a shard: the whole parameter's norms (one all-reduce of 2 scalars)
+                w_norm, r_norm = (x[0] for x in shards.pick([i]).norms([p], [update]))
             ratio = _trust_ratio(
-                torch.linalg.vector_norm(p), torch.linalg.vector_norm(update), trust_eps,
-                norm_eps, trust_clip, zero_norm_trust,
+                w_norm, r_norm, trust_eps, norm_eps, trust_clip, zero_norm_trust,
             )
             write.add_one_(i, update, _scale(ratio, lr))
         else:
@@ -950,10 +1054,15 @@ class Lamb(_FirstOrder):
                 fused = group["fused"] if group["fused"] is not None else (
                     bucket.device.type == "cuda"
                 )
-                if fused and fused_supported(bucket.device):
+                # Sharded buckets (FSDP2) take the foreach/single-tensor path: the compiled
+                # passes would need the norms' all-reduce between them.
+                if fused and bucket.shards is None and fused_supported(bucket.device):
                     _lamb_fused(bucket, skip, fallback=fallback, **hp)
                 else:
-                    _run_bucket(fallback, bucket, skip, grad_out=self.explores, **hp)
+                    _run_bucket(
+                        fallback, bucket, skip, grad_out=self.explores, shards=bucket.shards,
+                        **hp,
+                    )
         self._count_skips(skip)
         return loss
 
