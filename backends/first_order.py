@@ -285,6 +285,18 @@ class _Writer:
             kahan_add_(self.targets[i], update, self.comps[i])
 
 
+def _dtype_from_name(name: Any, where: str) -> torch.dtype | None:
+    """``"float32"`` → ``torch.float32`` (how :meth:`_FirstOrder.state_dict` saves a
+    group's ``state_dtype``); a dtype or ``None`` passes through; anything else that is not
+    the name of a floating dtype is a ``ValueError`` naming ``where``."""
+    if not isinstance(name, str):
+        return name
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: {name!r} is not the name of a floating torch dtype")
+    return dtype
+
+
 def _nonfinite(grads: list[Tensor]) -> Tensor:
     """1.0 (0-d float32 on ``grads[0]``'s device) when the 2-norm of all gradients is not
     finite — a NaN or Inf element, or squares beyond the dtype's range (a step that would put
@@ -549,6 +561,8 @@ class _FirstOrder(Optimizer):
                 f"{where}: the state dict has {len(saved_groups)} param groups, the optimizer "
                 f"{len(self.param_groups)}"
             )
+        for g, saved in enumerate(saved_groups):
+            _dtype_from_name(saved.get("state_dtype"), f"{where}: param group {g}: state_dtype")
         id_map: dict[Any, Tensor] = {}
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
@@ -598,9 +612,24 @@ class _FirstOrder(Optimizer):
             pairs.append((p, entry))
         return pairs
 
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict, with a group's ``state_dtype`` saved by name (``"float32"``):
+        ``torch.distributed.checkpoint`` refuses ``torch.dtype`` values
+        (``full_state_dict=True`` raises "Unexpected value type <class 'torch.dtype'>")."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:  # torch's groups here are new dicts
+            if isinstance(group.get("state_dtype"), torch.dtype):
+                group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, after checking that the state fits (``ValueError`` naming the
         parameter index, key and shapes otherwise, with the optimizer left as it was).
+
+        As torch's, the saved groups' ``params`` are matched to the current parameters in
+        order, so ``state`` may be keyed by any ids the saved groups list (parameter names,
+        as ``torch.distributed.checkpoint`` writes them). A ``state_dtype`` saved by name
+        (:meth:`state_dict`) or as a ``torch.dtype`` both load.
 
         State tensors are copied in the dtype this optimizer keeps them in (torch's loading
         casts them to the parameter's dtype, which would round float32 state of bf16
@@ -610,6 +639,8 @@ class _FirstOrder(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             self._upgrade_group(group)
+            if isinstance(group.get("state_dtype"), str):
+                group["state_dtype"] = _dtype_from_name(group["state_dtype"], "state_dtype")
             for key, value in self.defaults.items():  # keys newer than the state dict
                 group.setdefault(key, value)
         for p, saved in pairs:
