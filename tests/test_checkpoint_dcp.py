@@ -31,6 +31,9 @@ OPTIMIZERS = {
     "alto": lambda ps: ALTO(ps, lr=0.05),
     "adabelief": lambda ps: AdaBelief(ps, lr=0.05, weight_decay=0.1),
     "e-lamb": lambda ps: E(Lamb(ps, lr=0.05), alpha=-5.0, beta=0.99),
+    "e-lamb-state-dtype": lambda ps: E(
+        Lamb(ps, lr=0.05, state_dtype=torch.float64), alpha=-5.0, beta=0.99
+    ),
     "muon": lambda ps: Muon(ps, lr=0.02, ns_dtype=torch.float32),
     "shampoo": lambda ps: Shampoo(
         ps, lr=0.01, precondition_frequency=1, start_preconditioning_step=1
@@ -154,3 +157,27 @@ def test_resume_is_bit_exact(process_group, tmp_path, name, mode):
     model, resumed_model = _resume(name, mode, tmp_path)
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_state_dtype_is_saved_by_name_and_loads_back():
+    """DCP refuses torch.dtype values, so a group's ``state_dtype`` is saved as its name;
+    loading turns it back into the dtype (state cast to it), and a name that is not a
+    floating dtype raises, naming the group, with the optimizer unchanged."""
+    model, optimizer = _build("lamb-state-dtype", seed=0)
+    _train("lamb-state-dtype", model, optimizer, range(2))
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["state_dtype"] == "float64"
+    _, fresh = _build("lamb-state-dtype", seed=1)
+    fresh.param_groups[0]["state_dtype"] = torch.float32  # the load must restore float64
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert fresh.param_groups[0]["state_dtype"] is torch.float64
+    assert all(s["exp_avg"].dtype == torch.float64 for s in fresh.state.values())
+    broken = copy.deepcopy(saved)
+    broken["param_groups"][0]["state_dtype"] = "int32"
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: state_dtype: 'int32'"):
+        optimizer.load_state_dict(broken)
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        assert all(torch.equal(v, after["state"][index][k]) for k, v in entry.items())
