@@ -149,6 +149,16 @@ def _worker(rank: int, out_dir: str) -> None:
     # A file store, not a port: picking a "free" port races with other tests and workers.
     store = os.path.join(out_dir, "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    sent: list[int] = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    # this process only: what the optimizers all-reduce (FSDP2's own collectives are
+    # all-gathers and reduce-scatters, DDP's reducer calls no Python function)
+    dist.all_reduce = counting_all_reduce
     try:
         results: dict[str, object] = {}
         for name, wrapper in CASES:
@@ -158,14 +168,17 @@ def _worker(rank: int, out_dir: str) -> None:
             threshold = first_order.FUSED_MIN_NUMEL
             if name == "lamb-fused":
                 first_order.FUSED_MIN_NUMEL = 1
+            sent.clear()
             try:
                 _train(model, optimizer, range(STEPS), rank, nan=nan)
             finally:
                 first_order.FUSED_MIN_NUMEL = threshold
             results[f"{name}-{wrapper}"] = [_full(p) for p in model.parameters()]
+            results[f"{name}-{wrapper}-sent"] = list(sent)
         results["checkpoints"] = _checkpoints(rank, out_dir)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        dist.all_reduce = all_reduce
         dist.destroy_process_group()
 
 
@@ -202,3 +215,20 @@ def test_fsdp2_checkpoints_resume_bit_exactly(ranks):
         failed = sorted(k for k, ok in rank["checkpoints"].items() if not ok)
         assert not failed, failed
         assert len(rank["checkpoints"]) == 12
+
+
+def test_trust_ratio_communication(ranks):
+    """What the optimizers all-reduce per step under FSDP2 (4 float64 parameter tensors):
+    Lamb/ALTO/E(Lamb) one call of 2 scalars per tensor (4 × 2 × 8 = 64 bytes); the
+    single-tensor path one call of 2 scalars per tensor; AdaBelief nothing; the skip flag
+    one more float32 scalar. Under DDP the optimizers all-reduce nothing."""
+    per_step = {
+        "lamb": [64], "alto": [64], "e-lamb": [64], "lamb-fused": [64],
+        "lamb-paper-clip": [64], "adabelief": [], "alto-single": [16] * 4,
+        "lamb-single": [16] * 4, "lamb-skip-nonfinite": [4, 64],
+    }
+    for rank in ranks:
+        for name, calls in per_step.items():
+            assert rank[f"{name}-fsdp2-sent"] == calls * STEPS, name
+            if (name, "ddp") in CASES:
+                assert rank[f"{name}-ddp-sent"] == [], name
