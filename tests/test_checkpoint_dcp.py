@@ -2,11 +2,12 @@
 
 ``get_optimizer_state_dict`` keys ``state`` and the groups' ``params`` by parameter name
 (FQN); ``set_optimizer_state_dict`` maps them back. For each optimizer and each way of
-saving (the default sharded-style dict, ``full_state_dict=True``, and ``dcp.save`` →
-``dcp.load`` through files), a run trained 2 steps, saved, loaded into a fresh model and
-optimizer (different initial weights, then the model's weights copied) and continued for 2
-steps must equal the uninterrupted run bit for bit. The FSDP2 (two-process) counterpart is in
-``tests/backends/test_first_order_distributed.py``.
+saving (the default sharded-style dict, ``full_state_dict=True``,
+``flatten_optimizer_state_dict=True``, and ``dcp.save`` → ``dcp.load`` through files), a
+run trained 2 steps, saved, loaded into a fresh model and optimizer (different initial
+weights, then the model's weights copied) and continued for 2 steps must equal the
+uninterrupted run bit for bit. Known failures are strict xfails with their cause. The FSDP2
+(two-process) counterpart is in ``tests/backends/test_first_order_distributed.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ OPTIMIZERS = {
     ),
 }
 OPTIMIZERS["e-spsa-sgd-own-estimator-entry"] = OPTIMIZERS["e-spsa-sgd"]
-MODES = ("default", "full", "dcp")
+MODES = ("default", "full", "dcp", "flat")
 
 # Known failures, each for a reason outside backends/first_order.py (see the notes):
 _DTYPE_IN_GROUP = (
@@ -60,7 +61,16 @@ _ESTIMATOR_DROPPED = (
     "'explore_estimator' (SPSA's seed and step) is dropped, the resumed run draws other "
     "directions"
 )
+_FLAT_DROPS_BASE_STATE = (
+    "flatten_optimizer_state_dict=True: torch rebuilds each parameter's entry from the keys "
+    "of optimizer.state[p], which for E holds only the adaptor's buffer: the base's state "
+    "(Lamb's moments, SGD's momentum) is silently dropped"
+)
 XFAIL = {
+    ("e-lamb", "flat"): _FLAT_DROPS_BASE_STATE,
+    ("e-lamb-state-dtype", "flat"): _FLAT_DROPS_BASE_STATE,
+    ("e-spsa-sgd", "flat"): _FLAT_DROPS_BASE_STATE,
+    ("e-spsa-sgd-own-estimator-entry", "flat"): _FLAT_DROPS_BASE_STATE,
     ("muon", "full"): _DTYPE_IN_GROUP,
     ("shampoo-dtype", "full"): _DTYPE_IN_GROUP,
     ("e-spsa-sgd", "default"): _ESTIMATOR_DROPPED,
@@ -116,7 +126,9 @@ def _resume(name: str, mode: str, tmp_path):
         # real step before loading creates the state; the load replaces all of it.
         _train(name, resumed_model, resumed, range(1))
     resumed_model.load_state_dict(model.state_dict())
-    options = StateDictOptions(full_state_dict=mode == "full")
+    options = StateDictOptions(
+        full_state_dict=mode == "full", flatten_optimizer_state_dict=mode == "flat"
+    )
     own_entry = name.endswith("own-estimator-entry")  # the workaround for SPSA's state
     if mode == "dcp":
         checkpoint = {"optim": get_optimizer_state_dict(model, optimizer)}
@@ -130,7 +142,8 @@ def _resume(name: str, mode: str, tmp_path):
         saved, estimator = target["optim"], target.get("estimator")
     else:
         saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=options))
-        assert saved["param_groups"][0]["params"][0] == "0.weight"  # keyed by FQN
+        if mode != "flat":
+            assert saved["param_groups"][0]["params"][0] == "0.weight"  # keyed by FQN
         estimator = optimizer.estimator.state_dict() if own_entry else None
     set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
     if estimator is not None:
