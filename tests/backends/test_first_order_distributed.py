@@ -56,6 +56,9 @@ CASES = [(name, wrapper) for wrapper in ("ddp", "fsdp2") for name in OPTIMIZERS]
 # only: under DDP the same setting would compile the kernels (tens of seconds).
 OPTIMIZERS["lamb-fused"] = lambda ps: Lamb(ps, lr=0.05, weight_decay=0.1, fused=True)
 CASES.append(("lamb-fused", "fsdp2"))
+# HSDP: a 2-D mesh, parameters replicated over "replicate" (2 ranks) and sharded over "shard"
+# (1 rank): the norms must be reduced over the shard dimension only.
+CASES += [(name, "hsdp") for name in ("lamb", "alto-single", "e-lamb")]
 # A NaN gradient on rank 1 only at this step: every rank must skip it (the flag is reduced).
 NAN_STEP = 2
 
@@ -92,12 +95,16 @@ def _train(model, optimizer, steps, rank: int | None, *, nan: str | None = None)
 def _wrap(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
     if wrapper == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = None
+    if wrapper == "hsdp":
+        mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
