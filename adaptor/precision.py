@@ -204,11 +204,19 @@ def restore_where_(tensors: Sequence[Tensor], saved: Sequence[Tensor], skip: Ten
         t.copy_(torch.where(keep.to(t.device, non_blocking=True), old, t))
 
 
+@torch.compiler.disable
+def _new_counter(device: torch.device) -> Tensor:
+    # Outside any compiled graph: inside one, the identical ``zeros()`` of every parameter's
+    # counter are merged into one output and all counters alias one storage (a skip is then
+    # counted once per parameter). A graph break on the first flagged step only.
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
 def count_skip_(state: dict[str, Any], skip: Tensor, like: Tensor) -> None:
     """Add the flag to ``state["nonfinite_skips"]`` (a 0-d float32 tensor on ``like``'s device)."""
     counter = state.get(SKIPS_KEY)
     if counter is None:
-        counter = state[SKIPS_KEY] = torch.zeros((), dtype=torch.float32, device=like.device)
+        counter = state[SKIPS_KEY] = _new_counter(like.device)
     counter.add_(skip.to(counter.device, non_blocking=True))
 
 
