@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from backends._checkpoint import Spec, load_checked
 from backends._common import adam_bias_corrections, step_dtype
 
 __all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
@@ -455,10 +456,28 @@ class Muon(Optimizer):
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> Spec:
+        """Every state key a parameter may hold: ``{key: (shape, dtype)}``, required keys first."""
+        state_dtype = p.dtype
+        if _uses_muon(group, p):
+            spec = {"momentum_buffer": (tuple(p.shape), state_dtype)}
+        else:
+            spec = {
+                "step": ((), step_dtype(p)),
+                "exp_avg": (tuple(p.shape), state_dtype),
+                "exp_avg_sq": (tuple(p.shape), state_dtype),
+            }
+        return spec
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """torch's loading, then each AdamW step count moved to its parameter's device."""
-        super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            step = state.get("step")
-            if isinstance(step, Tensor):
-                state["step"] = step.to(device=p.device, dtype=step_dtype(p))
+        """Load a state dict of this optimizer: checked first, then loaded, or nothing changes.
+
+        torch's layout and rules (saved hyperparameters replace the groups'; state that is not
+        keyed by a parameter index, e.g. written by a hook, is kept as it is), except that every
+        state tensor is copied to its parameter's device in the dtype this optimizer keeps it
+        in (momentum and moments in the state dtype, ``step`` float32/float64,
+        ``kahan_comp`` in the parameter's dtype), not cast to the parameter's dtype.
+        Raises ``ValueError`` naming the parameter index, key and shapes for a state dict of
+        another model or optimizer (wrong parameter count, shapes, missing or unknown keys).
+        """
+        load_checked(self, state_dict, "Muon", _check_group, self._state_spec)

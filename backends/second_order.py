@@ -21,7 +21,6 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
+from backends._checkpoint import Spec, load_checked
 from backends._common import adam_bias_corrections, step_dtype
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
@@ -558,64 +558,31 @@ class Shampoo(Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer, keeping the saved dtypes of every state tensor.
-
-        (torch's loader casts floating state to the parameter's dtype, which would round
-        float32 preconditioners of bf16 parameters.) The state is checked before loading.
-        """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or (
-            "param_groups" not in state_dict
-        ):
-            raise ValueError("Shampoo state_dict must be a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Shampoo state_dict has {len(saved_groups)} param groups, the optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in saved_groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
-            )
-        )
-        group_of = {
-            id(p): {**g, **{k: v for k, v in sg.items() if k != "params"}}
-            for g, sg in zip(self.param_groups, saved_groups)
-            for p in g["params"]
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> Spec:
+        """The state keys of a parameter with state: ``{key: (shape, dtype)}`` or ``int``."""
+        spec: Spec = {
+            "step": ((), step_dtype(p)),
+            "host_step": int,
+            "exp_avg": (tuple(p.shape), p.dtype),
+            "exp_avg_sq": (tuple(p.shape), p.dtype),
         }
-        for index, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(
-                    f"Shampoo state_dict param group {index} has {len(sg['params'])} "
-                    f"parameters, the optimizer has {len(g['params'])}"
-                )
-            _check_group({**g, **sg}, f"state_dict param group {index}")
-        for key, entry in state_dict["state"].items():
-            p = id_map.get(key)
-            if p is None:
-                raise ValueError(f"Shampoo state_dict has state for unknown parameter {key!r}")
-            where = f"state_dict parameter {key}"
-            for name in ("exp_avg", "exp_avg_sq"):
-                value = entry.get(name)
-                if not isinstance(value, Tensor) or value.shape != p.shape:
-                    raise ValueError(
-                        f"Shampoo {where} {name!r} must be a tensor of shape {tuple(p.shape)}"
-                    )
-            if not isinstance(entry.get("host_step"), int) or not isinstance(
-                entry.get("step"), Tensor
-            ):
-                raise ValueError(f"Shampoo {where} needs 'step' (tensor) and 'host_step' (int)")
-            if self._is_matrix(p):
-                self._check_matrix_state(group_of[id(p)], p, entry, where)
+        if self._is_matrix(p):
+            layout = _layout(p.shape, group["max_preconditioner_dim"])
+            dtype = self._matrix_dtype(group, p)
+            left = ((layout.count, layout.rows, layout.rows), dtype)
+            right = ((layout.count, layout.cols, layout.cols), dtype)
+            spec.update(left=left, right=right, left_root=left, right_root=right)
+        return spec
 
-        super().load_state_dict(state_dict)
-        # torch's loader leaves 'step' where it was saved and casts the rest to the
-        # parameter's dtype: put every tensor on the parameter's device with its saved dtype.
-        for key, entry in state_dict["state"].items():
-            p = id_map[key]
-            state = self.state[p]
-            for name, value in entry.items():
-                if isinstance(value, Tensor):
-                    state[name] = value.to(device=p.device, copy=True)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer: checked first, then loaded, or nothing changes.
+
+        torch's rules (saved hyperparameters replace the groups'; state not keyed by a
+        parameter index, e.g. written by a hook, is kept as it is), except that every state
+        tensor is copied to its parameter's device in the dtype Shampoo keeps it in (torch's
+        loader casts floating state to the parameter's dtype, which would round the float32
+        preconditioners of bf16 parameters). A state dict of another model or optimizer
+        (wrong parameter count, shapes, block size, missing or unknown keys) raises a
+        ``ValueError`` naming the parameter index, the key and the shapes.
+        """
+        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec)

@@ -351,3 +351,169 @@ def test_converges_on_a_small_non_convex_task(seed, adaptor):
     with torch.no_grad():
         final = loss_on(slice(None)).item()
     assert final < 0.1 * initial, (initial, final)
+
+
+# -- behaving like a torch optimizer: copies, hooks, bad state dicts (issue 11) ---------------
+
+
+def _all_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def assert_same_state_dict(a, b):
+    """Bit-identical state dicts: same keys, equal tensors (dtype too), equal groups."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, entry in a["state"].items():
+        other = b["state"][key]
+        if not isinstance(entry, dict):
+            assert entry == other
+            continue
+        assert entry.keys() == other.keys(), key
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other[name].dtype and torch.equal(value, other[name]), name
+            else:
+                assert value == other[name], name
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_after_a_scheduler_with_hooks_steps_its_own_parameters(how):
+    """torch's pattern: StepLR wraps ``opt.step``; hooks are registered; then copy the optimizer."""
+    import pickle
+
+    params = random_params(MIXED)
+    grads = random_grads(MIXED, 4)
+    optimizer = Muon(params, lr=0.02, weight_decay=0.01)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for step_grads in grads[:2]:
+        run(optimizer, params, [step_grads])
+        scheduler.step()
+    assert calls == ["pre", "post"] * 2
+    clone = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    clone_params = _all_params(clone)
+    assert all(c is not p for c, p in zip(clone_params, params))
+    assert clone.param_groups[0]["lr"] == 0.02 * 0.25
+    before = [p.detach().clone() for p in params]
+    run(clone, clone_params, grads[2:])
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the copy moved the original"
+    run(optimizer, params, grads[2:])
+    for c, p in zip(clone_params, params):
+        assert torch.equal(c, p)  # and the copy took exactly the original's steps
+
+
+def _hooked(optimizer):
+    """torch's own state-dict hook tests (test_optim.py), applied to ``optimizer``."""
+
+    def state_dict_pre_hook(opt):
+        opt.state["test"] = 1
+
+    def state_dict_post_hook(opt, state_dict):
+        state_dict["ran_state_dict_pre_hook"] = state_dict["state"].pop("test", None) == 1
+        return state_dict
+
+    def load_pre_hook(opt, state_dict):
+        state_dict["param_groups"][0]["lr"] = 0.002
+
+    def load_post_hook(opt):
+        opt.state["ran_load_state_dict_pre_hook2"] = opt.param_groups[0]["lr"] == 0.002
+        opt.state["ran_load_state_dict_post_hook"] = True
+
+    optimizer.register_state_dict_pre_hook(state_dict_pre_hook)
+    optimizer.register_state_dict_post_hook(state_dict_post_hook)
+    optimizer.register_load_state_dict_pre_hook(load_pre_hook)
+    optimizer.register_load_state_dict_post_hook(load_post_hook)
+    return optimizer
+
+
+def test_state_dict_hooks_and_non_dict_state_written_by_a_load_hook_behave_as_in_torch():
+    """A load post-hook writes ``True`` into ``optimizer.state``: torch accepts it, Muon did not."""
+    results = []
+    for make in (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: Muon(p, lr=0.01)):
+        params = random_params(MIXED)
+        optimizer = _hooked(make(params))
+        run(optimizer, params, random_grads(MIXED, 2))
+        saved = optimizer.state_dict()
+        assert saved["ran_state_dict_pre_hook"] is True and "test" not in saved["state"]
+        optimizer.load_state_dict(saved)  # crashed here: 'bool' object has no attribute 'get'
+        assert optimizer.state["ran_load_state_dict_pre_hook2"] is True
+        assert optimizer.state["ran_load_state_dict_post_hook"] is True
+        assert optimizer.param_groups[0]["lr"] == 0.002
+        run(optimizer, params, random_grads(MIXED, 1, seed=5))  # and it still steps
+        again = optimizer.state_dict()  # the hook's entries travel, as in torch
+        optimizer.load_state_dict(again)
+        results.append(sorted(str(k) for k in again["state"]))
+    assert results[0] == results[1]
+
+
+def _case(name, corrupt, match):
+    return pytest.param(corrupt, match, id=name)
+
+
+def _bad_state_dicts():
+    """(how to break a saved Muon state dict, the message it must raise), by name."""
+
+    def shape(sd):
+        sd["state"][0]["momentum_buffer"] = torch.zeros(5, 6)
+
+    def unknown(sd):
+        sd["state"][1]["exp_avgs"] = sd["state"][1].pop("exp_avg")
+
+    def missing(sd):
+        del sd["state"][1]["exp_avg_sq"]
+
+    def not_a_tensor(sd):
+        sd["state"][1]["step"] = 3
+
+    def too_many(sd):
+        sd["state"][8] = {"momentum_buffer": torch.zeros(6, 5)}
+
+    def param_count(sd):
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
+    def group_count(sd):
+        sd["param_groups"].append({**sd["param_groups"][0], "params": []})
+
+    def not_a_dict(sd):
+        sd["state"][2] = torch.zeros(4, 6)
+
+    return [
+        _case("shape", shape, r"parameter 0 \(shape \(6, 5\)\): state 'momentum_buffer' has "
+              r"shape \(5, 6\), expected \(6, 5\)"),
+        _case("unknown", unknown, r"parameter 1 \(shape \(6,\)\) has unknown state keys "
+              r"\['exp_avgs'\]"),
+        _case("missing", missing, r"parameter 1 \(shape \(6,\)\) lacks state keys "
+              r"\['exp_avg_sq'\]"),
+        _case("not-a-tensor", not_a_tensor, r"parameter 1 .*state 'step' has shape int, "
+              r"expected \(\)"),
+        _case("too-many", too_many, r"state for parameter index 8, but its param groups list 8"),
+        _case("param-count", param_count, r"param group 0 has 7 parameters, the optimizer's has 8"),
+        _case("group-count", group_count, r"state_dict has 2 param groups, the optimizer has 1"),
+        _case("not-a-dict", not_a_dict, r"parameter 2 \(shape \(4, 6\)\): its state must be a "
+              r"dict"),
+    ]
+
+
+@pytest.mark.parametrize(("corrupt", "match"), _bad_state_dicts())
+def test_a_bad_state_dict_raises_a_clear_error_and_changes_nothing(corrupt, match):
+    params = random_params(MIXED)
+    grads = random_grads(MIXED, 3)
+    source = Muon(params, weight_decay=0.01)
+    run(source, params, grads[:2])
+    broken = copy.deepcopy(source.state_dict())
+    corrupt(broken)
+    target_params = random_params(MIXED, seed=3)
+    target = Muon(target_params, lr=0.05)
+    run(target, target_params, grads[:1])
+    before = copy.deepcopy(target.state_dict())
+    values = [p.detach().clone() for p in target_params]
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(broken)
+    assert_same_state_dict(target.state_dict(), before)
+    assert all(torch.equal(p, v) for p, v in zip(target_params, values))
+    # the intact state dict loads into the same optimizer afterwards
+    target.load_state_dict(copy.deepcopy(source.state_dict()))
+    assert target.param_groups[0]["lr"] == source.param_groups[0]["lr"]

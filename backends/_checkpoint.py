@@ -1,0 +1,149 @@
+"""Checked state-dict loading for the backends that keep typed state (Muon, Shampoo).
+
+:func:`load_checked` follows ``torch.optim.Optimizer.load_state_dict`` (pre-hooks, saved
+hyperparameters replace the groups', state not keyed by a parameter index is kept as it is,
+post-hooks), with two differences:
+
+* everything is checked before anything is modified: a state dict of another model or
+  optimizer (wrong number of groups or parameters, a missing or unknown state key, a wrong
+  shape) raises a ``ValueError`` naming the parameter index, the key and both shapes, and
+  the optimizer is left exactly as it was;
+* every state tensor is copied to its parameter's device in the dtype the optimizer keeps it
+  in (torch casts floating state to the parameter's dtype, which would round the float32
+  state of bf16 parameters).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+# A state entry: a tensor of (shape, dtype), or ``int`` for a host-side Python integer.
+Spec = dict[str, "tuple[tuple[int, ...], torch.dtype] | type[int]"]
+
+KAHAN_KEY = "kahan_comp"
+SKIPS_KEY = "nonfinite_skips"
+
+
+def optional_spec(p: Tensor) -> Spec:
+    """Keys any parameter may hold, created lazily (a state dict without them loads)."""
+    return {KAHAN_KEY: (tuple(p.shape), p.dtype), SKIPS_KEY: ((), torch.float32)}
+
+
+def _describe(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
+
+
+def load_checked(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    owner: str,
+    check_group: Callable[[dict[str, Any], str], None],
+    spec: Callable[[dict[str, Any], Tensor], Spec],
+) -> None:
+    """Check ``state_dict`` against ``optimizer`` and load it (see the module docstring).
+
+    ``spec(group, p)`` gives the keys a parameter with state must hold (the loaded group's
+    settings decide, e.g. Muon's routing); :func:`optional_spec` the keys it may hold.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{owner} state_dict must be a dict, got {type(state_dict).__name__}")
+    state_dict = dict(state_dict)  # shallow copy, as torch does
+    for pre_hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        hooked = pre_hook(optimizer, state_dict)
+        if hooked is not None:
+            state_dict = hooked
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError(f"{owner} state_dict must be a dict with 'state' and 'param_groups'")
+    groups = optimizer.param_groups
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"{owner} state_dict has {len(saved_groups)} param groups, the optimizer has "
+            f"{len(groups)}"
+        )
+    merged = []
+    for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise ValueError(f"{owner} state_dict param group {index} has no 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{owner} state_dict param group {index} has {len(saved['params'])} "
+                f"parameters, the optimizer's has {len(group['params'])}"
+            )
+        both = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        both["params"] = group["params"]
+        check_group(both, f"state_dict param group {index}")
+        merged.append(both)
+    saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+    params = list(chain.from_iterable(g["params"] for g in groups))
+    id_map = dict(zip(saved_ids, params))
+    group_of = {id(p): g for g in merged for p in g["params"]}
+
+    state: defaultdict[Any, Any] = defaultdict(dict)
+    for key, entry in state_dict["state"].items():
+        p = id_map.get(key) if not isinstance(key, Tensor) else None
+        if p is None:
+            if isinstance(key, int) and not isinstance(key, bool):
+                raise ValueError(
+                    f"{owner} state_dict has state for parameter index {key}, but its param "
+                    f"groups list {len(saved_ids)} parameters (a state dict of another model?)"
+                )
+            state[key] = entry  # torch keeps state not keyed by a parameter (hooks write it)
+            continue
+        where = f"{owner} state_dict parameter {key} (shape {tuple(p.shape)})"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: its state must be a dict, got {type(entry).__name__}")
+        required = spec(group_of[id(p)], p)
+        allowed = {**required, **optional_spec(p)}
+        if entry:
+            unknown = sorted(str(k) for k in entry if k not in allowed)
+            if unknown:
+                raise ValueError(
+                    f"{where} has unknown state keys {unknown}; expected {sorted(required)} "
+                    f"(optionally {sorted(optional_spec(p))})"
+                )
+            missing = [k for k in required if k not in entry]
+            if missing:
+                raise ValueError(
+                    f"{where} lacks state keys {missing}; it has {sorted(map(str, entry))}"
+                )
+        loaded = {}
+        for name, value in entry.items():
+            expected = allowed[name]
+            if expected is int:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(
+                        f"{where}: state {name!r} must be an int >= 0, got {value!r}"
+                    )
+                loaded[name] = value
+                continue
+            shape, dtype = expected  # type: ignore[misc]
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{where}: state {name!r} has shape {_describe(value)}, expected {shape}"
+                )
+            if not (value.is_floating_point() or value.is_complex()):
+                raise ValueError(
+                    f"{where}: state {name!r} has dtype {value.dtype}, expected a floating dtype"
+                )
+            loaded[name] = value.to(device=p.device, dtype=dtype, copy=True)
+        state[p] = loaded
+
+    def update_group(group: dict[str, Any], new_group: dict[str, Any]) -> dict[str, Any]:
+        new_group["params"] = group["params"]
+        if "param_names" in group and "param_names" not in new_group:
+            new_group["param_names"] = group["param_names"]
+        return new_group
+
+    param_groups = [update_group(g, ng) for g, ng in zip(groups, saved_groups)]
+    optimizer.__setstate__({"state": state, "param_groups": param_groups})
+    for post_hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        post_hook(optimizer)
