@@ -390,3 +390,142 @@ def test_beats_sgd_and_adam_on_ill_conditioned_least_squares(seed):
     assert shampoo < sgd / 20, (shampoo, sgd)
     assert explored_exploit < adam / 3, (explored_exploit, adam)
     assert explored_explore < adam / 3, (explored_explore, adam)
+
+
+# -- behaving like a torch optimizer: copies, hooks, bad state dicts (issue 11) ------------
+
+MIXED = [(6, 5), (5,), (3, 2, 2, 2), ()]
+
+
+def _run(optimizer, params, steps):
+    for step in steps:
+        _set_grads(params, step)
+        optimizer.step()
+
+
+def _small_shampoo(params, **kw):
+    return Shampoo(params, **{"lr": 1e-2, "weight_decay": 0.01, "precondition_frequency": 2,
+                              "start_preconditioning_step": 2, "max_preconditioner_dim": 4,
+                              **kw})
+
+
+def _assert_same_state_dict(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, entry in a["state"].items():
+        assert entry.keys() == b["state"][key].keys(), key
+        for name, value in entry.items():
+            other = b["state"][key][name]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), (key, name)
+            else:
+                assert value == other, (key, name)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_after_a_scheduler_with_hooks_steps_its_own_parameters(how):
+    import pickle
+
+    params = _params(MIXED)
+    optimizer = _small_shampoo(params)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for step in range(3):
+        _run(optimizer, params, [step])
+        scheduler.step()
+    assert calls == ["pre", "post"] * 3
+    clone = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    assert all(c is not p for c, p in zip(clone_params, params))
+    before = [p.detach().clone() for p in params]
+    _run(clone, clone_params, range(3, 6))
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the copy moved the original"
+    _run(optimizer, params, range(3, 6))
+    assert all(torch.equal(c, p) for c, p in zip(clone_params, params))
+
+
+def test_state_dict_hooks_and_non_dict_state_written_by_a_load_hook_behave_as_in_torch():
+    params = _params(MIXED)
+    optimizer = _small_shampoo(params)
+    optimizer.register_state_dict_pre_hook(lambda opt: opt.state.__setitem__("test", 1))
+    optimizer.register_load_state_dict_pre_hook(
+        lambda opt, sd: sd["param_groups"][0].__setitem__("lr", 0.002)
+    )
+    optimizer.register_load_state_dict_post_hook(
+        lambda opt: opt.state.__setitem__("ran_load_state_dict_post_hook", True)
+    )
+    _run(optimizer, params, range(3))
+    saved = optimizer.state_dict()
+    assert saved["state"]["test"] == 1  # torch keeps what a pre-hook put in the state
+    optimizer.load_state_dict(saved)  # raised "state for unknown parameter 'test'"
+    assert optimizer.state["ran_load_state_dict_post_hook"] is True
+    assert optimizer.param_groups[0]["lr"] == 0.002
+    _run(optimizer, params, range(3, 5))
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
+def _case(name, corrupt, match):
+    return pytest.param(corrupt, match, id=name)
+
+
+def _left(sd):
+    sd["state"][0]["left"] = torch.zeros(1, 6, 6)
+
+
+def _unknown(sd):
+    sd["state"][2]["L"] = sd["state"][2].pop("left")
+
+
+def _missing(sd):
+    del sd["state"][1]["host_step"]
+
+
+def _host_step(sd):
+    sd["state"][0]["host_step"] = 2.0
+
+
+def _moment(sd):
+    sd["state"][1]["exp_avg"] = torch.zeros(6)
+
+
+def _too_many(sd):
+    sd["state"][4] = dict(sd["state"][1])
+
+
+def _count(sd):
+    sd["param_groups"][0]["params"].append(4)
+
+
+BAD = [
+    _case("left", _left, r"parameter 0 \(shape \(6, 5\)\): state 'left' has shape \(1, 6, 6\), "
+          r"expected \(4, 3, 3\)"),
+    _case("unknown", _unknown, r"parameter 2 \(shape \(3, 2, 2, 2\)\) has unknown state keys "
+          r"\['L'\]"),
+    _case("missing", _missing, r"parameter 1 \(shape \(5,\)\) lacks state keys \['host_step'\]"),
+    _case("host-step", _host_step, r"parameter 0 .*'host_step' must be an int >= 0, got 2.0"),
+    _case("moment", _moment, r"parameter 1 .*'exp_avg' has shape \(6,\), expected \(5,\)"),
+    _case("too-many", _too_many, r"state for parameter index 4, but its param groups list 4"),
+    _case("count", _count, r"param group 0 has 5 parameters, the optimizer's has 4"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "match"), BAD)
+def test_a_bad_state_dict_raises_a_clear_error_and_changes_nothing(corrupt, match):
+    params = _params(MIXED)
+    source = _small_shampoo(params)
+    _run(source, params, range(3))
+    broken = copy.deepcopy(source.state_dict())
+    corrupt(broken)
+    target_params = _params(MIXED, seed=4)
+    target = _small_shampoo(target_params, lr=0.05)
+    _run(target, target_params, range(2))
+    before = copy.deepcopy(target.state_dict())
+    values = [p.detach().clone() for p in target_params]
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(broken)
+    _assert_same_state_dict(target.state_dict(), before)
+    assert all(torch.equal(p, v) for p, v in zip(target_params, values))
+    target.load_state_dict(copy.deepcopy(source.state_dict()))
+    assert target.param_groups[0]["lr"] == 1e-2
