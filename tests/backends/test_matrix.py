@@ -207,17 +207,23 @@ def test_batched_and_unbatched_paths_agree(ns_dtype, device, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=tolerance[ns_dtype])
 
 
-def test_bfloat16_momentum_buffer_is_not_normalised_in_place_without_nesterov():
-    """torch 2.13's Muon divides a bfloat16 buffer by its norm in place when nesterov=False."""
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_bfloat16_momentum_buffer_is_not_normalised_in_place_without_nesterov(state_dtype):
+    """torch 2.13's Muon divides a bfloat16 buffer by its norm in place when nesterov=False.
+
+    The buffer is float32 by default for bfloat16 parameters; with ``state_dtype=bfloat16``
+    it is the float32 lerp rounded once.
+    """
     shapes = [(8, 4), (4, 8)]
     params = random_params(shapes, torch.bfloat16)
     grads = random_grads(shapes, 3, torch.bfloat16)
-    optimizer = Muon(params, lr=0.01, momentum=0.9, nesterov=False)
-    expected = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    optimizer = Muon(params, lr=0.01, momentum=0.9, nesterov=False, state_dtype=state_dtype)
+    stored = torch.float32 if state_dtype is None else state_dtype
+    expected = [torch.zeros(s, dtype=stored) for s in shapes]
     for step, step_grads in enumerate(grads):
         run(optimizer, params, [step_grads])
         for i, (p, g) in enumerate(zip(params, step_grads)):
-            expected[i] = expected[i].lerp(g, 0.1)
+            expected[i] = expected[i].float().lerp(g.float(), 0.1).to(stored)
             assert torch.equal(optimizer.state[p]["momentum_buffer"], expected[i]), (step, i)
     # and the update is the orthogonalised buffer (first step, from θ = 0 so that the update
     # is not lost below the resolution of θ: a step that does nothing fails by ~20 × atol)
