@@ -34,8 +34,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor import precision
-from backends._checkpoint import KAHAN_KEY, Spec, load_checked
 from backends._common import adam_bias_corrections, step_dtype
+from backends._state import KAHAN_KEY, Spec, load_checked
+from backends._state import as_dtype as _as
+from backends._state import compute_dtype as _compute_dtype
+from backends._state import write_params_ as _write_
 
 __all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
 
@@ -197,31 +200,6 @@ def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
 
 def _matrix_shape(p: Tensor) -> tuple[int, int]:
     return p.shape[0], math.prod(p.shape[1:])
-
-
-# -- precision ---------------------------------------------------------------------------------
-
-
-def _compute_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the step's arithmetic runs in: at least float32, at least the state's."""
-    return torch.promote_types(torch.promote_types(param_dtype, state_dtype), torch.float32)
-
-
-def _as(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """``tensors`` themselves when they have ``dtype`` (updated in place), else copies."""
-    if all(t.dtype == dtype for t in tensors):
-        return tensors if isinstance(tensors, list) else list(tensors)
-    return [t.to(dtype) for t in tensors]
-
-
-def _write_(params: Sequence[Tensor], deltas: Sequence[Tensor], comps: Sequence[Tensor]) -> None:
-    """``θ ← round(θ + d)``, one rounding per parameter, or Kahan-compensated with ``comps``."""
-    if comps:
-        for p, d, c in zip(params, deltas, comps):
-            precision.kahan_add_(p, d, c)
-    else:
-        for p, d in zip(params, deltas):
-            precision.add_to_param_(p, d)
 
 
 # -- the optimizer ---------------------------------------------------------------------------

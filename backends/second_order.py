@@ -28,12 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from backends._checkpoint import Spec, load_checked
+from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
+from backends._state import KAHAN_KEY, Spec, as_dtype, compute_dtype, load_checked, write_params_
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
 GRAFTINGS = ("adam", "none")
+# Settings added after the first release: filled in for groups of older pickles/state dicts.
+_LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 ROOT_METHODS = ("eigh", "newton")
 # State keys of a preconditioned (matrix) parameter.
 MATRIX_KEYS = ("left", "right", "left_root", "right_root")
@@ -207,6 +210,9 @@ def _check_group(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(
                 f"Shampoo root_method must be one of {ROOT_METHODS}, got {group['root_method']!r}"
             )
+        precision.check_state_dtype(group["state_dtype"], "Shampoo")
+        for name in ("kahan", "skip_nonfinite"):
+            precision.check_flag("Shampoo", name, group[name])
         dtype = group["preconditioner_dtype"]
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -264,6 +270,25 @@ class Shampoo(Optimizer):
         preconditioner_dtype: dtype of ``L``, ``R`` and their roots: ``None`` (float32, or
             float64 for float64 parameters), ``torch.float32`` or ``torch.float64``.
         maximize: maximise the objective.
+        state_dtype: dtype of Adam's moments (and, when ``preconditioner_dtype`` is None, at
+            least float32 for ``L``, ``R`` and the roots). ``None`` (default): float32 for
+            bfloat16/float16 parameters, the parameter's dtype otherwise.
+        kahan: Kahan-compensated parameter writes for bfloat16/float16 parameters (a
+            ``kahan_comp`` buffer in the parameter's dtype); no effect on float32/float64.
+        skip_nonfinite: skip a step whose gradients hold NaN or Inf, decided on the device
+            (count in :attr:`skipped_steps`). Off by default, like torch.
+
+    Precision: for bfloat16/float16 parameters the whole step runs in float32 and each
+    parameter is written once, rounded once (or compensated with ``kahan=True``).
+
+    Skipped steps (``skip_nonfinite=True``, or GradScaler's ``found_inf``: the class sets
+    ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` unscales and skips on the device
+    with no host read): every parameter and state tensor — ``step``, the moments, ``L``,
+    ``R`` and the roots — is left bit-identical, by a snapshot restored with ``torch.where``
+    (a temporary copy of what the step writes). ``host_step``, the host-side clock that
+    schedules root recomputations, counts ``step()`` calls and cannot see the device's
+    decision: it advances on a skipped step, so a recomputation that falls on a skipped
+    step is dropped (the roots stay one period older).
 
     State per parameter: ``step`` (a 0-d tensor on the parameter's device, float32, or
     float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same
@@ -294,6 +319,9 @@ class Shampoo(Optimizer):
         preconditioner_dtype: torch.dtype | None = None,
         *,
         maximize: bool = False,
+        state_dtype: torch.dtype | None = None,
+        kahan: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -309,6 +337,9 @@ class Shampoo(Optimizer):
             newton_iterations=newton_iterations,
             preconditioner_dtype=preconditioner_dtype,
             maximize=maximize,
+            state_dtype=state_dtype,
+            kahan=kahan,
+            skip_nonfinite=skip_nonfinite,
         )
         _check_group(defaults)
         super().__init__(params, defaults)
@@ -329,13 +360,17 @@ class Shampoo(Optimizer):
             self.param_groups.pop()
             raise
 
+    # GradScaler hands over grad_scale/found_inf and calls step() without a host read.
+    _step_supports_amp_scaling = True
+
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
     def _matrix_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
         if group["preconditioner_dtype"] is not None:
             return group["preconditioner_dtype"]
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        state_dtype = precision.resolve_state_dtype(p.dtype, group.get("state_dtype"))
+        return torch.promote_types(state_dtype, torch.float32)
 
     @staticmethod
     def _is_matrix(p: Tensor) -> bool:
@@ -345,10 +380,15 @@ class Shampoo(Optimizer):
         state = self.state[p]
         if state:
             return
+        state_dtype = precision.resolve_state_dtype(p.dtype, group["state_dtype"])
         state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
         state["host_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(
+            p, dtype=state_dtype, memory_format=torch.preserve_format
+        )
+        state["exp_avg_sq"] = torch.zeros_like(
+            p, dtype=state_dtype, memory_format=torch.preserve_format
+        )
         if layout is not None:
             dtype = self._matrix_dtype(group, p)
             kw = dict(dtype=dtype, device=p.device)
@@ -409,13 +449,33 @@ class Shampoo(Optimizer):
                 if state and self._is_matrix(p):
                     self._check_matrix_state(group, p, state, f"a parameter of group {index}")
             work.append((group, params))
+        grads = [p.grad for _, params in work for p in params]
+        if not grads:
+            return loss
+        skip_nonfinite = any(group["skip_nonfinite"] for group in self.param_groups)
+        # GradScaler: unscale in place and fold in found_inf; None when nothing can skip.
+        skip = precision.prepare_step(self, grads, skip_nonfinite=skip_nonfinite)
         for group, params in work:
-            if params:
-                for (_, _), bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
-                    self._step_bucket(group, bucket)
+            for _, bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
+                self._step_bucket(group, bucket, skip)
         return loss
 
-    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """Steps skipped for non-finite gradients or GradScaler's ``found_inf`` (a 0-d device
+        tensor), or ``None`` before any step could be skipped."""
+        return precision.skip_count(self)
+
+    def _step_bucket(
+        self, group: dict[str, Any], params: list[Tensor], skip: Tensor | None
+    ) -> None:
+        """One step of same-(device, dtype) parameters of a group.
+
+        Low-precision parameters: every quantity is formed in the compute dtype (float32
+        with the default float32 state) and each parameter is written once, rounded once or
+        Kahan-compensated. ``skip`` (a 0-d device flag, or None): everything written is
+        snapshotted and restored where the flag is set, and the skip is counted.
+        """
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         block = group["max_preconditioner_dim"]
@@ -425,42 +485,62 @@ class Shampoo(Optimizer):
         for p in params:
             self._init_state(group, p, layouts[p])
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
+        param_dtype = params[0].dtype
+        compute = compute_dtype(param_dtype, states[0]["exp_avg"].dtype)
+        low = param_dtype != compute
+        comps = []
+        if group["kahan"] and param_dtype in precision.LOW_PRECISION:
+            for p, s in zip(params, states):
+                if KAHAN_KEY not in s:
+                    s[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                comps.append(s[KAHAN_KEY])
 
         steps = [s["step"] for s in states]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_(steps, 1.0)
         for s in states:
+            # The root schedule counts step() calls on the host (no device read); a step
+            # skipped on the device still advances it (see the class docstring).
             s["host_step"] += 1
+        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
+        refresh = [
+            i for i in matrices
+            if states[i]["host_step"] >= start and (states[i]["host_step"] - start) % every == 0
+        ]
+        written = [*params, *steps, *exp_avgs, *exp_avg_sqs, *comps]
+        for i in matrices:
+            written += [states[i]["left"], states[i]["right"]]
+        for i in refresh:
+            written += [states[i]["left_root"], states[i]["right_root"]]
+        saved = None if skip is None else precision.snapshot(written)
 
-        if group["weight_decay"] != 0:
+        grads = as_dtype([p.grad for p in params], compute)
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        torch._foreach_add_(steps, 1.0)
+        if group["weight_decay"] != 0 and not low:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        m, v = as_dtype(exp_avgs, compute), as_dtype(exp_avg_sqs, compute)
+        torch._foreach_lerp_(m, grads, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+        if m is not exp_avgs:  # stored once in the state dtype
+            torch._foreach_copy_(exp_avgs, m)
+            torch._foreach_copy_(exp_avg_sqs, v)
 
         # Bias corrections as device scalars: 1 - β₁ᵗ and sqrt(1 - β₂ᵗ).
         correction1, correction2 = adam_bias_corrections(beta1, beta2, steps)
         # Adam's direction A = (m/c₁) / (sqrt(v)/sqrt(c₂) + eps), and the momentum m̂ = m/c₁.
-        momentum = torch._foreach_div(exp_avgs, correction1)
-        denominator = torch._foreach_sqrt(exp_avg_sqs)
+        momentum = torch._foreach_div(m, correction1)
+        denominator = torch._foreach_sqrt(v)
         torch._foreach_div_(denominator, torch._foreach_sqrt(correction2))
         torch._foreach_add_(denominator, group["eps"])
         directions = list(torch._foreach_div(momentum, denominator))
 
-        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
         if matrices:
             self._update_statistics(
                 [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2
             )
-            refresh = [
-                i for i in matrices
-                if states[i]["host_step"] >= start
-                and (states[i]["host_step"] - start) % every == 0
-            ]
             if refresh:
                 self._refresh_roots(
                     group, [params[i] for i in refresh], [correction2[i] for i in refresh]
@@ -475,8 +555,20 @@ class Shampoo(Optimizer):
                     layouts,
                 )
                 for i, direction in zip(active, shampoo):
-                    directions[i] = direction
-        torch._foreach_add_(params, directions, alpha=-lr)
+                    directions[i] = direction.to(compute)
+        if not low:
+            torch._foreach_add_(params, directions, alpha=-lr)
+        else:
+            # d = −lr·D − lr·λ·θ in the compute dtype, then one rounding into θ
+            deltas = torch._foreach_mul(directions, -lr)
+            if group["weight_decay"] != 0:
+                decay = -lr * group["weight_decay"]
+                torch._foreach_add_(deltas, as_dtype(params, compute), alpha=decay)
+            write_params_(params, deltas, comps)
+        if skip is not None and saved is not None:
+            precision.restore_where_(written, saved, skip)
+            for p in params:
+                precision.count_skip_(self.state[p], skip, p)
 
     def _update_statistics(
         self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float
@@ -553,18 +645,19 @@ class Shampoo(Optimizer):
                 direction = direction * (adam_norm / shampoo_norm)[:, None, None]
             pieces = direction.split([lay_i.count for lay_i in lay])
             for i, lay_i, piece in zip(bucket, lay, pieces):
-                out[i] = lay_i.from_blocks(piece).to(params[i].dtype)
+                out[i] = lay_i.from_blocks(piece).to(adam[i].dtype)
         return [out[i] for i in order]
 
     # -- checkpoints ---------------------------------------------------------------------
 
     def _state_spec(self, group: dict[str, Any], p: Tensor) -> Spec:
         """The state keys of a parameter with state: ``{key: (shape, dtype)}`` or ``int``."""
+        state_dtype = precision.resolve_state_dtype(p.dtype, group["state_dtype"])
         spec: Spec = {
             "step": ((), step_dtype(p)),
             "host_step": int,
-            "exp_avg": (tuple(p.shape), p.dtype),
-            "exp_avg_sq": (tuple(p.shape), p.dtype),
+            "exp_avg": (tuple(p.shape), state_dtype),
+            "exp_avg_sq": (tuple(p.shape), state_dtype),
         }
         if self._is_matrix(p):
             layout = _layout(p.shape, group["max_preconditioner_dim"])
@@ -586,3 +679,9 @@ class Shampoo(Optimizer):
         ``ValueError`` naming the parameter index, the key and the shapes.
         """
         load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before these settings existed
+            for key, default in _LATER_DEFAULTS.items():
+                group.setdefault(key, self.defaults.get(key, default))

@@ -1,8 +1,13 @@
-"""Checked state-dict loading for the backends that keep typed state (Muon, Shampoo).
+"""Typed optimizer state for Muon and Shampoo: compute dtypes, one-rounding writes, checked loads.
 
-:func:`load_checked` follows ``torch.optim.Optimizer.load_state_dict`` (pre-hooks, saved
-hyperparameters replace the groups', state not keyed by a parameter index is kept as it is,
-post-hooks), with two differences:
+**Precision.** A step's arithmetic runs in :func:`compute_dtype` (at least float32, at least
+the state's dtype); state kept in a narrower dtype is read into it and stored back once
+(:func:`as_dtype`), and low-precision parameters are written once per step, rounded once or
+Kahan-compensated (:func:`write_params_`, built on ``adaptor.precision``).
+
+**Loading.** :func:`load_checked` follows ``torch.optim.Optimizer.load_state_dict``
+(pre-hooks, saved hyperparameters replace the groups', state not keyed by a parameter index
+is kept as it is, post-hooks), with two differences:
 
 * everything is checked before anything is modified: a state dict of another model or
   optimizer (wrong number of groups or parameters, a missing or unknown state key, a wrong
@@ -16,7 +21,7 @@ post-hooks), with two differences:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from itertools import chain
 from typing import Any
@@ -25,11 +30,37 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adaptor import precision
+
 # A state entry: a tensor of (shape, dtype), or ``int`` for a host-side Python integer.
 Spec = dict[str, "tuple[tuple[int, ...], torch.dtype] | type[int]"]
 
 KAHAN_KEY = "kahan_comp"
 SKIPS_KEY = "nonfinite_skips"
+
+
+def compute_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step's arithmetic runs in: at least float32, at least the state's."""
+    return torch.promote_types(torch.promote_types(param_dtype, state_dtype), torch.float32)
+
+
+def as_dtype(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``tensors`` themselves (the same list object) when all have ``dtype``, else copies."""
+    if all(t.dtype == dtype for t in tensors):
+        return tensors if isinstance(tensors, list) else list(tensors)
+    return [t.to(dtype) for t in tensors]
+
+
+def write_params_(
+    params: Sequence[Tensor], deltas: Sequence[Tensor], comps: Sequence[Tensor]
+) -> None:
+    """``θ ← round(θ + d)``: one rounding per parameter, or Kahan-compensated with ``comps``."""
+    if comps:
+        for p, d, c in zip(params, deltas, comps):
+            precision.kahan_add_(p, d, c)
+    else:
+        for p, d in zip(params, deltas):
+            precision.add_to_param_(p, d)
 
 
 def optional_spec(p: Tensor) -> Spec:
