@@ -515,6 +515,11 @@ class Shampoo(Optimizer):
         saved = None if skip is None else precision.snapshot(written)
 
         grads = as_dtype([p.grad for p in params], compute)
+        if skip is not None:
+            # A skipped step's gradients may hold NaN/Inf: zero them (on the device) so that
+            # eigh never sees a non-finite statistic; everything is restored below anyway.
+            drop = skip.bool()
+            grads = [g.masked_fill(drop.to(g.device, non_blocking=True), 0.0) for g in grads]
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
         torch._foreach_add_(steps, 1.0)
