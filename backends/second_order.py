@@ -160,6 +160,27 @@ def _bucket(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[A
     return buckets
 
 
+@torch.compiler.disable
+def _advance_schedule(
+    states: list[dict[str, Any]], matrices: list[int], start: int, every: int
+) -> tuple[list[int], list[int]]:
+    """Advance each ``host_step`` and return the matrices whose roots are recomputed now and
+    those preconditioned now.
+
+    The root schedule counts ``step()`` calls on the host (no device read); a step skipped on
+    the device still advances it (see :class:`Shampoo`). Kept out of ``torch.compile``'s
+    graphs (one graph break): traced, the changing integer would recompile every step.
+    """
+    for state in states:
+        state["host_step"] += 1
+    refresh = [
+        i for i in matrices
+        if states[i]["host_step"] >= start and (states[i]["host_step"] - start) % every == 0
+    ]
+    active = [i for i in matrices if states[i]["host_step"] >= start]
+    return refresh, active
+
+
 # -- validation ---------------------------------------------------------------------------
 
 
@@ -498,15 +519,8 @@ class Shampoo(Optimizer):
         steps = [s["step"] for s in states]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        for s in states:
-            # The root schedule counts step() calls on the host (no device read); a step
-            # skipped on the device still advances it (see the class docstring).
-            s["host_step"] += 1
         matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
-        refresh = [
-            i for i in matrices
-            if states[i]["host_step"] >= start and (states[i]["host_step"] - start) % every == 0
-        ]
+        refresh, active = _advance_schedule(states, matrices, start, every)
         written = [*params, *steps, *exp_avgs, *exp_avg_sqs, *comps]
         for i in matrices:
             written += [states[i]["left"], states[i]["right"]]
@@ -550,7 +564,6 @@ class Shampoo(Optimizer):
                 self._refresh_roots(
                     group, [params[i] for i in refresh], [correction2[i] for i in refresh]
                 )
-            active = [i for i in matrices if states[i]["host_step"] >= start]
             if active:
                 shampoo = self._precondition(
                     group,
