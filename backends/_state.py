@@ -52,9 +52,26 @@ def as_dtype(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
 
 
 def write_params_(
-    params: Sequence[Tensor], deltas: Sequence[Tensor], comps: Sequence[Tensor]
+    params: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    comps: Sequence[Tensor],
+    drop: Tensor | None = None,
 ) -> None:
-    """``θ ← round(θ + d)``: one rounding per parameter, or Kahan-compensated with ``comps``."""
+    """``θ ← round(θ + d)``: one rounding per parameter, or Kahan-compensated with ``comps``.
+
+    ``drop`` (a 0-d bool device tensor, with ``d = 0`` where it is set): a skipped step.
+    ``θ + 0`` rounds back to θ; a Kahan write would flush the compensation into θ, so θ and
+    the compensation are selected with ``torch.where`` instead.
+    """
+    if comps and drop is not None:
+        for p, d, c in zip(params, deltas, comps):
+            work = d.dtype if d.dtype.itemsize >= 4 else torch.float32
+            theta = p.to(work)
+            y = d.to(work) + c.to(work)
+            new = (theta + y).to(p.dtype)
+            c.copy_(torch.where(drop, c, (y - (new.to(work) - theta)).to(c.dtype)))
+            p.copy_(torch.where(drop, p, new))
+        return
     if comps:
         for p, d, c in zip(params, deltas, comps):
             precision.kahan_add_(p, d, c)

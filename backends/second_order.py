@@ -160,6 +160,37 @@ def _bucket(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[A
     return buckets
 
 
+def _each(tensors: Sequence[Tensor], value: Any) -> Any:
+    """A 0-d tensor operand as a list: the tensor-list overloads of foreach add/lerp never
+    read it on the host (their single-tensor overloads call ``.item()``)."""
+    return [value] * len(tensors) if isinstance(value, Tensor) else value
+
+
+class _Mask:
+    """A step's skip flag as the pieces a masked update needs (all on the device).
+
+    ``select(run, skipped, dtype)`` is a 0-d tensor holding ``run`` (rounded to ``dtype``
+    exactly as a Python scalar would be) or ``skipped`` where the flag is set: decays become
+    1 and weights 0, so a skipped step writes every tensor back bit for bit.
+    """
+
+    __slots__ = ("device", "drop", "flag")
+
+    def __init__(self, flag: Tensor, device: torch.device) -> None:
+        self.flag = flag.to(device, non_blocking=True)
+        self.device = device
+        self.drop = self.flag.bool()
+
+    def select(self, run: float, skipped: float, dtype: torch.dtype) -> Tensor:
+        # torch.full: a fill on the device (no host→device copy); the scalar is rounded to
+        # dtype as an operation with a Python scalar would round it
+        kw = dict(dtype=dtype, device=self.device)
+        return torch.where(self.drop, torch.full((), skipped, **kw), torch.full((), run, **kw))
+
+    def keep(self, dtype: torch.dtype) -> Tensor:
+        return self.select(1.0, 0.0, dtype)
+
+
 @torch.compiler.disable
 def _advance_schedule(
     states: list[dict[str, Any]], matrices: list[int], start: int, every: int
@@ -305,11 +336,12 @@ class Shampoo(Optimizer):
     Skipped steps (``skip_nonfinite=True``, or GradScaler's ``found_inf``: the class sets
     ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` unscales and skips on the device
     with no host read): every parameter and state tensor — ``step``, the moments, ``L``,
-    ``R`` and the roots — is left bit-identical, by a snapshot restored with ``torch.where``
-    (a temporary copy of what the step writes). ``host_step``, the host-side clock that
-    schedules root recomputations, counts ``step()`` calls and cannot see the device's
-    decision: it advances on a skipped step, so a recomputation that falls on a skipped
-    step is dropped (the roots stay one period older).
+    ``R`` and the roots — is left bit-identical by masked updates (gradients zeroed on the
+    device, each decay and weight selected to exactly 1 or 0, new roots and Kahan writes
+    selected with ``torch.where``): no copy of the state, and no host read. ``host_step``,
+    the host-side clock that schedules root recomputations, counts ``step()`` calls and
+    cannot see the device's decision: it advances on a skipped step, so a recomputation
+    that falls on a skipped step is dropped (the roots stay one period older).
 
     State per parameter: ``step`` (a 0-d tensor on the parameter's device, float32, or
     float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same
@@ -494,8 +526,10 @@ class Shampoo(Optimizer):
 
         Low-precision parameters: every quantity is formed in the compute dtype (float32
         with the default float32 state) and each parameter is written once, rounded once or
-        Kahan-compensated. ``skip`` (a 0-d device flag, or None): everything written is
-        snapshotted and restored where the flag is set, and the skip is counted.
+        Kahan-compensated. ``skip`` (a 0-d device flag, or None): every write is masked
+        (gradients zeroed, decays 1, weights 0, roots and Kahan writes selected with
+        ``torch.where``) so that a skipped step leaves every tensor's bits, and the skip is
+        counted.
         """
         lr = group["lr"]
         beta1, beta2 = group["betas"]
@@ -521,28 +555,31 @@ class Shampoo(Optimizer):
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
         refresh, active = _advance_schedule(states, matrices, start, every)
-        written = [*params, *steps, *exp_avgs, *exp_avg_sqs, *comps]
-        for i in matrices:
-            written += [states[i]["left"], states[i]["right"]]
-        for i in refresh:
-            written += [states[i]["left_root"], states[i]["right_root"]]
-        saved = None if skip is None else precision.snapshot(written)
+        # A skip flag (a 0-d device tensor) masks every write: the gradients are zeroed and
+        # each decay/weight becomes exactly 1/0 where the flag is set, so parameters and state
+        # keep their bits without a snapshot (see _Mask).
+        mask = None if skip is None else _Mask(skip, params[0].device)
 
         grads = as_dtype([p.grad for p in params], compute)
-        if skip is not None:
-            # A skipped step's gradients may hold NaN/Inf: zero them (on the device) so that
-            # eigh never sees a non-finite statistic; everything is restored below anyway.
-            drop = skip.bool()
-            grads = [g.masked_fill(drop.to(g.device, non_blocking=True), 0.0) for g in grads]
+        if mask is not None:
+            # A skipped step's gradients may hold NaN/Inf: zero them on the device (eigh
+            # never sees a non-finite statistic, and 0·g terms vanish).
+            grads = [g.masked_fill(mask.drop, 0.0) for g in grads]
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
-        torch._foreach_add_(steps, 1.0)
+        torch._foreach_add_(steps, 1.0 if mask is None else _each(steps, mask.keep(steps[0].dtype)))
         if group["weight_decay"] != 0 and not low:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            decay = 1.0 - lr * group["weight_decay"]
+            torch._foreach_mul_(
+                params, decay if mask is None else mask.select(decay, 1.0, param_dtype)
+            )
         m, v = as_dtype(exp_avgs, compute), as_dtype(exp_avg_sqs, compute)
-        torch._foreach_lerp_(m, grads, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+        first = 1.0 - beta1
+        torch._foreach_lerp_(
+            m, grads, first if mask is None else _each(m, mask.select(first, 0.0, compute))
+        )
+        torch._foreach_mul_(v, beta2 if mask is None else mask.select(beta2, 1.0, compute))
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)  # 0 where skipped
         if m is not exp_avgs:  # stored once in the state dtype
             torch._foreach_copy_(exp_avgs, m)
             torch._foreach_copy_(exp_avg_sqs, v)
@@ -558,11 +595,11 @@ class Shampoo(Optimizer):
 
         if matrices:
             self._update_statistics(
-                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2
+                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2, mask
             )
             if refresh:
                 self._refresh_roots(
-                    group, [params[i] for i in refresh], [correction2[i] for i in refresh]
+                    group, [params[i] for i in refresh], [correction2[i] for i in refresh], mask
                 )
             if active:
                 shampoo = self._precondition(
@@ -574,6 +611,8 @@ class Shampoo(Optimizer):
                 )
                 for i, direction in zip(active, shampoo):
                     directions[i] = direction.to(compute)
+        if mask is not None:
+            torch._foreach_mul_(directions, mask.keep(compute))  # exactly 0 where skipped
         if not low:
             torch._foreach_add_(params, directions, alpha=-lr)
         else:
@@ -581,15 +620,17 @@ class Shampoo(Optimizer):
             deltas = torch._foreach_mul(directions, -lr)
             if group["weight_decay"] != 0:
                 decay = -lr * group["weight_decay"]
-                torch._foreach_add_(deltas, as_dtype(params, compute), alpha=decay)
-            write_params_(params, deltas, comps)
-        if skip is not None and saved is not None:
-            precision.restore_where_(written, saved, skip)
+                if mask is not None:
+                    decay = mask.select(decay, 0.0, compute)
+                torch._foreach_add_(deltas, torch._foreach_mul(as_dtype(params, compute), decay))
+            write_params_(params, deltas, comps, None if mask is None else mask.drop)
+        if mask is not None:
             for p in params:
                 precision.count_skip_(self.state[p], skip, p)
 
     def _update_statistics(
-        self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float
+        self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float,
+        mask: _Mask | None = None,
     ) -> None:
         """``L ← β₂L + (1-β₂)GGᵀ``, ``R ← β₂R + (1-β₂)GᵀG``, batched over same-shaped blocks."""
         items = list(zip(params, grads))
@@ -604,11 +645,13 @@ class Shampoo(Optimizer):
             gram_right = torch.bmm(blocks.mT, blocks).split(counts)
             lefts = [self.state[p]["left"] for p, _ in bucket]
             rights = [self.state[p]["right"] for p, _ in bucket]
-            torch._foreach_lerp_(lefts, list(gram_left), 1.0 - beta2)
-            torch._foreach_lerp_(rights, list(gram_right), 1.0 - beta2)
+            weight = 1.0 - beta2 if mask is None else mask.select(1.0 - beta2, 0.0, dtype)
+            torch._foreach_lerp_(lefts, list(gram_left), _each(lefts, weight))
+            torch._foreach_lerp_(rights, list(gram_right), _each(rights, weight))
 
     def _refresh_roots(
-        self, group: dict[str, Any], params: list[Tensor], corrections: list[Tensor]
+        self, group: dict[str, Any], params: list[Tensor], corrections: list[Tensor],
+        mask: _Mask | None = None,
     ) -> None:
         """Recompute ``(L̂ + ρI)^{-1/4}`` and ``(R̂ + ρI)^{-1/4}``, one batched call per size."""
         jobs = []  # (statistic, target root, bias correction)
@@ -628,7 +671,10 @@ class Shampoo(Optimizer):
                 newton_iterations=group["newton_iterations"],
             )
             targets = [target for _, target, _ in bucket]
-            torch._foreach_copy_(targets, list(roots.split([t.shape[0] for t in targets])))
+            fresh = list(roots.split([t.shape[0] for t in targets]))
+            if mask is not None:  # keep the old roots where the step is skipped
+                fresh = [torch.where(mask.drop, t, r) for t, r in zip(targets, fresh)]
+            torch._foreach_copy_(targets, fresh)
 
     def _precondition(
         self,
