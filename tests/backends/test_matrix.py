@@ -760,3 +760,40 @@ def test_compiled_step_with_default_arguments_matches_eager():
     eager, compiled, _ = _compiled_vs_eager(Muon, 2)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0.1 * 0.02 * 1.2)
+
+
+def test_bf16_checkpoint_keeps_state_dtypes_resumes_bit_exactly_and_loads_older_state_dicts():
+    """torch's loader would cast the float32 momentum/moments of bf16 parameters to bf16.
+
+    Mutation caught: loading with torch's cast-to-parameter-dtype policy.
+    """
+    options = dict(kahan=True, skip_nonfinite=True, weight_decay=0.01, adamw_weight_decay=0.01)
+    params = random_params(MIXED, torch.bfloat16)
+    grads = random_grads(MIXED, 5, torch.bfloat16)
+    optimizer = Muon(params, **options)
+    run(optimizer, params, grads[:2])
+    saved = copy.deepcopy(optimizer.state_dict())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = Muon(twins, **options)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    matrix_state, vector_state = resumed.state[twins[0]], resumed.state[twins[1]]
+    assert matrix_state["momentum_buffer"].dtype == torch.float32
+    assert vector_state["exp_avg"].dtype == vector_state["exp_avg_sq"].dtype == torch.float32
+    assert matrix_state[KAHAN_KEY].dtype == torch.bfloat16
+    run(optimizer, params, grads[2:])
+    run(resumed, twins, grads[2:])
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    # a state dict from before kahan/skip_nonfinite existed: the new keys are created lazily
+    older = copy.deepcopy(saved)
+    for entry in older["state"].values():
+        entry.pop(KAHAN_KEY, None)
+        entry.pop("nonfinite_skips", None)
+    for group in older["param_groups"]:
+        for key in ("state_dtype", "kahan", "skip_nonfinite"):
+            group.pop(key)
+    fresh = Muon(random_params(MIXED, torch.bfloat16), **options)
+    fresh.load_state_dict(older)
+    assert fresh.param_groups[0]["kahan"] is True  # the defaults fill the missing settings
+    fresh_params = _all_params(fresh)
+    run(fresh, fresh_params, grads[2:3])
+    assert KAHAN_KEY in fresh.state[fresh_params[0]] and fresh.skipped_steps.item() == 0

@@ -770,3 +770,34 @@ def test_compiled_step_matches_eager_across_root_recomputations():
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=2e-5)
         assert (a.detach() - start).abs().max() > 100 * 2e-5
     assert graphs <= 5, graphs  # first step, before start, recompute step, steady step
+
+
+def test_bf16_checkpoint_keeps_state_dtypes_and_loads_older_state_dicts():
+    """Mutation caught: loading with torch's cast-to-parameter-dtype policy."""
+    options = dict(kahan=True, skip_nonfinite=True)
+    params = _params(MIXED, dtype=torch.bfloat16)
+    optimizer = _small_shampoo(params, **options)
+    _run(optimizer, params, range(3))
+    saved = copy.deepcopy(optimizer.state_dict())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = _small_shampoo(twins, **options)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    state = resumed.state[twins[0]]
+    assert state["exp_avg"].dtype == state["left"].dtype == torch.float32
+    assert state["kahan_comp"].dtype == torch.bfloat16
+    _run(optimizer, params, range(3, 6))
+    _run(resumed, twins, range(3, 6))
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    older = copy.deepcopy(saved)
+    for entry in older["state"].values():
+        entry.pop("kahan_comp", None)
+        entry.pop("nonfinite_skips", None)
+    for group in older["param_groups"]:
+        for key in ("state_dtype", "kahan", "skip_nonfinite"):
+            group.pop(key)
+    fresh_params = _params(MIXED, dtype=torch.bfloat16)
+    fresh = _small_shampoo(fresh_params, **options)
+    fresh.load_state_dict(older)
+    assert fresh.param_groups[0]["skip_nonfinite"] is True
+    _run(fresh, fresh_params, range(3, 4))
+    assert "kahan_comp" in fresh.state[fresh_params[0]] and fresh.skipped_steps.item() == 0
