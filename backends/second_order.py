@@ -611,8 +611,8 @@ class Shampoo(Optimizer):
                 )
                 for i, direction in zip(active, shampoo):
                     directions[i] = direction.to(compute)
-        if mask is not None:
-            torch._foreach_mul_(directions, mask.keep(compute))  # exactly 0 where skipped
+        if mask is not None:  # exactly 0 where skipped (torch.where: even if D were not finite)
+            directions = [torch.where(mask.drop, 0.0, d) for d in directions]
         if not low:
             torch._foreach_add_(params, directions, alpha=-lr)
         else:
