@@ -35,7 +35,7 @@ from torch.optim import Optimizer
 
 from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
-from backends._state import KAHAN_KEY, Spec, load_checked
+from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked
 from backends._state import as_dtype as _as
 from backends._state import compute_dtype as _compute_dtype
 from backends._state import write_params_ as _write_
@@ -414,8 +414,7 @@ class Muon(Optimizer):
         if skip is None or saved is None:
             return
         precision.restore_where_(tensors, saved, skip)
-        for p in params:
-            precision.count_skip_(self.state[p], skip, p)
+        count_skips_(self.state, params, skip)
 
     def _muon_group(self, group: dict[str, Any], skip: Tensor | None) -> None:
         buckets: dict[tuple, tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}

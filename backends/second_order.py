@@ -30,7 +30,15 @@ from torch.optim import Optimizer
 
 from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
-from backends._state import KAHAN_KEY, Spec, as_dtype, compute_dtype, load_checked, write_params_
+from backends._state import (
+    KAHAN_KEY,
+    Spec,
+    as_dtype,
+    compute_dtype,
+    count_skips_,
+    load_checked,
+    write_params_,
+)
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
@@ -624,9 +632,8 @@ class Shampoo(Optimizer):
                     decay = mask.select(decay, 0.0, compute)
                 torch._foreach_add_(deltas, torch._foreach_mul(as_dtype(params, compute), decay))
             write_params_(params, deltas, comps, None if mask is None else mask.drop)
-        if mask is not None:
-            for p in params:
-                precision.count_skip_(self.state[p], skip, p)
+        if skip is not None:
+            count_skips_(self.state, params, skip)
 
     def _update_statistics(
         self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float,

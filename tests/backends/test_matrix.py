@@ -720,7 +720,7 @@ def test_skip_path_makes_no_host_read():
 # -- torch.compile ------------------------------------------------------------------------------
 
 
-def _compiled_vs_eager(make, steps):
+def _compiled_vs_eager(make, steps, nan_at=None):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -734,13 +734,18 @@ def _compiled_vs_eager(make, steps):
     def compiled_step():
         compiled.step()
 
-    for grads in random_grads(shapes, steps):
+    for step, grads in enumerate(random_grads(shapes, steps)):
+        if step == nan_at:
+            grads[0][0, 0] = float("nan")
         for p, q, g in zip(eager_params, compiled_params, grads):
             p.grad, q.grad = g.clone(), g.clone()
         eager.step()
         compiled_step()
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
+    if nan_at is not None:  # every parameter's own counter holds exactly one skip
+        for p in compiled_params:
+            assert compiled.state[p]["nonfinite_skips"].item() == 1.0
     return eager_params, compiled_params, graphs
 
 
@@ -748,18 +753,21 @@ def test_compiled_step_with_default_arguments_matches_eager():
     """``torch.compile`` of a function calling ``opt.step()``: Muon() as constructed by default
     (bfloat16 Newton–Schulz), and with float32 Newton–Schulz for a tight comparison.
 
-    Tolerances: float32 NS 1e-5 absolute over 3 steps of 0.02·s; bfloat16 NS 10 % of one
+    Tolerances: float32 NS 1e-5 absolute over 4 steps of 0.02·s; bfloat16 NS 10 % of one
     step's update (inductor fuses the bfloat16 matmul chain with float32 accumulation and
-    rounds differently from eager: measured 7 % after 4 steps). Two graphs: the first step
-    (state creation) and the steady step.
+    rounds differently from eager: measured 7 % after 4 steps). The float32 run also skips
+    a NaN step: each parameter's skip counter must hold 1 (created inside the graph, the
+    identical ``zeros() + flag`` counters were merged into one storage and counted 4).
     """
-    eager, compiled, graphs = _compiled_vs_eager(lambda p: Muon(p, ns_dtype=torch.float32), 3)
+    eager, compiled, _ = _compiled_vs_eager(
+        lambda p: Muon(p, ns_dtype=torch.float32, skip_nonfinite=True), 4, nan_at=1
+    )
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-5)
-    assert graphs <= 2
-    eager, compiled, _ = _compiled_vs_eager(Muon, 2)
+    eager, compiled, graphs = _compiled_vs_eager(Muon, 2)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0.1 * 0.02 * 1.2)
+    assert graphs <= 2  # the first step (state creation) and the steady step; no break
 
 
 def test_bf16_checkpoint_keeps_state_dtypes_resumes_bit_exactly_and_loads_older_state_dicts():
