@@ -56,6 +56,26 @@ CASES = [(name, wrapper) for wrapper in ("ddp", "fsdp2") for name in OPTIMIZERS]
 # only: under DDP the same setting would compile the kernels (tens of seconds).
 OPTIMIZERS["lamb-fused"] = lambda ps: Lamb(ps, lr=0.05, weight_decay=0.1, fused=True)
 CASES.append(("lamb-fused", "fsdp2"))
+
+
+def _with_plain_parameter(params):
+    """Lamb over the model's parameters plus one ordinary tensor that FSDP2 does not manage
+    (its gradient, set by a step pre-hook, is the same on every rank): one bucket holds
+    shards and a whole tensor, and only the shards' norms may be reduced."""
+    extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 3, dtype=torch.float64))
+    # Large ε₂, ε₃: the trust ratio φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖)) is otherwise nearly invariant to
+    # scaling both norms alike (which reducing the whole tensor's norms over 2 ranks does).
+    optimizer = Lamb([*params, extra], lr=0.05, weight_decay=0.1, trust_eps=0.1, norm_eps=0.5)
+
+    def set_grad(opt, args, kwargs):
+        extra.grad = extra.detach().sin() + 0.5
+
+    optimizer.register_step_pre_hook(set_grad)
+    return optimizer
+
+
+OPTIMIZERS["lamb-plain-tensor"] = _with_plain_parameter
+CASES.append(("lamb-plain-tensor", "fsdp2"))
 # HSDP: a 2-D mesh, parameters replicated over "replicate" (2 ranks) and sharded over "shard"
 # (1 rank): the norms must be reduced over the shard dimension only.
 CASES += [(name, "hsdp") for name in ("lamb", "alto-single", "e-lamb")]
@@ -180,7 +200,8 @@ def _worker(rank: int, out_dir: str) -> None:
                 _train(model, optimizer, range(STEPS), rank, nan=nan)
             finally:
                 first_order.FUSED_MIN_NUMEL = threshold
-            results[f"{name}-{wrapper}"] = [_full(p) for p in model.parameters()]
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            results[f"{name}-{wrapper}"] = [_full(p) for p in params]
             results[f"{name}-{wrapper}-sent"] = list(sent)
         results["checkpoints"] = _checkpoints(rank, out_dir)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -204,11 +225,13 @@ def test_matches_one_process_on_the_full_batch(ranks, name, wrapper):
     parameters by ~1e-3 after one step. Under FSDP2 the gathered parameters are the same on
     both ranks by construction; under DDP each rank's copy is checked."""
     model = _model()
-    start = [p.detach().clone() for p in model.parameters()]
     optimizer = OPTIMIZERS[name](model.parameters())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    start = [p.detach().clone() for p in params]
     _train(model, optimizer, range(STEPS), None, nan="all" if name.endswith("nonfinite") else None)
     for rank in ranks:
-        for got, want, init in zip(rank[f"{name}-{wrapper}"], model.parameters(), start):
+        assert len(rank[f"{name}-{wrapper}"]) == len(params)
+        for got, want, init in zip(rank[f"{name}-{wrapper}"], params, start):
             assert not torch.equal(want.detach(), init)  # the run moved every parameter
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
     for a, b in zip(ranks[0][f"{name}-{wrapper}"], ranks[1][f"{name}-{wrapper}"]):
