@@ -36,6 +36,21 @@ Precision, non-finite steps, GradScaler and compile (every path of all three cla
   (the fused kernels are not nested into an outer compile: the traced step takes the foreach
   path).
 
+Distributed (DDP, FSDP2/HSDP) and checkpoints:
+
+* Under DDP nothing changes (whole parameters, averaged gradients).
+* Under FSDP2 (``fully_shard``: DTensor parameters, gradients and state) the kernels run on
+  each DTensor's local shard (``to_local()``: no DTensor dispatch per op; state stays
+  DTensor). Lamb/ALTO's trust ratio needs ‖θ‖ and ‖r‖ of the whole parameter: the shards'
+  squared norms are all-reduced (sum) over the mesh dimensions the parameter is sharded
+  over — one ``all_reduce`` of 2 scalars per parameter tensor per bucket and step — giving
+  one process's numbers up to the order of the sums. A skip flag (``skip_nonfinite``,
+  GradScaler) is all-reduced (max) over the shard groups, so a NaN in one shard skips the
+  step on every rank. ``fused=True`` falls back to the foreach path for sharded tensors.
+* ``torch.distributed.checkpoint``: ``load_state_dict`` takes state keyed by any ids the
+  saved groups list (FQNs from ``get_optimizer_state_dict``), as torch's does, and a group's
+  ``state_dtype`` is saved by name (DCP refuses ``torch.dtype`` values).
+
 ``SGD``, ``Adam`` and ``AdamW`` are torch's own, re-exported so that one import gives every
 first-order base.
 """
