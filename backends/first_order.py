@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -155,17 +156,19 @@ def _on_cpu(tensors: list[Tensor]) -> bool:
     return tensors[0].device.type == "cpu"
 
 
-try:  # torch built without torch.distributed has no DTensor: nothing is ever sharded
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover
-    _DTensor = None
+def _is_dtensor(t: Tensor) -> bool:
+    # A DTensor exists only once torch.distributed.tensor was imported: no import here
+    # (it costs ~0.2 s), a dict lookup per tensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _shard_groups(t: Tensor) -> tuple[Any, ...]:
     """The process groups over which a DTensor's local shards must be summed to give a sum
     over the whole tensor: one per mesh dimension it is sharded over (FSDP2: the shard
     group; HSDP: not the replicate dimension). ``()`` for an ordinary tensor."""
-    if _DTensor is None or not isinstance(t, _DTensor):
+    if not _is_dtensor(t):
         return ()
     mesh = t.device_mesh
     return tuple(mesh.get_group(d) for d, pl in enumerate(t.placements) if pl.is_shard())
@@ -173,7 +176,7 @@ def _shard_groups(t: Tensor) -> tuple[Any, ...]:
 
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (shares its storage: in-place writes reach the DTensor)."""
-    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 class _Shards:
