@@ -201,20 +201,31 @@ def _amp_loss(params, step):
     return total
 
 
-def _amp_run(info, params, dtype, steps, *, inject_at=None, skip_at=None):
+_TORCH_FUSED_ADAM = OptimizerInfo(
+    name="torch.optim.Adam(fused=True) (reference)",
+    build=lambda params, **kw: torch.optim.Adam(params, lr=1e-2, fused=True, **kw),
+)
+
+
+def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True):
+    """``steps`` autocast steps; with ``scaled=False`` (the reference) no GradScaler, and
+    the step ``inject_at`` is not taken at all."""
     optimizer = info.build(params)
-    # A small scale that never overflows fp16 by itself, and no growth within the run: the
-    # only skipped step is the injected one.
+    # A power-of-two scale that never overflows fp16 by itself (scaling by it is exact, so
+    # the scaled run equals the unscaled one bit for bit), and no growth within the run:
+    # the only skipped step is the injected one.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=10**6)
     reads = []
     for step in range(steps):
-        if step == skip_at:
-            # the reference: no step at all, and the scale backs off as after an inf
-            scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+        if step == inject_at and not scaled:
             continue
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=dtype):
             loss = _amp_loss(params, step)
+        if not scaled:
+            loss.backward()
+            optimizer.step()
+            continue
         scaler.scale(loss).backward()
         if step == inject_at:
             params[1].grad.view(-1)[0] = math.inf
@@ -225,12 +236,6 @@ def _amp_run(info, params, dtype, steps, *, inject_at=None, skip_at=None):
     return optimizer, scaler, reads
 
 
-_TORCH_FUSED_ADAM = OptimizerInfo(
-    name="torch.optim.Adam(fused=True) (reference)",
-    build=lambda params, **kw: torch.optim.Adam(params, lr=1e-2, fused=True, **kw),
-)
-
-
 @pytest.mark.parametrize(
     "info",
     entries(when=lambda info: info.closure_kind == "backward")
@@ -239,10 +244,12 @@ _TORCH_FUSED_ADAM = OptimizerInfo(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_grad_scaler_skips_an_inf_step_without_host_reads(info, dtype):
     """fp16/bf16 CPU autocast with ``GradScaler``: an inf injected at step 2 leaves the run
-    equal (bit for bit) to one that skips step 2, and ``scaler.step(opt)`` makes no host read
-    — ``torch/amp/grad_scaler.py`` counts as library code here, so the scaler's generic path
-    (``found_inf.item()``), taken when the optimizer lacks ``_step_supports_amp_scaling``,
-    fails the test. Zero-order entries take no part: they have no backward to scale."""
+    equal (bit for bit) to one without a scaler that never takes step 2 — so the optimizer
+    both skips that step and unscales the others exactly — and ``scaler.step(opt)`` makes no
+    host read: ``torch/amp/grad_scaler.py`` counts as library code here, so the scaler's
+    generic path (``found_inf.item()``), taken when the optimizer lacks
+    ``_step_supports_amp_scaling``, fails the test. Zero-order entries take no part: they
+    have no backward to scale."""
     params = make_params(info)
     start = [p.detach().clone() for p in params]
     optimizer, scaler, reads = _amp_run(info, params, dtype, 5, inject_at=2)
@@ -253,8 +260,8 @@ def test_grad_scaler_skips_an_inf_step_without_host_reads(info, dtype):
     assert scaler.get_scale() == 2.0**3
 
     reference_params = [p.clone().requires_grad_() for p in start]
-    _amp_run(info, reference_params, dtype, 5, skip_at=2)
-    _assert_params_equal(params, reference_params, "parameter vs the run that skipped step 2")
+    _amp_run(info, reference_params, dtype, 5, inject_at=2, scaled=False)
+    _assert_params_equal(params, reference_params, "parameter vs the run without step 2")
     assert any(not torch.equal(p.detach(), s) for p, s in zip(params, start))
 
 
