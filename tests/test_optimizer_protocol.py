@@ -107,6 +107,19 @@ def test_copy_after_scheduler_and_hooks_steps_its_own_parameters(info, how):
 
 
 @by_entry
+def test_deepcopy_copies_all_public_attributes(info):
+    """torch's ``test_deepcopy_copies_all_public_attrs``, after a few steps."""
+    params = make_params(info)
+    optimizer = info.build(params)
+    run_steps(info, optimizer, params, range(3))
+
+    def public(obj):
+        return {k for k in obj.__dict__ if not k.startswith("_")}
+
+    assert public(copy.deepcopy(optimizer)) == public(optimizer)
+
+
+@by_entry
 def test_weights_only_checkpoint_resumes_bit_exactly(info):
     """``torch.load(weights_only=True)`` reads the state dict back equal and resumes exactly."""
     params = make_params(info)
