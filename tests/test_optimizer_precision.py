@@ -45,6 +45,7 @@ from tests.probes import GRAD_SCALER_FILE, LIBRARY_DIRS, host_read_probe
 SKIPS_KEY = "nonfinite_skips"  # the contract's counter (adaptor.precision.SKIPS_KEY)
 KAHAN_KEY = "kahan_comp"
 BAD_STEP = 3
+INIT_SCALE = 2.0**4
 
 
 class ContractSGD(torch.optim.Optimizer):
@@ -237,16 +238,16 @@ _TORCH_FUSED_ADAM = OptimizerInfo(
 
 
 def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True, host_values=None):
-    """``steps`` autocast steps; with ``scaled=False`` (the reference) no GradScaler, and
-    the step ``inject_at`` is not taken at all (the optimizer adopts ``host_values``, those
+    """``steps`` autocast steps; with ``scaled=False`` (the reference) no GradScaler — the
+    loss is scaled and the gradients unscaled by hand — and the step ``inject_at`` is not
+    taken at all (the optimizer adopts ``host_values``, those
     of the scaled run after its skipped step: see ``_adopt_host_values``). Returns the
     optimizer, the scaler, the host reads inside ``scaler.step`` and the host values after
     step ``inject_at``."""
     optimizer = info.build(params)
-    # A power-of-two scale that never overflows fp16 by itself (scaling by it is exact, so
-    # the scaled run equals the unscaled one bit for bit), and no growth within the run:
-    # the only skipped step is the injected one.
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=10**6)
+    # A small power-of-two scale that never overflows fp16 by itself, and no growth within
+    # the run: the only skipped step is the injected one.
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=10**6)
     reads = []
     for step in range(steps):
         if step == inject_at and not scaled:
@@ -256,7 +257,14 @@ def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True, host_va
         with torch.autocast("cpu", dtype=dtype):
             loss = _amp_loss(params, step)
         if not scaled:
-            loss.backward()
+            # What a correct unscale computes: the same scaled backward (fp16 gradients are
+            # not exact without it: small ones fall into fp16's subnormals), then an exact
+            # division by the power-of-two scale, which halves after the skipped step.
+            scale = INIT_SCALE if inject_at is None or step < inject_at else INIT_SCALE / 2
+            (loss * scale).backward()
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / scale)
             optimizer.step()
             continue
         scaler.scale(loss).backward()
@@ -279,8 +287,9 @@ def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True, host_va
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_grad_scaler_skips_an_inf_step_without_host_reads(info, dtype):
     """fp16/bf16 CPU autocast with ``GradScaler``: an inf injected at step 2 leaves the run
-    equal (bit for bit) to one without a scaler that never takes step 2 — so the optimizer
-    both skips that step and unscales the others exactly — and ``scaler.step(opt)`` makes no
+    equal (bit for bit) to one without a scaler that never takes step 2 and unscales the
+    gradients by hand — so the optimizer both skips that step and unscales the others
+    exactly — and ``scaler.step(opt)`` makes no
     host read: ``torch/amp/grad_scaler.py`` counts as library code here, so the scaler's
     generic path (``found_inf.item()``), taken when the optimizer lacks
     ``_step_supports_amp_scaling``, fails the test. Zero-order entries take no part: they
@@ -292,7 +301,7 @@ def test_grad_scaler_skips_an_inf_step_without_host_reads(info, dtype):
         f"{type(optimizer).__name__} does not declare _step_supports_amp_scaling"
     )
     assert reads == [], f"host reads inside scaler.step(opt): {reads}"
-    assert scaler.get_scale() == 2.0**3
+    assert scaler.get_scale() == INIT_SCALE / 2
 
     reference_params = [p.clone().requires_grad_() for p in start]
     _amp_run(info, reference_params, dtype, 5, inject_at=2, scaled=False, host_values=host_values)
