@@ -305,7 +305,16 @@ def test_grad_scaler_skips_an_inf_step_without_host_reads(info, dtype):
 
     reference_params = [p.clone().requires_grad_() for p in start]
     _amp_run(info, reference_params, dtype, 5, inject_at=2, scaled=False, host_values=host_values)
-    _assert_params_equal(params, reference_params, "parameter vs the run without step 2")
+    if info.fused_compile:
+        # The reference runs the unmasked compiled kernels, the scaled run the masked ones:
+        # two compiled graphs may sum ‖r‖² and ‖θ‖² in different orders (1 ulp seen). A
+        # step taken or lost, or a gradient left scaled, moves parameters by ~lr = 1e-2.
+        for i, (p, q) in enumerate(zip(params, reference_params)):
+            torch.testing.assert_close(
+                p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=lambda m, i=i: f"{i}: {m}"
+            )
+    else:
+        _assert_params_equal(params, reference_params, "parameter vs the run without step 2")
     assert any(not torch.equal(p.detach(), s) for p, s in zip(params, start))
 
 
