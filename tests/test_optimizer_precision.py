@@ -272,7 +272,8 @@ def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True, host_va
             params[1].grad.view(-1)[0] = math.inf
         with host_read_probe((*LIBRARY_DIRS, GRAD_SCALER_FILE)) as step_reads:
             scaler.step(optimizer)
-        reads += step_reads
+        if step > 0:  # steady state: the first step may compile kernels (compile-time reads)
+            reads += step_reads
         scaler.update()
         if step == inject_at:
             host_values = _host_values(state_snapshot(optimizer))
