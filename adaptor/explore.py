@@ -10,7 +10,10 @@ At every step (the paper's Algorithm 5):
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +22,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Autograd, Closure, GradEstimator, check_estimator
+from adaptor.precision import (
+    SKIPS_KEY,
+    check_flag,
+    check_state_dtype,
+    prepare_step,
+    resolve_state_dtype,
+    skip_count,
+)
 from adaptor.replacement import (
     check_alpha_beta,
     fused_supported,
@@ -31,6 +42,84 @@ ALPHA_KEY = "explore_alpha"
 BETA_KEY = "explore_beta"
 BUFFER_KEY = "explore_buffer"
 ESTIMATOR_KEY = "explore_estimator"
+# What GradScaler hands an optimizer with _step_supports_amp_scaling (set on the base
+# around its step when the adaptor has consumed them).
+_AMP_ATTRIBUTES = ("grad_scale", "found_inf")
+# Per-parameter state that belongs to the adaptor (the rest of an entry is the base's).
+_OWN_KEYS = (BUFFER_KEY, SKIPS_KEY)
+# Keys an optimizer of this library creates lazily: a state dict without them still loads.
+_LAZY_KEYS = frozenset({"kahan_comp", SKIPS_KEY})
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _hashable(key: object) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _shape_of(value: object) -> object:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
+def _check_own_state(index: int, p: Tensor, own: dict[str, Any]) -> None:
+    """The adaptor's buffer has the parameter's shape; the skip counter is one number."""
+    buffer = own.get(BUFFER_KEY)
+    if BUFFER_KEY in own and (
+        not isinstance(buffer, Tensor) or tuple(buffer.shape) != tuple(p.shape)
+    ):
+        raise ValueError(
+            f"state_dict explore buffer of parameter {index} has shape {_shape_of(buffer)}, "
+            f"the parameter has {tuple(p.shape)} (key '{BUFFER_KEY}')"
+        )
+    skips = own.get(SKIPS_KEY)
+    if SKIPS_KEY in own and (not isinstance(skips, Tensor) or skips.numel() != 1):
+        raise ValueError(
+            f"state_dict '{SKIPS_KEY}' of parameter {index} must be a one-element tensor, "
+            f"got shape {_shape_of(skips)}"
+        )
+
+
+def _check_base_entry(
+    index: int, base_name: str, entry: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """The base's part of one parameter's state against what the base itself creates."""
+    unknown = sorted(str(k) for k in entry if k not in expected)
+    if unknown:
+        raise ValueError(
+            f"state_dict state of parameter {index} has key(s) {unknown} that {base_name} "
+            f"does not keep (it keeps {sorted(map(str, expected))})"
+        )
+    missing = sorted(str(k) for k in expected if k not in entry and k not in _LAZY_KEYS)
+    if missing:
+        raise ValueError(
+            f"state_dict state of parameter {index} lacks key(s) {missing} that {base_name} "
+            f"keeps (it has {sorted(map(str, entry))})"
+        )
+    for key, shape in expected.items():
+        value = entry.get(key)
+        if shape is None or key not in entry:
+            continue
+        if isinstance(value, Tensor):
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state_dict state of parameter {index}, key '{key}', has shape "
+                    f"{tuple(value.shape)}; {base_name} keeps shape {shape} there"
+                )
+        elif len(shape) > 0:  # a number where a tensor is kept (e.g. an old float 'step')
+            raise ValueError(
+                f"state_dict state of parameter {index}, key '{key}', is a "
+                f"{type(value).__name__}; {base_name} keeps a tensor of shape {shape} there"
+            )
 
 
 def _needs_own_closure(base: Optimizer) -> bool:
@@ -42,6 +131,51 @@ def _needs_own_closure(base: Optimizer) -> bool:
     except (TypeError, ValueError):  # builtins without a signature
         return False
     return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _already_explores(base: Optimizer) -> bool:
+    """Whether ``base`` already does the adaptor's replacement (ALTO, or an E).
+
+    Recognised by the class attribute ``explores = True`` (the library's convention), by
+    the adaptor's α/β keys among the base's *defaults* (a user may put ``explore_alpha`` in
+    the groups it passes to a plain base: that is per-group α for E, not a second adaptor),
+    or by an ``explore_buffer`` already in the base's state.
+    """
+    if isinstance(base, ExploredOptimizer) or getattr(base, "explores", False) is True:
+        return True
+    defaults = getattr(base, "defaults", {})
+    if ALPHA_KEY in defaults or BETA_KEY in defaults:
+        return True
+    return any(isinstance(entry, dict) and BUFFER_KEY in entry for entry in base.state.values())
+
+
+def _check_composable(base: Optimizer) -> None:
+    """Refuse, before anything is modified, bases the adaptor cannot drive correctly."""
+    name = type(base).__name__
+    if _already_explores(base):
+        raise TypeError(
+            f"base_update {name} already explores (it applies the adaptor's replacement "
+            "itself, e.g. ALTO = E(Lamb), or it is an explored optimizer): wrapping it again "
+            "would apply the replacement twice and both would keep an explore_buffer; use "
+            f"{name} alone, or E over its plain base (E(Lamb(...)) instead of E(ALTO(...)))"
+        )
+    if isinstance(base, torch.optim.SparseAdam):
+        raise TypeError(
+            "base_update SparseAdam takes sparse gradients, which the adaptor's dense "
+            "replacement does not support; use SparseAdam without the adaptor, or a dense "
+            "base (E(torch.optim.Adam(...)))"
+        )
+    for index, group in enumerate(base.param_groups):
+        _check_not_differentiable(group, f"param group {index}")
+
+
+def _check_not_differentiable(group: dict[str, Any], where: str) -> None:
+    if group.get("differentiable", False):
+        raise ValueError(
+            f"base_update has differentiable=True ({where}): the adaptor replaces the "
+            "gradient in place under no_grad, so gradients through the step would be wrong; "
+            "differentiable bases are not supported (build the base with differentiable=False)"
+        )
 
 
 class ExploredOptimizer(Optimizer):
@@ -71,6 +205,34 @@ class ExploredOptimizer(Optimizer):
             uses foreach ops elsewhere.
         telemetry: record, per step and as device tensors (no host sync), ``‖g‖``, ``‖a‖``
             and ``‖α·a‖/‖g‖`` in :attr:`telemetry`. Off by default; free when off.
+        state_dtype: dtype of the buffer. ``None`` (default): float32 for bf16/fp16
+            parameters, the parameter's dtype otherwise. The replacement computes in the
+            buffer's dtype (at least float32) and writes ``g̃`` into ``p.grad`` with one
+            rounding. A bf16 buffer is biased (the one-buffer form's fixed point
+            ``-(1-β)·EMA(g)`` cannot be tracked in 8 bits): keep the default.
+        skip_nonfinite: skip a step whose gradients hold NaN/±Inf (default off, as torch),
+            decided on the device: the buffers keep their bits, the base's step is undone
+            or skipped (see below) and :attr:`skipped_steps` counts it.
+
+    How a step is skipped (with ``skip_nonfinite=True``, or when GradScaler found an inf):
+
+    * bases that skip on the device (``_step_supports_amp_scaling``: torch's Adam, AdamW,
+      SGD and Adagrad with ``fused=True``, this library's optimizers): the base gets
+      ``grad_scale=None`` (E already unscaled) and ``found_inf`` = the skip flag around its
+      step; no copy, no host read.
+    * every other base: E snapshots the parameters and the base's state tensors, runs the
+      base, and restores them where the flag is set (``torch.where``; state the skipped
+      step created is zeroed, which torch's optimizers treat as fresh). Costs a temporary
+      copy of parameters and state per step. State tensors kept on another device than
+      the flag (torch's non-fused, non-capturable optimizers keep ``step`` on the CPU for
+      CUDA parameters) are restored with the flag copied to that device: one
+      device→host copy per step there (none for CPU training; on ``meta`` they are left).
+      Python numbers in the base's state cannot be restored.
+
+    GradScaler: the explored optimizer declares ``_step_supports_amp_scaling``: it
+    unscales the gradients itself (before the replacement) with the scaler's
+    ``grad_scale`` and folds its ``found_inf`` into the skip flag, so ``scaler.step(opt)``
+    reads nothing on the host (over bases of the second kind, see the copy above).
     """
 
     def __init__(
@@ -82,6 +244,8 @@ class ExploredOptimizer(Optimizer):
         beta: float = 0.99,
         fused: bool | None = None,
         telemetry: bool = False,
+        state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         estimator = check_estimator(grad_estimator)
         if not isinstance(base_update, Optimizer):
@@ -89,8 +253,7 @@ class ExploredOptimizer(Optimizer):
                 "base_update must be a torch.optim.Optimizer instance, got "
                 f"{type(base_update).__name__}"
             )
-        if isinstance(base_update, ExploredOptimizer):
-            raise TypeError("base_update is already an explored optimizer; wrap its base instead")
+        _check_composable(base_update)
         if _needs_own_closure(base_update):
             raise TypeError(
                 f"{type(base_update).__name__} needs a closure inside its own step() to "
@@ -100,8 +263,18 @@ class ExploredOptimizer(Optimizer):
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be True, False or None, got {fused!r}")
         check_alpha_beta(alpha, beta)
+        state_dtype = check_state_dtype(state_dtype, "explore")
+        skip_nonfinite = check_flag("explore", "skip_nonfinite", skip_nonfinite)
+        # Whether the base can skip a step on the device given a found_inf tensor.
+        self._base_skips_on_device = bool(
+            getattr(base_update, "_step_supports_amp_scaling", False)
+        )
 
         self.base = base_update
+        self.state_dtype = state_dtype
+        self.skip_nonfinite = skip_nonfinite
+        # Read by torch.amp.GradScaler.step: hand us grad_scale/found_inf (no host read).
+        self._step_supports_amp_scaling = True
         self.estimator = estimator
         self.fused = fused
         self._telemetry = Telemetry() if telemetry else None
@@ -135,6 +308,7 @@ class ExploredOptimizer(Optimizer):
 
     def _set_group_defaults(self, group: dict[str, Any], where: str) -> tuple[float, float]:
         """Fill in the adaptor's α and β and check them; ``where`` names the group in errors."""
+        _check_not_differentiable(group, where)
         group.setdefault(ALPHA_KEY, self.defaults[ALPHA_KEY])
         group.setdefault(BETA_KEY, self.defaults[BETA_KEY])
         return check_alpha_beta(group[ALPHA_KEY], group[BETA_KEY], where=where)
@@ -173,38 +347,184 @@ class ExploredOptimizer(Optimizer):
         ]
         loss = self.estimator.estimate(closure, self.param_groups)
         self._check_grads()
+        grads = [p.grad for group in self.param_groups for p in self._params_with_grad(group)]
         with torch.no_grad():
-            self._replace(hparams)
-        self.base.step()
+            # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
+            skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
+            self._replace(hparams, skip)
+            if skip is not None:
+                self._count_skips(skip)
+        if skip is None:
+            self._step_base()
+        elif self._base_skips_on_device:
+            self._step_base_skipping(skip)
+        else:
+            self._step_base_restoring(skip)
         return loss
 
-    def _replace(self, hparams: list[tuple[float, float]]) -> None:
+    def _step_base_skipping(self, skip: Tensor) -> None:
+        """A base with ``_step_supports_amp_scaling`` skips on the device itself."""
+        # The base skips on the device: the gradients are already unscaled, found_inf is
+        # the flag. Its own attributes (if any) are put back afterwards.
+        base = self.base
+        saved = {name: base.__dict__[name] for name in _AMP_ATTRIBUTES if name in base.__dict__}
+        base.grad_scale, base.found_inf = None, skip
+        try:
+            self._step_base()
+        finally:
+            for name in _AMP_ATTRIBUTES:
+                base.__dict__.pop(name, None)
+            base.__dict__.update(saved)
+
+    @torch.no_grad()
+    def _step_base_restoring(self, skip: Tensor) -> None:
+        """Run any base, then put back its parameters and state where ``skip`` is 1.
+
+        ``θ ← where(skip, θ_before, θ)`` for the parameters with a gradient and every
+        tensor of their base state, matched by key (a base may rebind a state tensor);
+        state the step created is zeroed where skipped. See the class docstring for the
+        cost and for state kept on another device.
+        """
+        base = self.base
+        meta = skip.device.type == "meta"
+        keeps: dict[torch.device, Tensor] = {}
+
+        def keep_on(device: torch.device) -> Tensor:
+            keep = keeps.get(device)
+            if keep is None:
+                keep = keeps[device] = skip.to(device, non_blocking=True) > 0
+            return keep
+
+        def restorable(t: Tensor) -> bool:
+            return not meta or t.device.type == "meta"  # no data to restore off meta
+
+        before = []
+        for group in self.param_groups:
+            for p in self._params_with_grad(group):
+                entry = base.state.get(p)
+                entry = entry if isinstance(entry, dict) else {}
+                saved = {
+                    k: v.clone()
+                    for k, v in entry.items()
+                    if isinstance(v, Tensor) and restorable(v)
+                }
+                before.append((p, p.detach().clone(), saved, set(entry)))
+        self._step_base()
+        for p, saved_p, saved, existed in before:
+            p.copy_(torch.where(keep_on(p.device), saved_p, p))
+            entry = base.state.get(p)
+            if not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if not isinstance(value, Tensor) or not restorable(value):
+                    continue
+                keep = keep_on(value.device)
+                old = saved.get(key)
+                if old is not None and old.shape == value.shape:
+                    value.copy_(torch.where(keep, old.to(value.dtype), value))
+                elif key not in existed:
+                    value.copy_(torch.where(keep, torch.zeros_like(value), value))
+
+    def _count_skips(self, skip: Tensor) -> None:
+        """``state[p]["nonfinite_skips"] += skip`` for every parameter with a gradient."""
+        counters: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
+            for p in self._params_with_grad(group):
+                state = self.state[p]
+                counter = state.get(SKIPS_KEY)
+                if counter is None:
+                    counter = state[SKIPS_KEY] = torch.zeros(
+                        (), dtype=torch.float32, device=p.device
+                    )
+                counters.setdefault(counter.device, []).append(counter)
+        for device, bucket in counters.items():
+            # The list overload: the 0-d-tensor overload reads the scalar on the host.
+            flag = skip.to(device, non_blocking=True)
+            torch._foreach_add_(bucket, [flag] * len(bucket))
+
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """Steps skipped for non-finite gradients (a 0-d float32 device tensor), or ``None``
+        before any step could skip (no ``skip_nonfinite``, no GradScaler)."""
+        return skip_count(self)
+
+    def _step_base(self) -> None:
+        """``base.step()`` without a second round of torch's *global* optimizer hooks.
+
+        ``torch.optim.optimizer.register_optimizer_step_pre_hook``/``_post_hook`` hooks
+        already fired for this (user-visible) step around :meth:`step`; the base's class
+        ``step`` is wrapped by torch with the same hooks, so the base's unwrapped ``step`` is
+        called instead. Hooks registered on the *base instance*
+        (``base.register_step_pre_hook``) still run, around the base's update, with the base
+        as their optimizer: its pre-hooks see ``g̃`` in ``p.grad``. A per-instance ``step``
+        the user patched onto the base is called as it is (global hooks then fire twice).
+        """
+        base = self.base
+        patched = base.__dict__.get("step")
+        if patched is not None:
+            if not getattr(patched, "_wrapped_by_lr_sched", False):
+                base.step()
+                return
+            base._opt_called = True  # what the scheduler's wrapper records, then bypassed
+        class_step = type(base).step
+        raw = getattr(class_step, "__wrapped__", None)
+        if raw is None or not getattr(class_step, "hooked", False):
+            base.step()  # not wrapped by torch's profile_hook_step: no global hooks inside
+            return
+        args: tuple[Any, ...] = (base,)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in getattr(base, "_optimizer_step_pre_hooks", {}).values():
+            result = pre_hook(base, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{type(base).__name__} step pre-hook must return None or a tuple "
+                        f"(new_args, new_kwargs), got {result!r}"
+                    )
+                args, kwargs = result
+        if torch.compiler.is_compiling():  # dynamo ignores (and warns about) the profiler
+            raw(*args, **kwargs)
+        else:
+            with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(base).__name__}.step"
+            ):
+                raw(*args, **kwargs)
+        base._optimizer_step_code()
+        for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
+            post_hook(base, args, kwargs)
+
+    def _replace(self, hparams: list[tuple[float, float]], skip: Tensor | None = None) -> None:
         telemetry = self._telemetry
         if telemetry is not None:
             telemetry.begin()
         for group, (alpha, beta) in zip(self.param_groups, hparams):
-            grads, buffers = [], []
+            # Buckets of one device, gradient dtype and buffer dtype. Grouped here rather than
+            # with Optimizer._group_tensors_by_device_and_dtype, which returns the key
+            # (None, None) and unsorted lists under torch.compile.
+            buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
             for p in self._params_with_grad(group):
                 state = self.state[p]
                 buffer = state.get(BUFFER_KEY)
                 if buffer is None:
                     # c_1 = 0 (g_0 = a_0 = 0): allocated once, on the parameter's device.
                     buffer = state[BUFFER_KEY] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
+                        p, dtype=self._buffer_dtype(p), memory_format=torch.preserve_format
                     )
-                grads.append(p.grad)
-                buffers.append(buffer)
-            if not grads:
-                continue
-            buckets = Optimizer._group_tensors_by_device_and_dtype([grads, buffers])
-            for (device, _), ((bucket_grads, bucket_buffers), _) in buckets.items():
+                grad = p.grad
+                key = (grad.device, grad.dtype, buffer.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [])
+                bucket[0].append(grad)
+                bucket[1].append(buffer)
+            for (device, _, _), (bucket_grads, bucket_buffers) in buckets.items():
                 if telemetry is not None:
                     telemetry.observe(bucket_grads, bucket_buffers, alpha, beta)
                 fused = self.fused if self.fused is not None else device.type == "cuda"
                 if fused and fused_supported(device):
-                    replace_fused_(bucket_grads, bucket_buffers, alpha, beta)
+                    replace_fused_(bucket_grads, bucket_buffers, alpha, beta, skip)
                 else:
-                    replace_foreach_(bucket_grads, bucket_buffers, alpha, beta)
+                    replace_foreach_(bucket_grads, bucket_buffers, alpha, beta, skip)
         if telemetry is not None:
             telemetry.end()
 
@@ -235,11 +555,20 @@ class ExploredOptimizer(Optimizer):
             pre_hook(self)
         state_dict = self.base.state_dict()
         packed = dict(state_dict["state"])
+        index_of: dict[int, int] = {}
         for index, p in enumerate(self._indexed_params()):
-            buffer = self.state.get(p, {}).get(BUFFER_KEY)
-            if buffer is not None:
+            index_of.setdefault(id(p), index)
+        # Everything in the adaptor's own state travels, as torch's state_dict() does: the
+        # buffers and skip counters, and whatever a pre-hook put there (any key, any value).
+        for key, value in self.state.items():
+            if isinstance(key, Tensor):
+                index = index_of.get(id(key))
+                if index is None:
+                    continue  # a tensor that is no longer optimised
                 # A new dict: the base's entries are its live state objects.
-                packed[index] = {**packed.get(index, {}), BUFFER_KEY: buffer}
+                packed[index] = {**packed.get(index, {}), **value}
+            else:
+                packed[key] = value
         state_dict["state"] = packed
         estimator_state = self.estimator.state_dict()
         if estimator_state:
@@ -253,69 +582,227 @@ class ExploredOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load what :meth:`state_dict` produced (a plain base state dict also loads).
 
-        Everything is checked before anything is loaded.
+        As torch's ``Optimizer.load_state_dict``, the saved groups' ``params`` lists are
+        matched to the current parameters in order, so ``state`` may be keyed by integer
+        index or by any other id the saved groups use (e.g. parameter names, as
+        ``torch.distributed.checkpoint`` writes them). Keys that name no parameter and
+        non-dict values are kept as they are.
+
+        Everything is checked before anything is loaded; a bad state dict raises
+        ``ValueError`` naming the parameter index, the key and the shapes, and leaves the
+        optimizer (base state, buffers, groups, estimator) exactly as it was. The base's
+        part is checked against the state the base itself creates: one dry-run step of an
+        empty copy of the base on ``meta`` tensors (no data, no compute) gives the keys and
+        shapes it keeps for each parameter (skipped for bases that cannot step on ``meta``).
+        A state dict without the base's part (E's buffers only) or without the buffers (a
+        plain base state dict: the buffers restart from ``c_1 = 0``) loads.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError(
+                f"state_dict must be a dict with 'state' and 'param_groups', got "
+                f"{type(state_dict).__name__}"
+            )
+        state_dict = dict(state_dict)  # shallow copy, as torch's (the hooks may edit it)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hooked = pre_hook(self, state_dict)
             if hooked is not None:
                 state_dict = hooked
-        if not isinstance(state_dict, dict) or "state" not in state_dict:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         params = self._indexed_params()
+        saved_groups = state_dict["param_groups"]
+        index_of_id = self._match_saved_groups(saved_groups, params)
+
         base_state: dict[Any, Any] = {}
-        buffers: dict[int, Tensor] = {}
+        own_state: dict[int, dict[str, Tensor]] = {}
+        unowned: dict[Any, Any] = {}
+        expected = None
         for key, entry in state_dict["state"].items():
-            if isinstance(entry, dict) and BUFFER_KEY in entry:
-                entry = dict(entry)
-                buffer = entry.pop(BUFFER_KEY)
-                if not isinstance(key, int) or not 0 <= key < len(params):
+            index = index_of_id.get(key) if _hashable(key) else None
+            if index is None:
+                if isinstance(entry, dict) and (
+                    isinstance(key, int) or any(k in entry for k in _OWN_KEYS)
+                ):
                     raise ValueError(
-                        f"state_dict has an explore buffer for parameter index {key!r}, "
-                        f"but the optimizer has {len(params)} parameters"
+                        f"state_dict has state for parameter index {key!r} (keys "
+                        f"{sorted(map(str, entry))}), but the saved param groups name no such "
+                        f"parameter (the optimizer has {len(params)} parameters)"
                     )
-                if not isinstance(buffer, Tensor) or buffer.shape != params[key].shape:
-                    shape = getattr(buffer, "shape", type(buffer).__name__)
-                    raise ValueError(
-                        f"state_dict explore buffer of parameter {key} has shape {shape}, "
-                        f"the parameter has {tuple(params[key].shape)}"
-                    )
-                buffers[key] = buffer
-            if entry:
-                base_state[key] = entry
-        for index, group in enumerate(state_dict.get("param_groups", [])):
-            if ALPHA_KEY in group or BETA_KEY in group:
-                check_alpha_beta(
-                    group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),
-                    group.get(BETA_KEY, self.defaults[BETA_KEY]),
-                    where=f"state_dict param group {index}",
+                # As torch: state that names no parameter is kept as it is, in the adaptor's
+                # own state (hooks on the explored optimizer wrote it there).
+                unowned[key] = entry
+                continue
+            if not isinstance(entry, dict):
+                raise ValueError(
+                    f"state_dict state of parameter {index} must be a dict, got "
+                    f"{type(entry).__name__}"
                 )
+            p = params[index]
+            entry = dict(entry)
+            own = {k: entry.pop(k) for k in _OWN_KEYS if k in entry}
+            _check_own_state(index, p, own)
+            if own:
+                own_state[index] = own
+            if entry:
+                if expected is None:
+                    expected = self._expected_base_state(params, saved_groups)
+                if expected is not False:
+                    _check_base_entry(index, type(self.base).__name__, entry, expected[index])
+                # A copy: torch's load keeps uncast tensors as they are, so the optimizer
+                # would share them with the dict (and with any optimizer loaded from it).
+                base_state[index] = copy.deepcopy(entry)
+        for index, group in enumerate(saved_groups):
+            check_alpha_beta(
+                group.get(ALPHA_KEY, self.defaults[ALPHA_KEY]),
+                group.get(BETA_KEY, self.defaults[BETA_KEY]),
+                where=f"state_dict param group {index}",
+            )
+            _check_not_differentiable(group, f"state_dict param group {index}")
         estimator_state = state_dict.get(ESTIMATOR_KEY, {})
+        # The base sees integer indices whatever ids the saved groups use.
+        base_groups, start = [], 0
+        for group in saved_groups:
+            count = len(group["params"])
+            base_groups.append({**group, "params": list(range(start, start + count))})
+            start += count
 
         # The estimator checks its state as it loads: load it first, and put it back if
         # the base then refuses its part, so that nothing is half-loaded.
         previous_estimator_state = self.estimator.state_dict()
         self.estimator.load_state_dict(estimator_state)
         try:
-            self.base.load_state_dict({**state_dict, "state": base_state})
+            self.base.load_state_dict(
+                {**state_dict, "state": base_state, "param_groups": base_groups}
+            )
         except Exception:
             self.estimator.load_state_dict(previous_estimator_state)
             raise
         for index, group in enumerate(self.param_groups):  # a base-only state dict: no α/β
             self._set_group_defaults(group, f"param group {index}")
+        # The adaptor's state is replaced, never merged: a plain base state dict restarts
+        # every buffer from c_1 = 0 (a buffer kept from before would not match the base).
         self.state.clear()
-        for index, buffer in buffers.items():
+        self.state.update(unowned)
+        for index, own in own_state.items():
             p = params[index]
-            self.state[p][BUFFER_KEY] = buffer.to(device=p.device, dtype=p.dtype, copy=True)
+            for key, value in own.items():
+                dtype = self._buffer_dtype(p) if key == BUFFER_KEY else value.dtype
+                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _buffer_dtype(self, p: Tensor) -> torch.dtype:
+        return resolve_state_dtype(p.dtype, self.state_dtype)
+
+    def _match_saved_groups(
+        self, saved_groups: object, params: list[Tensor]
+    ) -> dict[Any, int]:
+        """Check the saved groups against the optimizer's; map each saved id to an index."""
+        groups = self.param_groups
+        if not isinstance(saved_groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups
+        ):
+            raise ValueError("state_dict['param_groups'] must be a list of dicts with 'params'")
+        if len(saved_groups) != len(groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                f"{len(groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param group {index} has {len(saved['params'])} parameters, "
+                    f"the optimizer's has {len(group['params'])} (a different model?): the "
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    "of optimizer's group"
+                )
+        ids = [i for g in saved_groups for i in g["params"]]
+        if not all(_hashable(i) for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError("state_dict param groups must list distinct, hashable parameter ids")
+        return {saved_id: index for index, saved_id in enumerate(ids)}
+
+    def _expected_base_state(
+        self, params: list[Tensor], saved_groups: list[dict[str, Any]]
+    ) -> list[dict[str, Any]] | bool:
+        """Per parameter index, ``{key: shape or None}`` of the state the base creates.
+
+        One step of an empty shallow copy of the base on ``meta`` tensors, with the saved
+        groups' settings (they decide e.g. Adam's ``amsgrad`` buffer). ``False`` when the
+        base cannot step there (it reads values on the host, or needs a real device): then
+        only the adaptor's own part is checked.
+        """
+        base = self.base
+        metas = {id(p): torch.empty_like(p, device="meta") for p in params}
+        for meta in metas.values():
+            meta.grad = torch.zeros_like(meta)
+        clone = type(base).__new__(type(base))
+        skip = {"state", "param_groups", "step", *_HOOK_DICTS}
+        # Containers are copied so that the dry run cannot add to the base's own.
+        clone.__dict__.update(
+            {
+                k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                for k, v in base.__dict__.items()
+                if k not in skip
+            }
+        )
+        for name in _HOOK_DICTS:
+            clone.__dict__[name] = OrderedDict()
+        clone.__dict__["state"] = defaultdict(dict)
+        clone.param_groups = [
+            {
+                **group,
+                **{k: v for k, v in saved.items() if k != "params"},
+                **({"fused": False} if group.get("fused") else {}),  # no fused kernels on meta
+                "params": [metas[id(p)] for p in group["params"]],
+            }
+            for group, saved in zip(base.param_groups, saved_groups)
+        ]
+        class_step = type(base).step
+        raw = class_step.__wrapped__ if getattr(class_step, "hooked", False) else class_step
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw(clone)
+        except Exception:
+            return False
+        expected = []
+        for p in params:
+            entry = clone.state.get(metas[id(p)], {})
+            expected.append(
+                {k: tuple(v.shape) if isinstance(v, Tensor) else None for k, v in entry.items()}
+            )
+        return expected
+
+    # What travels in copy.deepcopy and pickle: as torch's Optimizer, the defaults and the
+    # state (the param groups are the base's, which carries its own), plus the adaptor's
+    # base, estimator and configuration. Per-instance step wrappers (an LR scheduler's) and
+    # hook dicts stay behind: they close over the original optimizer.
+    _PICKLED = (
+        "defaults",
+        "state",
+        "base",
+        "estimator",
+        "fused",
+        "_telemetry",
+        "state_dtype",
+        "skip_nonfinite",
+        "_step_supports_amp_scaling",
+        "_base_skips_on_device",
+    )
+
     def __getstate__(self) -> dict[str, Any]:
-        # torch's Optimizer pickles only defaults, state and param_groups; the explored
-        # optimizer also needs its base and estimator (for copy.deepcopy and pickle).
-        return dict(self.__dict__)
+        return {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled/copied optimizer; hooks start empty, as torch's Optimizer does."""
+        state = dict(state)
+        state.pop("param_groups", None)  # the base's (a property here)
         self.__dict__.update(state)
+        self._initializing = False
+        for name in _HOOK_DICTS:
+            self.__dict__.setdefault(name, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
 
     def __repr__(self) -> str:
         groups = ", ".join(
@@ -335,6 +822,8 @@ def explore(
     beta: float = 0.99,
     fused: bool | None = None,
     telemetry: bool = False,
+    state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
 ) -> ExploredOptimizer:
     """Adapt ``base_update`` with the exploration adaptor E and the given gradient estimator.
 
@@ -342,7 +831,14 @@ def explore(
     unchanged ``base_update.step()``. See :class:`ExploredOptimizer` for the arguments.
     """
     return ExploredOptimizer(
-        grad_estimator, base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+        grad_estimator,
+        base_update,
+        alpha=alpha,
+        beta=beta,
+        fused=fused,
+        telemetry=telemetry,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -353,8 +849,17 @@ def E(
     *,
     fused: bool | None = None,
     telemetry: bool = False,
+    state_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = False,
 ) -> ExploredOptimizer:
     """``explore(Autograd(), base_update, ...)``: the paper's E for a backprop optimizer."""
     return explore(
-        Autograd(), base_update, alpha=alpha, beta=beta, fused=fused, telemetry=telemetry
+        Autograd(),
+        base_update,
+        alpha=alpha,
+        beta=beta,
+        fused=fused,
+        telemetry=telemetry,
+        state_dtype=state_dtype,
+        skip_nonfinite=skip_nonfinite,
     )

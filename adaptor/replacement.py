@@ -65,11 +65,22 @@ def replacement_coefficients(alpha: float, beta: float) -> tuple[float, float, f
 # in a temporary instead and divides by nothing: c ← β·c − s²·g, g ← k₁·g + (α·c)_old.
 WELL_CONDITIONED_K1 = 0.125
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-def replace_foreach_(
-    grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
-) -> None:
-    """The replacement on lists of same-device, same-dtype tensors with foreach ops."""
+
+def work_dtype(buffer_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the replacement computes in: the buffer's, and at least float32.
+
+    A bf16/fp16 gradient is read into it and ``g̃`` is written back with one rounding; a
+    bf16/fp16 buffer (only with an explicit ``state_dtype``) is updated in float32 and
+    rounded once. No Python scalar ever multiplies a low-precision tensor (on CPU torch
+    would round the scalar to bf16 first: 0.99 → 0.98828).
+    """
+    return torch.float32 if buffer_dtype in _LOW_PRECISION else buffer_dtype
+
+
+def _replace_lists_(grads: list[Tensor], buffers: list[Tensor], alpha: float, beta: float) -> None:
+    """The replacement in place on same-dtype lists (the work dtype)."""
     k1, p, q = replacement_coefficients(alpha, beta)
     if k1 < WELL_CONDITIONED_K1:
         scaled = torch._foreach_mul(buffers, alpha)  # α·c_k, a temporary
@@ -84,25 +95,113 @@ def replace_foreach_(
     torch._foreach_add_(buffers, grads, alpha=q)
 
 
+def replace_foreach_(
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    alpha: float,
+    beta: float,
+    skip: Tensor | None = None,
+) -> None:
+    """The replacement on lists of same-device tensors (one grad dtype, one buffer dtype).
+
+    Computed in :func:`work_dtype` of the buffers; ``g̃`` is written into the gradients
+    with one rounding. ``skip`` (a 0-d device tensor, 1 = skip) masks the buffer update:
+    where it is 1 the buffers keep their bits (the gradients still receive ``g̃``, which the
+    base then does not use). No host read.
+    """
+    grads, buffers = list(grads), list(buffers)
+    work = work_dtype(buffers[0].dtype)
+    g_work = grads if grads[0].dtype == work else [g.to(work) for g in grads]
+    c_work = buffers if buffers[0].dtype == work else [c.to(work) for c in buffers]
+    if skip is None:
+        _replace_lists_(g_work, c_work, alpha, beta)
+        if c_work is not buffers:
+            torch._foreach_copy_(buffers, c_work)
+    else:
+        _replace_lists_masked_(g_work, c_work, buffers, alpha, beta, skip)
+    if g_work is not grads:
+        torch._foreach_copy_(grads, g_work)  # g̃ rounded once to the gradient's dtype
+
+
+def _replace_lists_masked_(
+    grads: list[Tensor],
+    buffers: list[Tensor],
+    targets: list[Tensor],
+    alpha: float,
+    beta: float,
+    skip: Tensor,
+) -> None:
+    """As :func:`_replace_lists_`, but ``targets ← where(skip, targets, c_{k+1})``.
+
+    ``buffers`` are the targets themselves or their work-dtype copies. The new buffer is
+    formed per tensor in a temporary (the same operations in the same order as the
+    unmasked form, so an unskipped step gives the same bits) and written with
+    ``torch.where``: one tensor-sized temporary at a time, not a copy of all state.
+    """
+    k1, p, q = replacement_coefficients(alpha, beta)
+    keep = skip.to(buffers[0].device, non_blocking=True) > 0
+    near_bound = k1 < WELL_CONDITIONED_K1
+    if near_bound:
+        scaled = torch._foreach_mul(buffers, alpha)  # α·c_k
+        news = []
+        for c, g in zip(buffers, grads):  # c_{k+1} = β·c_k − s²·g_k (g before replacement)
+            new = c * beta
+            news.append(new.add_(g, alpha=-(1.0 - beta) ** 2))
+        torch._foreach_mul_(grads, k1)
+        torch._foreach_add_(grads, scaled)  # g̃_k = k₁·g_k + α·c_k
+    else:
+        torch._foreach_mul_(grads, k1)
+        torch._foreach_add_(grads, buffers, alpha=alpha)  # g̃_k
+        news = None
+    for i, (c, target) in enumerate(zip(buffers, targets)):
+        if news is not None:
+            new = news[i]
+        else:
+            new = c * p
+            new.add_(grads[i], alpha=q)  # c_{k+1} = p·c_k + q·g̃_k
+        if target is c:
+            torch.where(keep, c, new, out=c)
+        else:  # a low-precision buffer: the old value is exact in the work dtype
+            target.copy_(torch.where(keep, c, new))
+
+
 def _replace_pointwise_(g: Tensor, c: Tensor, k1: float, alpha: float, p: float, q: float) -> None:
     # One read of g and c and one write of each when compiled (the foreach chain needs four
-    # passes over both).
-    g_tilde = g * k1 + c * alpha
-    c.copy_(c * p + g_tilde * q)
+    # passes over both). Computed in the work dtype, rounded once on each write.
+    work = work_dtype(c.dtype)
+    c_work = c.to(work)
+    g_tilde = g.to(work) * k1 + c_work * alpha
+    c.copy_(c_work * p + g_tilde * q)
     g.copy_(g_tilde)
 
 
-_compiled_kernel = None
+def _replace_pointwise_masked_(
+    g: Tensor, c: Tensor, skip: Tensor, k1: float, alpha: float, p: float, q: float
+) -> None:
+    # As above; where skip is 1 the buffer is written back unchanged (bit-identical: the
+    # up-cast to the work dtype and back is exact).
+    work = work_dtype(c.dtype)
+    c_work = c.to(work)
+    g_tilde = g.to(work) * k1 + c_work * alpha
+    c.copy_(torch.where(skip > 0, c_work, c_work * p + g_tilde * q))
+    g.copy_(g_tilde)
 
 
-def _kernel():
+_compiled_kernels: dict[bool, object] = {}
+
+
+def _kernel(masked: bool = False):
     """The compiled pointwise kernel, built on first use (compiling costs seconds)."""
-    global _compiled_kernel
-    if _compiled_kernel is None:
+    kernel = _compiled_kernels.get(masked)
+    if kernel is None:
         # dynamic=True: one kernel for every shape; floats are not specialised in recent
-        # torch, so scheduling α does not recompile.
-        _compiled_kernel = torch.compile(_replace_pointwise_, dynamic=True, fullgraph=True)
-    return _compiled_kernel
+        # torch, so scheduling α does not recompile. Two functions (masked or not), so that
+        # each stays within torch's recompile limit across dtypes.
+        function = _replace_pointwise_masked_ if masked else _replace_pointwise_
+        kernel = _compiled_kernels[masked] = torch.compile(
+            function, dynamic=True, fullgraph=True
+        )
+    return kernel
 
 
 def fused_supported(device: torch.device) -> bool:
@@ -118,22 +217,35 @@ FUSED_MIN_NUMEL = 1 << 16
 
 
 def replace_fused_(
-    grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
+    grads: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    alpha: float,
+    beta: float,
+    skip: Tensor | None = None,
 ) -> None:
-    """The replacement with one compiled pass per large tensor, foreach for the small ones."""
+    """The replacement with one compiled pass per large tensor, foreach for the small ones.
+
+    Same contract as :func:`replace_foreach_` (work dtype, one rounding, ``skip`` mask).
+    """
     k1, p, q = replacement_coefficients(alpha, beta)
     if k1 < WELL_CONDITIONED_K1:  # the kernel divides by k₁: see WELL_CONDITIONED_K1
-        replace_foreach_(grads, buffers, alpha, beta)
+        replace_foreach_(grads, buffers, alpha, beta, skip)
         return
     small_g, small_c = [], []
-    kernel = _kernel()
-    for g, c in zip(grads, buffers):
-        if g.numel() >= FUSED_MIN_NUMEL and g.is_contiguous() and c.is_contiguous():
-            # Flat views: the kernel compiles once per dtype and device, not once per rank
-            # (fullgraph=True raises past torch's recompile limit of 8).
-            kernel(g.view(-1), c.view(-1), k1, alpha, p, q)
-        else:
-            small_g.append(g)
-            small_c.append(c)
+    kernel = _kernel(masked=skip is not None)
+    # At least 2 elements: a one-element view would make dynamo specialise on size 1.
+    threshold = max(FUSED_MIN_NUMEL, 2)
+    with torch.no_grad():  # one grad mode: a change would recompile the kernel
+        for g, c in zip(grads, buffers):
+            if g.numel() >= threshold and g.is_contiguous() and c.is_contiguous():
+                # Flat views: the kernel compiles once per dtype pair and device, not once
+                # per rank (fullgraph=True raises past torch's recompile limit of 8).
+                if skip is None:
+                    kernel(g.view(-1), c.view(-1), k1, alpha, p, q)
+                else:
+                    kernel(g.view(-1), c.view(-1), skip, k1, alpha, p, q)
+            else:
+                small_g.append(g)
+                small_c.append(c)
     if small_g:
-        replace_foreach_(small_g, small_c, alpha, beta)
+        replace_foreach_(small_g, small_c, alpha, beta, skip)

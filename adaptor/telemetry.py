@@ -40,7 +40,13 @@ class Telemetry:
     def observe(
         self, grads: Sequence[Tensor], buffers: Sequence[Tensor], alpha: float, beta: float
     ) -> None:
-        """Record one (device, dtype) bucket; call before the replacement modifies it."""
+        """Record one (device, dtype) bucket; call before the replacement modifies it.
+
+        Computed in the replacement's work dtype (the buffer's, at least float32).
+        """
+        work = torch.promote_types(buffers[0].dtype, torch.float32)
+        grads = [g if g.dtype == work else g.to(work) for g in grads]
+        buffers = [c if c.dtype == work else c.to(work) for c in buffers]
         accel = torch._foreach_add(buffers, grads, alpha=1.0 - beta)  # a_k = c_k + s·g_k
         grad_sq = _at_least_float32(torch.stack(torch._foreach_norm(grads))).square().sum()
         accel_sq = _at_least_float32(torch.stack(torch._foreach_norm(accel))).square().sum()

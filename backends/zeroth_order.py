@@ -24,6 +24,7 @@ from a per-step seed instead of being stored. See :class:`SPSA` for the details.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from torch.optim import Optimizer
 from adaptor.estimators import Closure, GradEstimator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASK64 = (1 << 64) - 1
 
 
@@ -98,13 +100,51 @@ class SPSA(GradEstimator):
     ``explore_estimator``, so a resumed run draws the same directions. Seeding a generator is
     host-side; no device value is ever read.
 
-    **Round-off.** The in-place restore is not exact in floating point: after one sample
-    ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit roundoff,
-    ``2⁻²⁴`` in float32), i.e. a few ulps of ``|θ|`` (and of ``c`` where ``|θ| < c``). A
-    power-of-two ``c`` with Rademacher directions does not make it exact in general (the
-    low bits of a small ``|θ|`` are lost in ``θ + c``). The drift is deterministic, so
-    resuming stays bit-exact. If the closure raises, the current perturbation is undone
-    (to this accuracy) before the error propagates; ``p.grad`` is then unspecified.
+    **Round-off.** For float32/float64 parameters the in-place restore is not exact: after
+    one sample ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit
+    roundoff, ``2⁻²⁴`` in float32), i.e. a few ulps of ``|θ|`` (and of ``c`` where
+    ``|θ| < c``). A power-of-two ``c`` with Rademacher directions does not make it exact in
+    general (the low bits of a small ``|θ|`` are lost in ``θ + c``). The drift is
+    deterministic, so resuming stays bit-exact. If the closure raises, the current
+    perturbation is undone (to this accuracy) before the error propagates; ``p.grad`` is
+    then unspecified.
+
+    **bf16/fp16 parameters** (and ``exact_restore=True``). In these formats the same walk
+    would drift by percents (``u = 2⁻⁸`` in bf16) and the grid decides the perturbation:
+    ``θ ± cΔ`` rounds to ``θ`` where ``c`` is below half an ulp of ``|θ|`` and to
+    ``θ ± 1 ulp`` just above it (bf16, ``c = 1e-3``: ``|θ| ≥ 0.5`` is not perturbed,
+    ``|θ| ∈ [0.25, 0.5)`` moves by ``1.95c``, so dividing by ``2c`` overestimated its
+    gradient 1.95-fold). When any trainable parameter is bf16/fp16 (or with
+    ``exact_restore=True``) the estimate therefore perturbs from a saved copy
+    ``θ₀`` (``θ± = rnd(θ₀ ± cΔ)`` computed in float32, rounded once), copies ``θ₀`` back (bit
+    exact) and, for Rademacher ``Δ``, divides ``f₊ − f₋`` by the realized difference
+    ``θ₊ − θ₋`` instead of ``2cΔ`` (unbiased wherever the format can move ``θᵢ``; 0 where
+    ``θ₊ = θ₋``: choose ``c`` at least half an ulp of the largest weights, ``2⁻⁸·max|θ|``
+    in bf16). Cost: one copy of the parameters (their dtype) per step and ``Δ`` of one
+    parameter in float32 at a time, regenerated three times per sample.
+
+    **Distributed.** Under ``torch.distributed`` every rank draws the same ``Δ`` (same
+    ``seed`` and ``step``; with ``seed=None`` rank 0's draw is broadcast at construction)
+    and the ranks average their ``(f₊, f₋)`` with one all-reduce of two scalars per sample:
+    with each rank evaluating a mean loss on its equal shard of the batch, every rank then
+    forms the full-batch estimate, with or without a ``DistributedDataParallel`` wrapper
+    (the closure runs under ``no_grad``, so DDP's gradient hooks never fire).
+    ``process_group=None`` uses the world group when one is initialised, a group restricts
+    the average to it, ``False`` never communicates. FSDP2 (``fully_shard``, DTensor
+    parameters sharded on dim 0): each rank perturbs and writes the gradient of its own
+    shard only, with the values of the whole parameter's stream at the shard's offset, so
+    the result equals one process on the full batch; FSDP2 gathers the perturbed shards in
+    its forward as usual.
+
+    **torch.compile.** A compiled function that calls ``explore(SPSA(...), base).step``
+    traces the closure's forward passes and the foreach perturbations; drawing ``Δ``
+    (seeding ``torch.Generator`` objects) and advancing the step counter run eagerly
+    (``torch.compiler.disable``: a graph break around each).
+
+    **Copies.** ``copy.deepcopy`` and ``pickle`` carry the configuration, ``seed`` and
+    ``step`` (a copy continues the same stream of directions, independently of the
+    original); the per-device generators are a cache and are not copied. A deepcopy shares
+    an explicit process group; pickling one raises ``TypeError``.
 
     Args:
         perturbation: ``c > 0``, the finite-difference step.
@@ -113,6 +153,13 @@ class SPSA(GradEstimator):
         seed: an integer; ``None`` draws one from torch's global generator at construction.
         chunk: block size of the regenerated directions (elements); bounds the scratch
             memory when ``samples > 1``. Part of the definition of ``Δ``.
+        process_group: ``None`` (default: the world group when ``torch.distributed`` is
+            initialised), a ``ProcessGroup``, or ``False`` (each rank estimates alone).
+        exact_restore: perturb from a saved copy of the parameters and copy it back (bit
+            exact; memory: one copy of the parameters per step) instead of the in-place
+            walk. ``None`` (default): on when any trainable parameter is bf16/fp16. Turn it
+            on for float32/64 models whose skipped steps (``explore(...,
+            skip_nonfinite=True)``, GradScaler) must leave the parameters bit-identical.
     """
 
     requires_closure = True
@@ -125,6 +172,8 @@ class SPSA(GradEstimator):
         seed: int | None = None,
         *,
         chunk: int = 1 << 20,
+        process_group: Any = None,
+        exact_restore: bool | None = None,
     ) -> None:
         if isinstance(perturbation, bool) or not isinstance(perturbation, numbers.Real):
             raise TypeError(
@@ -143,9 +192,24 @@ class SPSA(GradEstimator):
             raise TypeError(f"SPSA seed must be an integer or None, got {type(seed).__name__}")
         if not _is_int(chunk) or chunk < 1:
             raise ValueError(f"SPSA chunk must be an integer >= 1, got {chunk!r}")
+        if exact_restore is not None and not isinstance(exact_restore, bool):
+            raise TypeError(
+                f"SPSA exact_restore must be None, True or False, got {exact_restore!r}"
+            )
+        _check_process_group(process_group)
+        self.process_group = process_group
+        self.exact_restore = exact_restore
         if seed is None:
-            # Host-side, at construction: follows torch.manual_seed.
+            # Host-side, at construction: follows torch.manual_seed; under torch.distributed
+            # rank 0's draw is broadcast so that every rank perturbs along the same Δ.
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            group = self._reduction_group()
+            if group is not None:
+                box = [seed]
+                torch.distributed.broadcast_object_list(
+                    box, src=torch.distributed.get_global_rank(group, 0), group=group
+                )
+                seed = int(box[0])
         self.perturbation = float(perturbation)
         self.samples = int(samples)
         self.distribution = distribution
@@ -153,6 +217,82 @@ class SPSA(GradEstimator):
         self.seed = int(seed) & _MASK64
         self.step = 0
         self._generators: dict[torch.device, torch.Generator] = {}
+        # per estimate: DTensor parameters' (flat offset, numel) and (parameter, local grad)
+        self._shards: dict[int, tuple[int, int]] = {}
+        self._sharded: list[tuple[Tensor, Tensor]] = []
+
+    # -- copies and pickling ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration and ``seed``/``step`` only: generators are a cache (reseeded per draw).
+
+        An explicit process group cannot travel (pickle raises ``TypeError``); the default
+        (``None``: the world group when initialised) and ``False`` do.
+        """
+        state = self.__dict__.copy()
+        state["_generators"] = {}
+        group = state.get("process_group")
+        if group is not None and group is not False:
+            if _is_world(group):
+                state["process_group"] = None
+            else:
+                raise TypeError(
+                    "SPSA with an explicit process_group cannot be pickled (process groups "
+                    "are not picklable); build it with process_group=None (the world group) "
+                    "or set the group again after loading"
+                )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._generators = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SPSA:
+        """An independent estimator: same configuration, ``seed`` and ``step``; the process
+        group (a communicator handle) is shared, the generator cache is not."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            if name == "_generators":
+                value = {}
+            elif name != "process_group":
+                value = copy.deepcopy(value, memo)
+            setattr(twin, name, value)
+        return twin
+
+    # -- distributed -----------------------------------------------------------------
+
+    def _reduction_group(self) -> Any:
+        """The group whose ranks average their loss values, or ``None`` (no communication)."""
+        if self.process_group is False:
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        group = torch.distributed.group.WORLD if self.process_group is None else self.process_group
+        if torch.distributed.get_world_size(group) == 1:
+            return None
+        return group
+
+    def _average_over_ranks(
+        self, f_plus: Tensor | float, f_minus: Tensor | float, like: Tensor
+    ) -> tuple[Tensor | float, Tensor | float]:
+        """``(f₊, f₋)`` averaged over the ranks of the group: one all-reduce of 2 scalars.
+
+        Every rank perturbs along the same ``Δ`` (same seed and step), so the average of the
+        ranks' loss differences is the difference of the global-batch loss (for a mean loss
+        over equal shards). The values stay on the device (no host read); Python numbers are
+        put on ``like``'s device first, so the result is then a tensor.
+        """
+        group = self._reduction_group()
+        if group is None:
+            return f_plus, f_minus
+        device = f_plus.device if isinstance(f_plus, Tensor) else like.device
+        values = torch.stack([torch.as_tensor(f, device=device) for f in (f_plus, f_minus)])
+        if not values.is_floating_point():
+            values = values.double()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM, group=group)
+        values = values / torch.distributed.get_world_size(group)
+        return values[0], values[1]
 
     # -- random directions -----------------------------------------------------------
 
@@ -189,10 +329,48 @@ class SPSA(GradEstimator):
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
     ) -> None:
-        """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``."""
-        for block, view in self._blocks(out.view(-1)):
-            self._draw_(view, _block_seed(sample_seed, index, block), signs)
+        """``out`` (contiguous, the parameter's shape) ← ``Δ`` of parameter ``index``.
 
+        For the local shard of a DTensor parameter (FSDP2) ``out`` is the slab
+        ``[offset, offset + n)`` of the whole parameter's flattening: the blocks of the whole
+        parameter that overlap it are drawn and sliced, so every rank's shard holds exactly
+        the values one process draws for the whole parameter.
+        """
+        flat = out.view(-1)
+        shard = self._shards.get(index)
+        if shard is None:
+            for block, view in self._blocks(flat):
+                self._draw_(view, _block_seed(sample_seed, index, block), signs)
+            return
+        offset, total = shard
+        if flat.numel() == 0:
+            return
+        first, last = offset // self.chunk, (offset + flat.numel() - 1) // self.chunk
+        for block in range(first, last + 1):
+            start = block * self.chunk
+            drawn = torch.empty(min(self.chunk, total - start), device=out.device,
+                                dtype=out.dtype)
+            self._draw_(drawn, _block_seed(sample_seed, index, block), signs)
+            lo, hi = max(offset, start), min(offset + flat.numel(), start + drawn.numel())
+            flat[lo - offset : hi - offset].copy_(drawn[lo - start : hi - start])
+
+    @torch.compiler.disable
+    def _fill_directions_(self, entries: Sequence[tuple[int, Tensor, Tensor]]) -> None:
+        """``p.grad ← Δ`` bits (``samples == 1``); the seed is read here, outside any graph.
+
+        Under ``torch.compile`` this and :meth:`_apply_direction_` run eagerly (seeding and
+        drawing from a ``torch.Generator`` cannot be traced, and a traced read of the step
+        counter would recompile every step); the closure's forward passes are traced.
+        """
+        sample_seed = self._sample_seed(0)
+        for index, _, grad in entries:
+            self._fill_direction_(grad, sample_seed, index, signs=False)
+
+    @torch.compiler.disable
+    def _advance(self) -> None:
+        self.step += 1
+
+    @torch.compiler.disable
     def _apply_direction_(
         self,
         entries: Sequence[tuple[int, Tensor, Tensor]],
@@ -254,7 +432,11 @@ class SPSA(GradEstimator):
         packed: dict[tuple[torch.device, torch.dtype], int] = {}
         for index, p, grad in entries:
             key = (p.device, p.dtype)
-            if p.is_contiguous() and p.numel() <= self.chunk:
+            if index in self._shards:  # a DTensor's local shard: drawn by global offset
+                delta = torch.empty(p.shape, device=p.device, dtype=p.dtype)
+                self._fill_direction_(delta, sample_seed, index)
+                update([p], [grad], [delta], delta)
+            elif p.is_contiguous() and p.numel() <= self.chunk:
                 if packed.get(key, 0) + p.numel() > self.chunk:
                     flush(key)
                 packs.setdefault(key, []).append((index, p, grad))
@@ -296,7 +478,17 @@ class SPSA(GradEstimator):
                     trainable.append((index, p))
                 index += 1
         entries = []
+        self._shards, self._sharded = {}, []
         for index, p in trainable:
+            if _is_dtensor(p):
+                local, grad = p.to_local(), p.grad
+                grad = grad.to_local() if _is_dtensor(grad) else None
+                if grad is None or grad.shape != local.shape or not grad.is_contiguous():
+                    grad = torch.empty(local.shape, dtype=local.dtype, device=local.device)
+                self._shards[index] = _shard_offset(p, index)
+                self._sharded.append((p, grad))
+                entries.append((index, local, grad))
+                continue
             grad = p.grad
             if (
                 grad is None
@@ -340,16 +532,29 @@ class SPSA(GradEstimator):
         entries = self._entries(param_groups)
         total: Tensor | float
         if entries:
-            if self.samples == 1:
+            exact = self.exact_restore
+            if exact is None:
+                exact = any(p.dtype in _LOW_PRECISION for _, p, _ in entries)
+            if exact:
+                total = self._estimate_rounded(closure, entries)
+            elif self.samples == 1:
                 total = self._estimate_one(closure, entries)
             else:
                 total = self._estimate_many(closure, entries)
         else:  # nothing to perturb: the loss at θ is exact
             total = self._evaluate(closure)
+        sharded = {id(grad) for _, grad in self._sharded}
         for _, p, grad in entries:
-            if p.grad is not grad:
+            if id(grad) not in sharded and p.grad is not grad:
                 p.grad = grad
-        self.step += 1
+        for p, grad in self._sharded:
+            if p.grad is None or p.grad.to_local().data_ptr() != grad.data_ptr():
+                p.grad = torch.distributed.tensor.DTensor.from_local(
+                    grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                    stride=p.stride(),
+                )
+        self._shards, self._sharded = {}, []
+        self._advance()
         return total
 
     def _buckets(
@@ -358,16 +563,15 @@ class SPSA(GradEstimator):
         grouped = Optimizer._group_tensors_by_device_and_dtype(
             [[p for _, p, _ in entries], [grad for _, _, grad in entries]]
         )
-        return [(device, params, grads) for (device, _), ((params, grads), _) in grouped.items()]
+        # The device comes from a tensor: under torch.compile the key is (None, None).
+        return [(params[0].device, params, grads) for (params, grads), _ in grouped.values()]
 
     def _estimate_one(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
     ) -> Tensor | float:
         """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
         c = self.perturbation
-        sample_seed = self._sample_seed(0)
-        for index, _, grad in entries:
-            self._fill_direction_(grad, sample_seed, index, signs=False)
+        self._fill_directions_(entries)
         buckets = self._buckets(entries)
         if self.distribution == "rademacher":  # bits b → signs 2b − 1, exactly
             for _, _, grads in buckets:
@@ -390,6 +594,7 @@ class SPSA(GradEstimator):
         finally:
             if offset:
                 shift(-offset * c)
+        f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
         scale = (f_plus - f_minus) / (2.0 * c)
         for device, _, grads in buckets:
             torch._foreach_mul_(grads, _on(scale, device))
@@ -411,6 +616,7 @@ class SPSA(GradEstimator):
                     self._apply_direction_(entries, sample, -2.0 * c)
                     offset = -1.0
                     f_minus = self._evaluate(closure)
+                    f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
                     weight = (f_plus - f_minus) / (2.0 * c * n)
                     offset = 0.0
                     # restore θ and accumulate g from the same regenerated blocks
@@ -419,6 +625,129 @@ class SPSA(GradEstimator):
                     if offset:
                         self._apply_direction_(entries, sample, -offset * c)
                     raise
+                total = total + (f_plus + f_minus) / (2.0 * n)
+        return total
+
+    def _packs(
+        self, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> list[list[tuple[int, Tensor, Tensor]]]:
+        """Entries grouped by (device, dtype) into packs of at most ``chunk`` elements."""
+        packs: list[list[tuple[int, Tensor, Tensor]]] = []
+        open_packs: dict[tuple[torch.device, torch.dtype], tuple[list, int]] = {}
+        for entry in entries:
+            p = entry[1]
+            key = (p.device, p.dtype)
+            items, size = open_packs.get(key, ([], 0))
+            if items and size + p.numel() > self.chunk:
+                packs.append(items)
+                items, size = [], 0
+            items.append(entry)
+            open_packs[key] = (items, size + p.numel())
+        packs.extend(items for items, _ in open_packs.values() if items)
+        return packs
+
+    @torch.compiler.disable
+    def _pack_direction(self, pack: Sequence[tuple[int, Tensor, Tensor]], sample: int) -> Tensor:
+        """``Δ_s`` of the pack's parameters, flat and concatenated, in the work dtype (float32,
+        or float64 for float64 parameters): the same values as the in-place paths draw."""
+        first = pack[0][1]
+        work = torch.promote_types(first.dtype, torch.float32)
+        flat = torch.empty(sum(p.numel() for _, p, _ in pack), device=first.device, dtype=work)
+        sample_seed = self._sample_seed(sample)
+        used = 0
+        for index, p, _ in pack:
+            self._fill_direction_(flat[used : used + p.numel()], sample_seed, index, signs=False)
+            used += p.numel()
+        if self.distribution == "rademacher":
+            flat.mul_(2.0).sub_(1.0)
+        return flat
+
+    @staticmethod
+    def _views(flat: Tensor, pack: Sequence[tuple[int, Tensor, Tensor]]) -> list[Tensor]:
+        views, used = [], 0
+        for _, p, _ in pack:
+            views.append(flat[used : used + p.numel()].view(p.shape))
+            used += p.numel()
+        return views
+
+    def _estimate_rounded(
+        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
+    ) -> Tensor | float:
+        r"""bf16/fp16 parameters: exact restore, perturbations rounded once, realized steps.
+
+        In a low-precision format ``θ ± cΔ`` lands on the format's grid: with ``c`` below half
+        an ulp of ``|θ|`` the perturbation vanishes, just above it doubles (bf16, ``c = 1e-3``:
+        every ``|θ| ≥ 0.5`` is not perturbed at all and ``|θ| ∈ [0.25, 0.5)`` moves by
+        ``±2^{-9} ≈ 1.95c``), and the in-place ``+c, −2c, +c`` walk does not come back to
+        ``θ``. Here, per sample:
+
+        * ``θ₊ = rnd(θ₀ + cΔ)`` and ``θ₋ = rnd(θ₀ − cΔ)`` are computed in float32 from a copy
+          ``θ₀`` of the parameters and rounded once; ``θ₀`` is copied back afterwards, so
+          the parameters are restored bit for bit;
+        * Rademacher: the realized difference ``d = θ₊ − θ₋`` (exact in float32) is
+          ``Δᵢ·mᵢ`` with ``mᵢ ≥ 0`` fixed by ``θ₀``, so
+          ``ĝᵢ = (f₊ − f₋)/dᵢ`` (0 where ``dᵢ = 0``) has ``E ĝᵢ = ∇ᵢf`` wherever the format can
+          move ``θᵢ`` at all (``ĝᵢ = (f₊−f₋)/(2c)·Δᵢ`` when ``dᵢ = 2cΔᵢ``); Gaussian keeps
+          ``(f₊ − f₋)/(2c)·Δᵢ`` (its quantisation is not corrected).
+
+        Parameters are packed by (device, dtype) into packs of at most ``chunk`` elements (a
+        larger parameter is a pack of its own) and each pack is handled with a few flat ops.
+        Memory: a copy of the parameters in their dtype (one flat buffer per pack) for the
+        step, plus temporaries of one pack in float32 (float64 for float64 parameters); ``Δ``
+        is regenerated three times per sample. Used for every parameter when
+        ``exact_restore`` is on (by default: when any parameter is bf16/fp16).
+        """
+        c, n = self.perturbation, self.samples
+        packs = self._packs(entries)
+        with torch.no_grad():
+            saved = []  # θ₀ of each pack, flat, in the parameters' dtype
+            for pack in packs:
+                flat = torch.empty(sum(p.numel() for _, p, _ in pack),
+                                   device=pack[0][1].device, dtype=pack[0][1].dtype)
+                torch._foreach_copy_(self._views(flat, pack), [p for _, p, _ in pack])
+                saved.append(flat)
+
+        def place(sample: int, sign: float) -> None:
+            for pack, theta in zip(packs, saved):
+                # θ₀ + cΔ formed in the work dtype (c never rounded to bf16) and rounded
+                # once by the copy into the parameters; θ₀ itself is never written
+                moved = self._pack_direction(pack, sample).mul_(sign * c).add_(theta)
+                torch._foreach_copy_([p for _, p, _ in pack], self._views(moved, pack))
+
+        def restore() -> None:
+            for pack, theta in zip(packs, saved):
+                torch._foreach_copy_([p for _, p, _ in pack], self._views(theta, pack))
+
+        total: Tensor | float = 0.0
+        with torch.no_grad():
+            for sample in range(n):
+                try:
+                    place(sample, 1.0)
+                    f_plus = self._evaluate(closure)
+                    place(sample, -1.0)
+                    f_minus = self._evaluate(closure)
+                finally:
+                    restore()
+                f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
+                for pack, theta in zip(packs, saved):
+                    delta = self._pack_direction(pack, sample)
+                    low = theta.dtype
+                    if self.distribution == "rademacher":
+                        # dᵢ = rnd(θ₀ + cΔᵢ) − rnd(θ₀ − cΔᵢ) = Δᵢ·mᵢ, exact in the work dtype
+                        up = torch.add(theta, delta, alpha=c).to(low).to(delta.dtype)
+                        down = torch.add(theta, delta, alpha=-c).to(low).to(delta.dtype)
+                        realized = up.sub_(down)
+                        moved = realized != 0
+                        estimate = torch.where(moved, realized, 1.0).reciprocal_().mul_(moved)
+                        estimate.mul_(_on(f_plus - f_minus, delta.device))
+                    else:
+                        estimate = delta.mul_(_on((f_plus - f_minus) / (2.0 * c), delta.device))
+                    estimate.div_(n)
+                    grads = [grad for _, _, grad in pack]
+                    if sample == 0:
+                        torch._foreach_copy_(grads, self._views(estimate, pack))
+                    else:
+                        torch._foreach_add_(grads, self._views(estimate, pack))
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
 
@@ -447,7 +776,63 @@ class SPSA(GradEstimator):
     def __repr__(self) -> str:
         return (
             f"SPSA(perturbation={self.perturbation}, samples={self.samples}, "
-            f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk})"
+            f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk}, "
+            f"exact_restore={self.exact_restore})"
+        )
+
+
+def _is_dtensor(t: object) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _shard_offset(p: Any, index: int) -> tuple[int, int]:
+    """``(flat offset, numel)`` of a DTensor's local shard in the whole parameter's flattening.
+
+    Supported placements: ``Shard(0)`` (FSDP2's default) and ``Replicate()``, for which the
+    local shard is one contiguous slab of the row-major flattening.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or
+                (isinstance(placement, Shard) and placement.dim == 0)):
+            raise TypeError(
+                f"SPSA supports DTensor parameters sharded on dim 0 (FSDP2's default) or "
+                f"replicated, got placements {p.placements} (param index {index})"
+            )
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = p.numel() // p.shape[0] if p.dim() > 0 and p.shape[0] > 0 else 1
+    offset = global_offset[0] * row if p.dim() > 0 else 0
+    return int(offset), p.numel()
+
+
+def _is_world(group: Any) -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and group is torch.distributed.group.WORLD
+    )
+
+
+def _check_process_group(group: Any) -> None:
+    """``None`` (the world group when initialised), ``False`` (never communicate) or a group."""
+    if group is None or group is False:
+        return
+    process_group_type = (
+        getattr(torch.distributed, "ProcessGroup", None)
+        if torch.distributed.is_available()
+        else None
+    )
+    if process_group_type is None or not isinstance(group, process_group_type):
+        raise TypeError(
+            "SPSA process_group must be None (the world group when torch.distributed is "
+            "initialised), False (no communication) or a torch.distributed ProcessGroup, got "
+            f"{type(group).__name__}"
         )
 
 

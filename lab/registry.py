@@ -113,7 +113,7 @@ def _adabelief(model, lr, weight_decay, **_):
 
 def _alto(model, lr, weight_decay, alpha, beta, **_):
     return _backend("ALTO")(
-        _groups_for(model, weight_decay), lr=lr, betas=(beta, 0.9, 0.99), alpha=alpha
+        _groups_for(model, weight_decay), lr=lr, betas=(0.9, 0.99), alpha=alpha, beta=beta
     )
 
 

@@ -1,4 +1,9 @@
-"""The adaptor E over AdamW beside torch's AdamW and the reference package's E."""
+"""The adaptor E over AdamW beside torch's AdamW and the reference package's E.
+
+Also: the cost of ``skip_nonfinite=True`` (compare each "+ skip_nonfinite" row with the row
+above it: their ratio is the check's cost; goal ≤ 1.05 over ``AdamW(fused=True)``), and
+bf16 parameters with the default float32 buffer against an explicit bf16 buffer.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,26 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
 
+def _adamw_fused(params):
+    return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+
 def _reference_e(params):
     from E import E as ReferenceE  # the paper's package, e-optimizer-adaptor
 
     return ReferenceE(_adamw(params), alpha=-5, beta=0.99)
+
+
+def _bf16(make):
+    """Turn the harness's float32 parameters (and gradients) into bf16 ones, then build."""
+
+    def build(params):
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+            p.grad = p.grad.to(torch.bfloat16)
+        return make(params)
+
+    return build
 
 
 SUITE = Suite(
@@ -25,6 +46,33 @@ SUITE = Suite(
         Row("ours E(AdamW) fused", lambda params: E(_adamw(params), fused=True)),
         Row("ours E(AdamW) foreach", lambda params: E(_adamw(params), fused=False)),
         Row("reference E(AdamW) (e-optimizer-adaptor)", _reference_e),
+        Row("torch AdamW(fused=True)", _adamw_fused),
+        Row("ours E(AdamW(fused=True)) fused", lambda params: E(_adamw_fused(params), fused=True)),
+        Row(
+            "  + skip_nonfinite",
+            lambda params: E(_adamw_fused(params), fused=True, skip_nonfinite=True),
+        ),
+        Row(
+            "ours E(AdamW(fused=True)) foreach",
+            lambda params: E(_adamw_fused(params), fused=False),
+        ),
+        Row(
+            "  + skip_nonfinite",
+            lambda params: E(_adamw_fused(params), fused=False, skip_nonfinite=True),
+        ),
+        Row("torch AdamW(fused=True) bf16 params", _bf16(_adamw_fused)),
+        Row(
+            "ours E(AdamW(fused)) bf16, f32 buffer",
+            _bf16(lambda params: E(_adamw_fused(params), fused=True)),
+        ),
+        Row(
+            "ours E(AdamW(fused)) bf16, bf16 buffer",
+            _bf16(lambda params: E(_adamw_fused(params), fused=True, state_dtype=torch.bfloat16)),
+        ),
     ],
-    notes=["state B/param B includes AdamW's own 2.0; the adaptor's share is the excess"],
+    notes=[
+        "state B/param B includes AdamW's own 2.0; the adaptor's share is the excess",
+        "'+ skip_nonfinite' rows: divide by the row above for the cost of the check",
+        "bf16 rows: state B/param B is per bf16 parameter byte (a float32 buffer is 2.0)",
+    ],
 )

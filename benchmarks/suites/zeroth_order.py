@@ -5,7 +5,9 @@ The baseline row is one forward pass (``no_grad``) of the benchmark model on a b
 ``x baseline`` column *is* the step time in forward passes. The floor is ``2 × samples``
 (two evaluations per direction); the excess is the perturbation (three in-place passes
 over the parameters per sample), drawing ``Δ``, scaling the gradient, the replacement and
-the base update. A backprop step (forward + backward + E(SGD)) is shown for comparison.
+the base update. ``exact_restore=True`` (the path bf16/fp16 models take by default)
+perturbs from a saved copy and regenerates ``Δ`` three times. A backprop step (forward +
+backward + E(SGD)) is shown for comparison.
 ``state B/param B`` counts optimizer state only (the gradients SPSA writes are not state).
 """
 
@@ -108,6 +110,8 @@ SUITE = Suite(
             step=_closure_step),
         Row("SPSA 4 samples+E(SGD) (floor 8x)",
             lambda p: explore(SPSA(samples=4, seed=0), _sgd(p)), step=_closure_step),
+        Row("SPSA exact_restore+E(SGD) (floor 2x)",
+            lambda p: explore(SPSA(seed=0, exact_restore=True), _sgd(p)), step=_closure_step),
         Row("backprop E(SGD): forward+backward", lambda p: E(_sgd(p)), step=_backprop_step),
     ],
     notes=[

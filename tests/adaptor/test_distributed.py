@@ -7,7 +7,6 @@ whole batch (DDP and FSDP2 average the gradients, the loss is a mean over equal 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,11 @@ STEPS = 5
 WORLD = 2
 WRAPPERS = ("ddp", "fsdp2")
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing"),
+    # with --dist loadgroup one worker runs the multi-process tests in turn
+    pytest.mark.xdist_group("torch_distributed"),
+]
 
 
 def _model() -> torch.nn.Module:
@@ -44,11 +47,11 @@ def _train(model, optimizer, rank: int | None) -> None:
         optimizer.step()
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file store, not a port: picking a "free" port races with other tests and workers.
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         for wrapper in WRAPPERS:
             _run_wrapper(rank, wrapper, out_dir)
@@ -78,15 +81,9 @@ def _run_wrapper(rank: int, wrapper: str, out_dir: str) -> None:
         torch.save({"params": params, "buffers": buffers}, os.path.join(out_dir, f"{wrapper}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_and_fsdp2_match_single_process(tmp_path):
     # One spawn for both wrappers: starting two processes costs more than the training.
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
 
     model = _model()
     optimizer = E(torch.optim.AdamW(model.parameters(), lr=1e-2), alpha=-5.0, beta=0.99)

@@ -545,7 +545,7 @@ def test_bases_that_need_their_own_closure_are_rejected():
 
     with pytest.raises(TypeError, match=r"NeedsClosure needs a closure"):
         E(NeedsClosure(params))
-    with pytest.raises(TypeError, match=r"already an explored optimizer"):
+    with pytest.raises(TypeError, match=r"already explores"):
         E(E(torch.optim.SGD(params, lr=0.1)))
 
 

@@ -30,7 +30,7 @@ def initial(dtype=torch.float64, shapes=SHAPES, zero_last=True):
     generator = torch.Generator().manual_seed(0)
     theta = [torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
     if zero_last:
-        theta[-1].zero_()  # a zero tensor: φ(0) = ε₃ makes its step tiny
+        theta[-1].zero_()  # a zero tensor: trust ratio 1 (default) or φ(0)/‖r‖ ("paper")
     return theta
 
 
@@ -64,9 +64,13 @@ def clip_coefficient(grads, max_norm):
 def reference_lamb(
     theta0, *, lr, betas, eps=1e-6, trust_eps=1e-6, norm_eps=1e-10, weight_decay=0.0,
     bias_correction=True, layer_adaptation=True, trust_clip=None, alpha=0.0, beta=0.0,
-    max_grad_norm=None, steps=STEPS, skip=(),
+    max_grad_norm=None, zero_norm_trust="one", steps=STEPS, skip=(),
 ):
-    """Algorithm 2 of the paper (Lamb when α = 0), two-buffer replacement, float64."""
+    """Algorithm 2 of the paper (Lamb when α = 0), two-buffer replacement, float64.
+
+    Trust ratio φ(‖θ‖)/(‖r‖ + ε₂φ(‖θ‖)), φ(x) = x + ε₃; with ``zero_norm_trust="one"`` it is
+    1 where ‖θ‖ = 0 or ‖r‖ = 0 (LAMB's reference code), with ``"paper"`` the formula always.
+    """
     beta2, beta3 = betas
     theta = [t.clone() for t in theta0]
     zeros = lambda: [torch.zeros_like(t) for t in theta]  # noqa: E731
@@ -93,8 +97,12 @@ def reference_lamb(
             r = m_hat / (torch.sqrt(v_hat) + eps) + weight_decay * theta[i]
             ratio = 1.0
             if layer_adaptation:
-                phi = float(torch.linalg.vector_norm(theta[i])) + norm_eps
-                ratio = phi / (float(torch.linalg.vector_norm(r)) + trust_eps * phi)
+                w_norm = float(torch.linalg.vector_norm(theta[i]))
+                r_norm = float(torch.linalg.vector_norm(r))
+                phi = w_norm + norm_eps
+                ratio = phi / (r_norm + trust_eps * phi)
+                if zero_norm_trust == "one" and (w_norm == 0.0 or r_norm == 0.0):
+                    ratio = 1.0
                 if trust_clip is not None:
                     ratio = min(max(ratio, trust_clip[0]), trust_clip[1])
             theta[i] = theta[i] - lr * ratio * r
@@ -144,9 +152,11 @@ SKIP = {(2, 1), (3, 1), (4, 2)}  # per-parameter step counters
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "vanilla"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["wd0", "wd"])
 @pytest.mark.parametrize("epsilons", [{}, BIG_EPS], ids=["paper-eps", "big-eps"])
-def test_lamb_matches_reference(foreach, bias_correction, weight_decay, epsilons):
+@pytest.mark.parametrize("zero_norm_trust", ["one", "paper"])
+def test_lamb_matches_reference(foreach, bias_correction, weight_decay, epsilons, zero_norm_trust):
     hp = dict(lr=0.05, betas=(0.8, 0.95), weight_decay=weight_decay,
-              bias_correction=bias_correction, **epsilons)  # fmt: skip
+              bias_correction=bias_correction, zero_norm_trust=zero_norm_trust,
+              **epsilons)  # fmt: skip
     theta0 = initial()
     ours, _ = run(lambda p: Lamb(p, foreach=foreach, **hp), theta0, skip=SKIP)
     assert_all_close(ours, reference_lamb(theta0, skip=SKIP, **hp), **F64)
@@ -191,7 +201,7 @@ def test_alto_matches_reference(foreach, bias_correction, weight_decay, alpha, b
               alpha=alpha, **BIG_EPS)  # fmt: skip
     theta0 = initial()
     ours, _ = run(
-        lambda p: ALTO(p, betas=(beta, 0.8, 0.95), foreach=foreach, **hp), theta0, skip=SKIP
+        lambda p: ALTO(p, betas=(0.8, 0.95), beta=beta, foreach=foreach, **hp), theta0, skip=SKIP
     )
     expected = reference_lamb(theta0, betas=(0.8, 0.95), beta=beta, skip=SKIP, **hp)
     assert_all_close(ours, expected, **F64)
@@ -214,7 +224,7 @@ def test_alto_matches_reference_for_any_admissible_hyperparameters(
     hp = dict(lr=lr, weight_decay=weight_decay, bias_correction=bias_correction, alpha=alpha,
               max_grad_norm=max_grad_norm)  # fmt: skip
     theta0 = initial(zero_last=False)
-    ours, _ = run(lambda p: ALTO(p, betas=(beta, beta2, beta3), **hp), theta0, steps=5)
+    ours, _ = run(lambda p: ALTO(p, betas=(beta2, beta3), beta=beta, **hp), theta0, steps=5)
     expected = reference_lamb(theta0, betas=(beta2, beta3), beta=beta, steps=5, **hp)
     assert_all_close(ours, expected, rtol=1e-8, atol=1e-10)
 
@@ -226,7 +236,7 @@ def test_alto_equals_explored_lamb():
         hp = dict(lr=0.02, weight_decay=1e-3, bias_correction=bias_correction)
 
         def alto(p, hp=hp):
-            return ALTO(p, betas=(0.9, 0.8, 0.95), alpha=-4.0, **hp)
+            return ALTO(p, betas=(0.8, 0.95), alpha=-4.0, beta=0.9, **hp)
 
         def explored_lamb(p, hp=hp):
             return explore(Autograd(), Lamb(p, betas=(0.8, 0.95), **hp), alpha=-4.0, beta=0.9)
@@ -251,7 +261,7 @@ def test_alto_state_is_exactly_three_parameter_sized_buffers():
 
 def test_alto_leaves_the_replaced_gradient_in_grad():
     p = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
-    optimizer = ALTO([p], betas=(0.9, 0.9, 0.99), alpha=-5.0)
+    optimizer = ALTO([p], betas=(0.9, 0.99), alpha=-5.0, beta=0.9)
     p.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
     optimizer.step()
     # g̃_1 = g_1 + α(1-β)g_1
@@ -263,20 +273,22 @@ def test_alto_matches_the_reference_package_up_to_its_epsilons():
     from ALTO import ALTO as ReferenceALTO
 
     theta0 = initial(zero_last=False)
-    hp = dict(lr=0.02, betas=(0.99, 0.9, 0.99), weight_decay=1e-2)
+    hp = dict(lr=0.02, weight_decay=1e-2)
     ours, _ = run(
-        lambda p: ALTO(p, alpha=-5.0, eps=1e-6, trust_eps=1e-30, norm_eps=1e-30,
-                       max_grad_norm=1.0, **hp),
+        lambda p: ALTO(p, betas=(0.9, 0.99), alpha=-5.0, beta=0.99, eps=1e-6, trust_eps=1e-30,
+                       norm_eps=1e-30, max_grad_norm=1.0, **hp),
         theta0,
     )  # fmt: skip
-    theirs, _ = run(lambda p: ReferenceALTO(p, alp=-5.0, eps=1e-6, **hp), theta0)
+    theirs, _ = run(
+        lambda p: ReferenceALTO(p, betas=(0.99, 0.9, 0.99), alp=-5.0, eps=1e-6, **hp), theta0
+    )
     assert_all_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_alto_checks_alpha_at_every_step_before_changing_anything():
     theta0 = initial(torch.float32)
     params, optimizer = run(lambda p: ALTO(p), theta0, steps=2)
-    optimizer.param_groups[0]["alpha"] = -200.0
+    optimizer.param_groups[0]["explore_alpha"] = -200.0
     before = [p.clone() for p in params]
     state_before = copy.deepcopy(optimizer.state_dict()["state"])
     for p, g in zip(optimizer.param_groups[0]["params"], grad_fn(params, 2)):
@@ -430,19 +442,54 @@ def test_load_state_dict_puts_step_counters_on_the_parameter_device_and_dtype():
         assert fresh.state[p]["step"].device == p.device
 
 
-def test_fused_path_matches_foreach():
-    """The compiled path (opt-in on CPU) against the foreach one, float32 rounding."""
-    generator = torch.Generator().manual_seed(5)
-    theta0 = [torch.randn(300, 300, generator=generator), torch.randn(40, generator=generator)]
-    configurations = [
-        (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0)),
-        (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1)),
-    ]
-    for cls, hp in configurations:
-        fused, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=True, **hp), theta0, steps=4)
-        plain, _ = run(lambda p, cls=cls, hp=hp: cls(p, fused=False, **hp), theta0, steps=4)
-        assert_all_close(fused, plain, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(fused[0], theta0[0])
+FUSED_SHAPES = [(300, 300), (256, 256), (40,)]  # two tensors ≥ FUSED_MIN_NUMEL, one below
+
+
+@pytest.mark.parametrize(
+    ("cls", "hp"),
+    [
+        (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0, beta=0.9, betas=(0.8, 0.95))),
+        (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1,
+                    betas=(0.8, 0.95))),
+    ],
+    ids=["ALTO", "Lamb-vanilla-clip"],
+)  # fmt: skip
+def test_fused_path_matches_the_float64_reference(cls, hp):
+    """The compiled path itself (tensors ≥ FUSED_MIN_NUMEL) against the float64 reference at
+    rtol 1e-9, with the paper's ε₂ = 1e-6: dropping ``ε₂·φ`` in the fused kernel moves the
+    ratio by ~1e-6 (relative), far above 1e-9, and the zero (256, 256) tensor takes the
+    ``‖θ‖ = 0`` branch of the compiled ratio."""
+    from adaptor.replacement import FUSED_MIN_NUMEL
+
+    theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
+    theta0[1].zero_()
+    assert theta0[0].numel() >= FUSED_MIN_NUMEL and theta0[1].numel() >= FUSED_MIN_NUMEL
+    ours, _ = run(lambda p: cls(p, fused=True, **hp), theta0, steps=4)
+    reference_hp = {**hp}
+    reference_hp.pop("alpha", None)
+    expected = reference_lamb(
+        theta0, alpha=hp.get("alpha", 0.0), beta=reference_hp.pop("beta", 0.0), steps=4,
+        **reference_hp,
+    )
+    assert_all_close(ours, expected, **F64)
+    assert not torch.equal(ours[1], theta0[1])  # the zero tensor moved (ratio 1)
+
+
+def test_divide_into_both_branches_on_cpu():
+    """Both the in-place (CPU default) and the new-list branch run with data here."""
+    from backends.first_order import _divide_into
+
+    generator = torch.Generator().manual_seed(1)
+    n = [torch.randn(4, 3, generator=generator), torch.randn(5, generator=generator)]
+    d = [torch.rand(4, 3, generator=generator) + 0.5, torch.rand(5, generator=generator) + 0.5]
+    expected = [a / b for a, b in zip(n, d)]
+    fresh = _divide_into(n, [t.clone() for t in d], in_place=False)
+    reused_denominators = [t.clone() for t in d]
+    reused = _divide_into(n, reused_denominators, in_place=True)
+    for x, y, z, w in zip(fresh, reused, expected, reused_denominators):
+        assert torch.equal(x, z) and torch.equal(y, z)
+        assert y is w  # written over the temporaries
+    assert not any(x is t for x, t in zip(fresh, d))
 
 
 # -- param groups ----------------------------------------------------------------------------
@@ -488,7 +535,8 @@ def test_param_groups_for_layer_adaptation_off_moves_zero_biases():
     x = torch.randn(8, 3)
     for flag, moves in ((False, False), (True, True)):
         model = copy.deepcopy(net)
-        optimizer = Lamb(param_groups_for(model, 0.01, exclude_from_layer_adaptation=flag), lr=0.1)
+        optimizer = Lamb(param_groups_for(model, 0.01, exclude_from_layer_adaptation=flag), lr=0.1,
+                         zero_norm_trust="paper")  # the default ratio 1 moves them anyway
         model(x).square().sum().backward()
         optimizer.step()
         assert (model.bias.abs().max() > 1e-3) == moves
@@ -508,3 +556,572 @@ def test_backends_exports_every_first_order_base():
     assert (backends.Lamb, backends.ALTO, backends.AdaBelief) == (Lamb, ALTO, AdaBelief)
     assert backends.param_groups_for is param_groups_for
     assert issubclass(ALTO, Lamb)
+
+
+# -- copies, pickling, hooks and state dicts (issue 11) --------------------------------------
+
+COPYABLE = [
+    pytest.param(lambda p: Lamb(p, lr=0.01, max_grad_norm=1.0), id="Lamb-clip"),
+    pytest.param(lambda p: ALTO(p, lr=0.01, max_grad_norm=1.0), id="ALTO-clip"),
+    pytest.param(lambda p: AdaBelief(p, lr=0.01, weight_decay=0.01), id="AdaBelief"),
+]
+
+
+def _stepped(make, steps=2):
+    theta0 = initial(torch.float64, zero_last=False)
+    _, optimizer = run(make, theta0, steps=steps)
+    return optimizer
+
+
+def _set_grads(optimizer, step):
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    for p, g in zip(live, grad_fn([p.detach() for p in live], step)):
+        p.grad = g
+    return live
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_after_a_scheduler_and_hooks_steps_its_own_parameters(make, how):
+    """Before: ``max_grad_norm`` was an instance attribute that torch's ``__getstate__`` drops,
+    so the copy raised AttributeError on ``step()``."""
+    import pickle
+
+    optimizer = _stepped(make)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    calls = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    _set_grads(optimizer, 2)
+    optimizer.step()  # through the scheduler's step wrapper
+    scheduler.step()
+    twin = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    originals = [p.detach().clone() for p in _set_grads(optimizer, 3)]
+    copies = _set_grads(twin, 3)
+    assert not any(p is q for p, q in zip(copies, optimizer.param_groups[0]["params"]))
+    before = [p.detach().clone() for p in copies]
+    twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(optimizer.param_groups[0]["params"], originals))
+    assert all(not torch.equal(p, q) for p, q in zip(copies, before))
+    assert twin.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"] == 0.005
+    # the copy steps exactly as the original does from the same state
+    optimizer.step()
+    for p, q in zip(optimizer.param_groups[0]["params"], copies):
+        assert torch.equal(p, q)
+    assert calls == [1, 1]  # hooks stay with the original (torch's behaviour)
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+def test_load_tolerates_a_post_hook_that_writes_non_dict_state(make):
+    """torch's optimizers accept any value a load post-hook puts into ``optimizer.state``."""
+    optimizer = _stepped(make)
+    saved = optimizer.state_dict()
+
+    def hook(opt):
+        opt.state["note"] = 3
+
+    fresh = make([p.detach().clone().requires_grad_() for p in optimizer.param_groups[0]["params"]])
+    fresh.register_load_state_dict_post_hook(hook)
+    fresh.load_state_dict(saved)
+    assert fresh.state["note"] == 3
+    _set_grads(fresh, 2)
+    fresh.step()
+
+
+# -- ALTO's layout: α and β are the adaptor's keys, betas is Lamb's ----------------------------
+
+
+def test_alto_and_explored_lamb_have_identical_param_groups():
+    from adaptor import E
+
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    hp = dict(lr=0.02, betas=(0.8, 0.95), weight_decay=1e-3, max_grad_norm=1.0)
+    alto = ALTO([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}], alpha=-3.0,
+                beta=0.9, **hp)  # fmt: skip
+    explored = E(Lamb([{"params": params[:1]}, {"params": params[1:], "lr": 0.1}], **hp),
+                 alpha=-3.0, beta=0.9)  # fmt: skip
+    assert alto.param_groups == explored.param_groups
+    assert alto.param_groups[0]["explore_alpha"] == -3.0
+    assert alto.param_groups[0]["explore_beta"] == 0.9
+    assert alto.param_groups[0]["betas"] == (0.8, 0.95)
+    assert ALTO.explores is True and Lamb.explores is False
+
+
+def test_one_cycle_lr_cycles_lambs_beta2_and_leaves_alpha_and_beta_alone():
+    """Before: ``betas[0]`` was the adaptor's β; OneCycleLR moved it 0.99 → 0.85 and α = −50
+    then broke ``|α| < 1/(1-β)``."""
+    params = [p.clone().requires_grad_() for p in initial(torch.float32, zero_last=False)]
+    optimizer = ALTO(params, lr=0.01, alpha=-50.0, beta=0.99)
+    total = 12
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=total)
+    seen = set()
+    for step in range(total):
+        _set_grads(optimizer, step)
+        optimizer.step()
+        scheduler.step() if step < total - 1 else None
+        group = optimizer.param_groups[0]
+        assert (group["explore_alpha"], group["explore_beta"]) == (-50.0, 0.99)
+        seen.add(round(group["betas"][0], 6))
+    assert min(seen) <= 0.86 and max(seen) >= 0.94  # the cycle did move β₂
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_alto_refuses_the_old_three_betas_with_the_new_spelling():
+    params = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"old layout .*betas=\(0\.9, 0\.99\), beta=0\.99"):
+        ALTO(params, betas=(0.99, 0.9, 0.99))
+    optimizer = ALTO(params)
+    with pytest.raises(ValueError, match="old layout"):
+        optimizer.add_param_group({"params": [torch.zeros(1)], "betas": (0.5, 0.9, 0.99)})
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_zero_initialised_bias_moves_in_altos_first_step(foreach):
+    """Before: φ(0) = ε₃ gave the zero tensor a ratio ~1e-10 (1e-11 after 10 steps at lr 0.01).
+
+    First step with bias correction: m̂/(√v̂ + ε₁) = g̃/(|g̃| + ε₁) ≈ sign(g̃), so with ratio 1
+    each element moves by lr (up to ε₁/|g̃|); with the paper's φ(0) the move is ~lr·ε₃/‖r‖."""
+    for mode, low, high in (("one", 0.0099, 0.01), ("paper", 0.0, 1e-11)):
+        bias = torch.zeros(4, requires_grad=True)
+        weight = torch.ones(3, requires_grad=True)
+        optimizer = ALTO([weight, bias], lr=0.01, foreach=foreach, zero_norm_trust=mode)
+        weight.grad = torch.ones(3)
+        bias.grad = torch.tensor([1.0, -2.0, 3.0, -0.5])
+        optimizer.step()
+        moved = bias.detach().abs()
+        assert torch.all((moved >= low) & (moved <= high)), (mode, moved)
+
+
+def _state_snapshot(optimizer):
+    return copy.deepcopy(
+        ({id(p): dict(s) for p, s in optimizer.state.items()}, optimizer.param_groups)
+    )
+
+
+def _assert_same_state(optimizer, snapshot):
+    state, groups = snapshot
+    assert {id(p) for p in optimizer.state} == set(state)
+    for p, entry in optimizer.state.items():
+        assert set(entry) == set(state[id(p)])
+        for key, value in entry.items():
+            old = state[id(p)][key]
+            assert value.dtype == old.dtype and torch.equal(value, old), key
+    for group, old in zip(optimizer.param_groups, groups):
+        assert {k: v for k, v in group.items() if k != "params"} == {
+            k: v for k, v in old.items() if k != "params"
+        }
+
+
+def _bad_state_dicts(optimizer):
+    """(description, state dict, message regex) built from a good state dict."""
+    good = optimizer.state_dict()
+    key = next(k for k in good["state"][0] if k != "step")
+    out = []
+    bad = copy.deepcopy(good)
+    bad["state"][0][key] = torch.zeros(2, 2)
+    out.append((bad, rf"parameter 0: state '{key}' has shape \(2, 2\), the parameter has "
+                     r"shape \(5,\)"))  # fmt: skip
+    bad = copy.deepcopy(good)
+    bad["state"][1]["exp_avg_typo"] = torch.zeros(3)
+    out.append((bad, r"parameter 1: unknown state key\(s\) \['exp_avg_typo'\]"))
+    bad = copy.deepcopy(good)
+    del bad["state"][1]["exp_avg"]
+    out.append((bad, r"parameter 1: missing state key\(s\) \['exp_avg'\]"))
+    bad = copy.deepcopy(good)
+    bad["state"][0]["step"] = torch.zeros(3)
+    out.append((bad, r"parameter 0: state 'step' must have one element"))
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["params"] = bad["param_groups"][0]["params"][:-1]
+    out.append((bad, r"param group 0 has 1 parameters in the state dict, 2 in the optimizer"))
+    bad = copy.deepcopy(good)
+    bad["state"][7] = bad["state"][0]
+    out.append((bad, r"state for parameter index 7, but the optimizer has 2 parameters"))
+    return out
+
+
+@pytest.mark.parametrize("make", COPYABLE)
+def test_bad_state_dicts_raise_and_leave_the_optimizer_bit_identical(make):
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    optimizer = make(params)
+    for step in range(2):
+        for p, g in zip(params, grad_fn([p.detach() for p in params], step)):
+            p.grad = g
+        optimizer.step()
+    cases = _bad_state_dicts(optimizer)
+    before = _state_snapshot(optimizer)
+    weights = [p.detach().clone() for p in params]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            optimizer.load_state_dict(bad)
+        _assert_same_state(optimizer, before)
+        assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_alto_loads_a_lamb_state_dict_with_a_fresh_buffer():
+    params = [torch.randn(5, requires_grad=True)]
+    lamb = Lamb(params, betas=(0.9, 0.99), weight_decay=1e-4)
+    params[0].grad = torch.ones(5)
+    lamb.step()
+    alto = ALTO([params[0].detach().clone().requires_grad_()])
+    alto.load_state_dict(lamb.state_dict())
+    assert "explore_buffer" not in alto.state[alto.param_groups[0]["params"][0]]
+    assert alto.param_groups[0]["explore_alpha"] == -5.0  # the keys Lamb lacks: defaults
+    alto.param_groups[0]["params"][0].grad = torch.ones(5)
+    alto.step()
+
+
+def test_alto_loads_a_state_dict_of_the_old_layout():
+    params = [torch.randn(5, requires_grad=True)]
+    alto = ALTO(params, alpha=-2.0, beta=0.9)
+    params[0].grad = torch.ones(5)
+    alto.step()
+    old = alto.state_dict()
+    group = old["param_groups"][0]
+    group["betas"] = (0.5, *group["betas"])
+    group["alpha"] = -3.0
+    del group["explore_alpha"], group["explore_beta"]
+    fresh = ALTO([params[0].detach().clone().requires_grad_()])
+    fresh.load_state_dict(old)
+    loaded = fresh.param_groups[0]
+    assert (loaded["explore_alpha"], loaded["explore_beta"], loaded["betas"]) == (
+        -3.0, 0.5, (0.9, 0.99)
+    )
+    assert "alpha" not in loaded
+
+
+# -- precision: state dtype, one rounding, Kahan (issue 10) -----------------------------------
+
+BF16_RESOLUTION = 2.0**-8  # relative spacing of bfloat16 (8 significant bits)
+
+
+def _least_squares_run(make, dtype, steps=500):
+    """Full-batch least squares ‖XWᵀ − XW*ᵀ‖²/n from a fixed start; gradients in float32
+    (as autocast gives), handed to the optimizer in the parameter's dtype."""
+    generator = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 32, generator=generator)
+    x = torch.randn(256, 32, generator=generator)
+    target = x @ torch.randn(64, 32, generator=generator).T
+    p = w0.to(dtype).requires_grad_()
+    optimizer = make([p])
+    for _ in range(steps):
+        residual = x @ p.detach().float().T - target
+        p.grad = ((2.0 / residual.numel()) * residual.T @ x).to(dtype)  # ∇ of the mean square
+        optimizer.step()
+    return p.detach().float(), optimizer
+
+
+def _relative_error(x, reference):
+    return float((x - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_bf16_alto_with_float32_state_tracks_its_float32_twin(foreach):
+    """500 ALTO steps at lr 3e-3 on bf16 parameters against the same run in float32.
+
+    With the default float32 state and ``kahan=True`` the relative parameter error stays
+    below one bf16 resolution, 2⁻⁸ ≈ 0.0039 (measured 0.0025). Without Kahan the updates,
+    below half an ulp of θ, round away (measured error 0.57); bf16 state with Kahan is
+    measured 0.011 (so float32 state is what gets under 2⁻⁸)."""
+    def make(**kw):
+        return lambda p: ALTO(p, lr=3e-3, foreach=foreach, **kw)
+
+    twin, _ = _least_squares_run(make(), torch.float32)
+    kahan, optimizer = _least_squares_run(make(kahan=True), torch.bfloat16)
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert state["exp_avg"].dtype == state["explore_buffer"].dtype == torch.float32
+    assert state["kahan_comp"].dtype == torch.bfloat16
+    kahan_error = _relative_error(kahan, twin)
+    assert kahan_error < BF16_RESOLUTION
+    plain, _ = _least_squares_run(make(), torch.bfloat16)
+    assert _relative_error(plain, twin) > 25 * kahan_error  # 0.57 vs 0.0025
+    bf16_state, _ = _least_squares_run(make(kahan=True, state_dtype=torch.bfloat16),
+                                       torch.bfloat16)  # fmt: skip
+    assert _relative_error(bf16_state, twin) > 2 * kahan_error  # 0.011 vs 0.0025
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_bf16_weight_decay_is_exact_with_kahan_and_rounds_once_without(foreach):
+    """100 steps, zero gradient, lr 0.02, decoupled wd 0.1 on bf16 θ₀ = 1: exact
+    θ/θ₀ = (1 − 0.002)¹⁰⁰ = 0.8186. ``kahan=True`` gives 0.8203 (within 1 %). Without it,
+    each step is θ ← bf16(θ − 0.002·θ) computed in float32 and rounded once: θ stops at 0.9766,
+    where 0.002·θ falls below half an ulp (2⁻⁹). (Before: 0.585, the scalar 0.998 was rounded to
+    bf16 0.99609 first.)"""
+    exact = (1 - 0.02 * 0.1) ** 100
+    assert abs(exact - 0.8186) < 1e-4
+    results = {}
+    for kahan in (True, False):
+        p = torch.ones(1000, dtype=torch.bfloat16, requires_grad=True)
+        optimizer = AdaBelief([p], lr=0.02, weight_decay=0.1, kahan=kahan, foreach=foreach)
+        for _ in range(100):
+            p.grad = torch.zeros_like(p)
+            optimizer.step()
+        assert torch.all(p == p[0])
+        results[kahan] = float(p.detach()[0])
+    assert abs(results[True] / exact - 1) < 0.01
+    once = torch.ones((), dtype=torch.bfloat16)
+    for _ in range(100):
+        once = (once.float() + (-0.02 * 0.1) * once.float()).bfloat16()
+    assert results[False] == float(once) == 0.9765625
+
+
+def test_state_dtype_defaults_option_and_state_dict_round_trip():
+    bf16 = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    f32 = torch.randn(3, requires_grad=True)
+    f64 = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    optimizer = ALTO([bf16, f32, f64], kahan=True)
+    for p in (bf16, f32, f64):
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    expected = {bf16: torch.float32, f32: torch.float32, f64: torch.float64}
+    for p, dtype in expected.items():
+        assert optimizer.state[p]["exp_avg_sq"].dtype == dtype
+    assert "kahan_comp" in optimizer.state[bf16] and "kahan_comp" not in optimizer.state[f32]
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # dtypes in param groups load safely
+    fresh = ALTO([t.detach().clone().requires_grad_() for t in (bf16, f32, f64)], kahan=True)
+    fresh.load_state_dict(saved)
+    restored = fresh.state[fresh.param_groups[0]["params"][0]]
+    assert restored["exp_avg"].dtype == torch.float32  # torch's load would round it to bf16
+    assert torch.equal(restored["exp_avg"], optimizer.state[bf16]["exp_avg"])
+    assert restored["kahan_comp"].dtype == torch.bfloat16
+    wide = Lamb([f32], state_dtype=torch.float64)
+    f32.grad = torch.randn_like(f32)
+    wide.step()
+    assert wide.state[f32]["exp_avg"].dtype == torch.float64
+    with pytest.raises(TypeError, match="Lamb: state_dtype must be None or a floating"):
+        Lamb([f32], state_dtype=torch.int32)
+    with pytest.raises(TypeError, match="AdaBelief: kahan must be True or False"):
+        AdaBelief([f32], kahan=1)
+
+
+# -- non-finite steps and GradScaler ----------------------------------------------------------
+
+SKIPPING = [
+    pytest.param(lambda p, **kw: Lamb(p, lr=0.01, weight_decay=0.01, **kw), id="Lamb"),
+    pytest.param(lambda p, **kw: Lamb(p, lr=0.01, foreach=False, max_grad_norm=1.0, **kw),
+                 id="Lamb-single-clip"),
+    pytest.param(lambda p, **kw: ALTO(p, lr=0.01, **kw), id="ALTO"),
+    pytest.param(lambda p, **kw: ALTO(p, lr=0.01, foreach=False, **kw), id="ALTO-single"),
+    pytest.param(lambda p, **kw: AdaBelief(p, lr=0.01, weight_decay=0.01, **kw), id="AdaBelief"),
+    pytest.param(lambda p, **kw: AdaBelief(p, lr=0.01, foreach=False, **kw),
+                 id="AdaBelief-single"),
+]  # fmt: skip
+
+
+def _everything(optimizer):
+    """Params and every state tensor (the skip counter excepted), cloned."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            out.append(p.detach().clone())
+            for key, value in sorted(optimizer.state.get(p, {}).items()):
+                if key != "nonfinite_skips":
+                    out.append(value.clone())
+    return out
+
+
+def _skip_run(make, dtype, bad_step, bad_value, steps=5, **kw):
+    theta0 = initial(torch.float32, zero_last=False)
+    params = [t.to(dtype).requires_grad_() for t in theta0]
+    optimizer = make(params, **kw)
+    snapshots = []
+    for step in range(steps):
+        grads = grad_fn([p.detach().float() for p in params], step)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = g.to(dtype)
+            if step == bad_step and i == 1:
+                p.grad.view(-1)[0] = bad_value
+        snapshots.append(_everything(optimizer))
+        optimizer.step()
+    snapshots.append(_everything(optimizer))
+    return params, optimizer, snapshots
+
+
+@pytest.mark.parametrize("make", SKIPPING)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_nonfinite_step_is_skipped_bit_identically(make, bad, dtype):
+    """Step k = 2 has one NaN/Inf: after it, params and every state tensor (step counters,
+    moments, buffer, Kahan compensation) equal those before it bit for bit, the count is 1,
+    and the later steps equal a run that never had step 2 (its gradients are those of the
+    clean run's step 2, recomputed from the same parameters)."""
+    kw = dict(skip_nonfinite=True, kahan=dtype == torch.bfloat16)
+    _, optimizer, snaps = _skip_run(make, dtype, bad_step=2, bad_value=bad, **kw)
+    before, after = snaps[2], snaps[3]
+    assert len(before) == len(after)
+    for x, y in zip(before, after):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert torch.equal(optimizer.skipped_steps, torch.tensor(1.0))
+    # later steps are normal: equal to a run whose step 2 had no gradient problem and whose
+    # step-2 gradient was dropped (grad_fn depends on the step index only through targets)
+    _, clean, clean_snaps = _skip_run(make, dtype, bad_step=-1, bad_value=0.0, steps=2, **kw)
+    assert torch.equal(clean.skipped_steps, torch.tensor(0.0))
+    for x, y in zip(clean_snaps[2], before):
+        assert torch.equal(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(snaps[4], snaps[3]))  # step 3 moved
+
+
+def test_skipping_off_by_default_lets_nan_in():
+    p = torch.ones(3, requires_grad=True)
+    optimizer = Lamb([p])
+    p.grad = torch.tensor([1.0, float("nan"), 1.0])
+    optimizer.step()
+    assert torch.isnan(p).any() and optimizer.skipped_steps is None
+
+
+@pytest.mark.parametrize("make", SKIPPING)
+def test_skip_kahan_and_bf16_step_on_meta_and_without_host_reads(make):
+    kw = dict(skip_nonfinite=True, kahan=True)
+    meta = [torch.empty(s, device="meta", dtype=torch.bfloat16).requires_grad_()
+            for s in [(4, 3), (3,), ()]]  # fmt: skip
+    optimizer = make(meta, **kw)
+    for _ in range(2):
+        for p in meta:
+            p.grad = torch.empty_like(p)
+        optimizer.step()
+    _, optimizer, _ = _skip_run(make, torch.bfloat16, bad_step=-1, bad_value=0.0, steps=2, **kw)
+    _set_grads(optimizer, 2)
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = p.grad.to(torch.bfloat16)
+    with host_read_probe() as reads:
+        optimizer.step()
+    assert reads == []
+
+
+def _scaler_run(make, autocast_dtype, inf_step, skip_step, steps=4, probe=False):
+    """A Linear model trained under CPU autocast and ``torch.amp.GradScaler``; at
+    ``inf_step`` one gradient gets an Inf after backward; ``skip_step`` is not stepped at all."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    optimizer = make(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator))
+               for _ in range(steps)]  # fmt: skip
+    reads = []
+    for step, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        if step == skip_step:
+            continue
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if step == inf_step:
+            model.weight.grad[0, 0] = float("inf")
+        if probe:
+            with host_read_probe() as found:
+                scaler.step(optimizer)
+            reads.extend(found)
+        else:
+            scaler.step(optimizer)
+        scaler.update()
+    return model, optimizer, reads
+
+
+@pytest.mark.parametrize("make", SKIPPING[::2])  # Lamb, ALTO, AdaBelief (foreach)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_grad_scaler_inf_step_equals_a_skipped_step_without_host_reads(make, autocast_dtype):
+    """GradScaler hands ``grad_scale``/``found_inf`` to the optimizer (``_step_supports_amp_
+    scaling``): the step unscales on the device and skips where ``found_inf`` is set, so a run
+    with an Inf at step 1 equals a run that never steps at step 1 (the scale is a power of
+    two: unscaling is exact), and ``scaler.step(opt)`` makes no host read."""
+    assert type(make(nn.Linear(1, 1).parameters()))._step_supports_amp_scaling is True
+    injected, optimizer, reads = _scaler_run(make, autocast_dtype, inf_step=1, skip_step=-1,
+                                             probe=True)  # fmt: skip
+    skipped, _, _ = _scaler_run(make, autocast_dtype, inf_step=-1, skip_step=1)
+    for p, q in zip(injected.parameters(), skipped.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(optimizer.skipped_steps, torch.tensor(1.0))
+    assert reads == []
+
+
+def test_fused_bf16_kahan_and_skip_match_the_foreach_path():
+    """The compiled kernels with bf16 parameters, float32 state, Kahan writes and a NaN step:
+    the skipped step leaves everything bit-identical (``torch.where`` inside the kernels), and
+    the trajectory equals the foreach path's up to one bf16 rounding of an element (both
+    compute in float32 and round once; summation order differs)."""
+    kw = dict(lr=0.01, alpha=-5.0, beta=0.9, kahan=True, skip_nonfinite=True)
+    generator = torch.Generator().manual_seed(2)
+    theta0 = [torch.randn(256, 256, generator=generator), torch.randn(40, generator=generator)]
+
+    def go(fused):
+        params = [t.to(torch.bfloat16).requires_grad_() for t in theta0]
+        optimizer = ALTO(params, fused=fused, **kw)
+        snaps = []
+        for step in range(4):
+            for p, g in zip(params, grad_fn([p.detach().float() for p in params], step)):
+                p.grad = g.to(torch.bfloat16)
+            if step == 2:
+                params[0].grad[3, 4] = float("nan")
+            snaps.append(_everything(optimizer))
+            optimizer.step()
+        return params, optimizer, snaps
+
+    fused, optimizer, snaps = go(True)
+    for x, y in zip(snaps[2], snaps[3]):
+        assert torch.equal(x, y)
+    assert torch.equal(optimizer.skipped_steps, torch.tensor(1.0))
+    state = optimizer.state[fused[0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["kahan_comp"].dtype == torch.bfloat16
+    plain, _, _ = go(False)
+    for x, y in zip(fused, plain):
+        torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-6)
+    assert not torch.equal(fused[0], theta0[0].to(torch.bfloat16))
+
+
+# -- torch.compile -----------------------------------------------------------------------------
+
+COMPILED = [
+    pytest.param(lambda p: Lamb(p, lr=0.01, weight_decay=0.01), id="Lamb"),
+    pytest.param(lambda p: ALTO(p, lr=0.01), id="ALTO"),
+    pytest.param(lambda p: AdaBelief(p, lr=0.01, weight_decay=0.01), id="AdaBelief"),
+]
+# aot_eager: dynamo's trace (where (None, None) device keys crashed) with eager kernels, so
+# compiled and eager agree bit for bit; one inductor test checks the generated code (float32:
+# rtol 1e-5, its reassociated sums differ from eager by a few ulps).
+COMPILE_TOLERANCE = {"aot_eager": dict(rtol=0, atol=0), "inductor": dict(rtol=1e-5, atol=1e-6)}
+
+
+def _compiled_vs_eager(make, backend, dtype=torch.float32, steps=3):
+    generator = torch.Generator().manual_seed(4)
+    theta0 = [torch.randn(8, 4, generator=generator), torch.randn(4, generator=generator)]
+    grads = [[torch.randn(t.shape, generator=generator) for t in theta0] for _ in range(steps)]
+    out = []
+    for compiled in (False, True):
+        params = [t.to(dtype).requires_grad_() for t in theta0]
+        optimizer = make(params)
+
+        def train_step(gs, params=params, optimizer=optimizer):
+            for p, g in zip(params, gs):
+                p.grad = g.to(dtype)
+            optimizer.step()
+
+        run_step = torch.compile(train_step, backend=backend) if compiled else train_step
+        for gs in grads:
+            run_step(gs)
+        out.append([p.detach() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("make", COMPILED)
+def test_compiled_step_with_default_arguments_equals_eager(make):
+    eager, compiled = _compiled_vs_eager(make, "aot_eager")
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["aot_eager"])
+
+
+def test_inductor_compiled_alto_step_equals_eager():
+    eager, compiled = _compiled_vs_eager(lambda p: ALTO(p, lr=0.01), "inductor")
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["inductor"])
+
+
+def test_compiled_bf16_alto_with_kahan_and_skip_equals_eager():
+    """The precision paths (float32 work copies, Kahan writes, the skip flag's masked
+    restore) under ``torch.compile`` (aot_eager): bf16 results bit-identical to eager."""
+    eager, compiled = _compiled_vs_eager(
+        lambda p: ALTO(p, lr=0.01, kahan=True, skip_nonfinite=True), "aot_eager",
+        dtype=torch.bfloat16,
+    )
+    assert_all_close(compiled, eager, **COMPILE_TOLERANCE["aot_eager"])

@@ -134,12 +134,19 @@ def test_estimate_of_a_linear_loss_is_rank_one_and_exact():
         torch.testing.assert_close(g, delta * (delta @ b), rtol=1e-9, atol=0.0)
 
 
-def test_returned_loss_is_the_mean_of_the_two_evaluations():
-    """For ``f = ½Σλᵢθᵢ²`` and Rademacher Δ: ``(f₊+f₋)/2 = f(θ) + (c²/2)·Σλᵢ`` exactly."""
+@pytest.mark.parametrize("samples", [1, 3], ids=["one-sample", "three-samples"])
+def test_returned_loss_is_the_mean_of_the_two_evaluations(samples):
+    """For ``f = ½Σλᵢθᵢ²`` and Rademacher Δ: ``(f₊+f₋)/2 = f(θ) + (c²/2)·Σλᵢ`` exactly.
+
+    Both paths (``samples == 1`` keeps Δ in ``p.grad``; ``samples > 1`` regenerates it), by
+    ``estimate`` and through the explored optimizer's ``step``. Mutation caught: the
+    one-sample path returning ``f₊`` (or ``f₋``) instead of ``(f₊+f₋)/2`` — they differ
+    from the reference by ``±c·Δᵀ∇f`` (about 1e-2 here, against rtol 1e-12).
+    """
     theta = torch.linspace(-1.0, 1.0, 9, dtype=torch.float64).requires_grad_()
     lam = torch.arange(1.0, 10.0, dtype=torch.float64)
     c = 1e-2
-    spsa = SPSA(perturbation=c, samples=3, seed=0)
+    spsa = SPSA(perturbation=c, samples=samples, seed=0)
 
     def loss():
         return 0.5 * (lam * theta * theta).sum()
@@ -152,6 +159,15 @@ def test_returned_loss_is_the_mean_of_the_two_evaluations():
     as_float = spsa.estimate(lambda: loss().item(), [{"params": [theta]}])
     assert isinstance(as_float, float)
     assert math.isclose(as_float, expected.item(), rel_tol=1e-12)
+
+    # through explore(...).step: the loss of θ before the base moves it
+    optimizer = explore(
+        SPSA(perturbation=c, samples=samples, seed=1), torch.optim.SGD([theta], lr=0.1),
+        alpha=0.5, beta=0.01,
+    )
+    with torch.no_grad():
+        expected = loss() + 0.5 * c * c * lam.sum()
+    torch.testing.assert_close(optimizer.step(loss), expected, rtol=1e-12, atol=0.0)
 
 
 # -- convergence ------------------------------------------------------------------------------
@@ -356,9 +372,12 @@ def test_restore_drift_is_within_the_documented_bound():
     assert not torch.equal(theta.detach(), start), "expected some round-off drift"
 
 
-@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 3)])
-def test_step_on_meta_device_with_both_paths(distribution, samples):
-    params = [torch.empty(5, 4, device="meta", requires_grad=True),
+@pytest.mark.parametrize(("distribution", "samples", "dtype"), [
+    ("rademacher", 1, torch.float32), ("gaussian", 3, torch.float32),
+    ("rademacher", 2, torch.bfloat16),  # the low-precision path (saved copy, realized steps)
+])
+def test_step_on_meta_device_with_both_paths(distribution, samples, dtype):
+    params = [torch.empty(5, 4, device="meta", requires_grad=True, dtype=dtype),
               torch.empty(7, device="meta", requires_grad=True)]
     optimizer = explore(
         SPSA(distribution=distribution, samples=samples, chunk=6),
@@ -478,3 +497,211 @@ def test_a_raising_closure_leaves_the_parameters_restored(samples):
         )
     bound = 2 * 2.0**-24 * (3 * start.abs() + 2 * 2.0**-7)
     assert ((theta.detach() - start).abs() <= bound).all()
+
+
+# -- copies and pickling ----------------------------------------------------------------------
+
+
+def _estimates(spsa, params, steps=2):
+    """The gradients of ``steps`` estimates on a fixed loss (θ unchanged between them)."""
+    out = []
+    for _ in range(steps):
+        spsa.estimate(lambda: sum((p.sin() * (1 + i)).sum() for i, p in enumerate(params)),
+                      [{"params": params}])
+        out.append([p.grad.clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("samples", [1, 2])
+def test_copies_and_pickles_continue_the_stream_independently(how, samples):
+    """A copy (deepcopy or pickle round trip) of a used SPSA draws what the original would
+    draw next, and stepping it leaves the original's step counter and generators alone.
+
+    Mutations caught: ``__deepcopy__`` sharing ``_generators`` with the original (``twin``
+    ``_generators is spsa._generators``), and ``__getstate__`` resetting ``step`` (the
+    copy would redraw step 0's directions).
+    """
+    import pickle
+
+    params = _two_params(dtype=torch.float32)
+    spsa = SPSA(samples=samples, distribution="gaussian", seed=11, chunk=5)
+    _estimates(spsa, params, steps=1)
+    twin = copy.deepcopy(spsa) if how == "deepcopy" else pickle.loads(pickle.dumps(spsa))
+    assert twin is not spsa and twin.step == spsa.step == 1 and twin.seed == spsa.seed
+    assert repr(twin) == repr(spsa)
+    assert twin._generators is not spsa._generators and not twin._generators
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    from_twin = _estimates(twin, twin_params, steps=2)
+    assert spsa.step == 1, "stepping the copy moved the original's counter"
+    from_original = _estimates(spsa, params, steps=2)
+    for mine, theirs in zip(from_original, from_twin):
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b)
+    assert twin.step == spsa.step == 3
+
+
+def test_explored_spsa_deepcopies_with_an_independent_estimator():
+    """``copy.deepcopy(explore(SPSA, SGD))`` steps its own parameters with its own estimator."""
+    params = _two_params(dtype=torch.float32)
+    optimizer = explore(SPSA(seed=3), torch.optim.SGD(params, lr=0.1), alpha=0.5, beta=0.01)
+
+    def closure_for(ps):
+        return lambda: sum((p.cos() * (1 + i)).sum() for i, p in enumerate(ps))
+
+    optimizer.step(closure_for(params))
+    twin = copy.deepcopy(optimizer)
+    twin_params = twin.param_groups[0]["params"]
+    assert all(a is not b for a, b in zip(params, twin_params))
+    before = [p.detach().clone() for p in params]
+    twin.step(closure_for(twin_params))
+    assert all(torch.equal(a, b) for a, b in zip(params, before)), "copy moved the original"
+    optimizer.step(closure_for(params))
+    for a, b in zip(params, twin_params):
+        assert torch.equal(a, b)
+
+
+def test_process_group_argument_is_validated():
+    """Validation of ``process_group``: a non-group is a TypeError naming the argument."""
+    with pytest.raises(TypeError, match="SPSA process_group must be None"):
+        SPSA(process_group="world")
+    assert SPSA(process_group=False).process_group is False
+
+
+# -- bf16 / fp16 parameters ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "coarse_range", "fine_range"),
+    [(torch.bfloat16, (0.25, 0.5), (1 / 16, 1 / 8)), (torch.float16, (2.0, 4.0), (0.25, 0.5))],
+    ids=["bf16", "fp16"],
+)
+def test_low_precision_estimate_is_unbiased_where_the_format_can_move_and_restores_exactly(
+    dtype, coarse_range, fine_range
+):
+    """bf16/fp16: ``E ĝᵢ = ∇ᵢf`` on coordinates whose perturbation the grid rounds to ≠ 2c.
+
+    ``f = bᵀθ`` (evaluated in float64), Rademacher, ``c = 1e-3``. The test computes the
+    realized half-steps ``mᵢ = (rnd(θᵢ+c) − rnd(θᵢ−c))/2`` itself (float64 of the rounded
+    values): ``|θ|`` in a coarse binade has ``m = 2⁻⁹ ≈ 1.95c`` (bf16 ``[0.25, 0.5)``, fp16
+    ``[2, 4)``), in a fine one ``m = 2⁻¹⁰ ≈ 0.98c``. With ``ĝᵢ = (f₊−f₋)/(2mᵢΔᵢ)`` the
+    per-coordinate variance is ``Σ_{j≠i} b_j² m_j²/mᵢ²``; the mean of N estimates must be
+    within a Bonferroni bound of ``b``, and the naive estimator's expectation
+    ``(mᵢ/c)·bᵢ`` (slope 1.95 on the coarse binade) must be rejected by the regression
+    slope over that binade (power). The parameters are restored bit for bit after every
+    estimate.
+
+    Mutations caught: dividing by ``2cΔᵢ`` instead of the realized difference (the former
+    behaviour: slope 1.95 on the coarse binade), restoring with ``θ += cΔ`` instead of the
+    saved copy (the parameters drift).
+    """
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.empty(96, dtype=torch.float64).uniform_(*coarse_range, generator=generator)
+    fine = torch.empty(96, dtype=torch.float64).uniform_(*fine_range, generator=generator)
+    signs = torch.randint(0, 2, (192,), generator=generator) * 2.0 - 1.0
+    theta = (torch.cat([coarse, fine]) * signs).to(dtype).requires_grad_()
+    start = theta.detach().clone()
+    b = torch.randn(192, generator=generator, dtype=torch.float64)
+    c = 1e-3
+    t64 = start.double()
+    half_step = ((t64 + c).to(dtype).double() - (t64 - c).to(dtype).double()) / 2.0
+    assert (half_step > 0).all()
+    spsa = SPSA(perturbation=c, seed=4)
+    n = 600
+    total = torch.zeros(192, dtype=torch.float64)
+    for _ in range(n):
+        spsa.estimate(lambda: (theta.double() * b).sum(), [{"params": [theta]}])
+        assert torch.equal(theta.detach(), start), "the parameters were not restored exactly"
+        assert theta.grad.dtype == dtype
+        total += theta.grad.double()
+    mean = total / n
+    variance = ((b * half_step).square().sum() - (b * half_step).square()) / half_step.square()
+    z = _bonferroni_z(192)
+    # the estimate is written to p.grad in the parameter's dtype: allow its rounding
+    rounding = 2.0 ** -(8 if dtype == torch.bfloat16 else 11) * (mean.abs() + b.abs())
+    scores = ((mean - b).abs() - rounding).clamp_min(0) / (variance / n).sqrt()
+    assert scores.max().item() < z
+    # slope of the mean estimate on b over the coarse binade: 1 here, m/c ≈ 1.95 if naive
+    bc, mc, vc = b[:96], mean[:96], variance[:96] / n
+    slope = (mc * bc).sum() / bc.square().sum()
+    slope_error = (bc.square() * vc).sum().sqrt() / bc.square().sum()
+    naive_slope = (half_step[:96] / c).mean()
+    assert naive_slope > 1.9
+    assert abs(slope - 1.0) < 4 * slope_error + 2e-3, (slope, slope_error)
+    assert abs(slope - naive_slope) > 10 * slope_error, "the check has no power"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("distribution", "samples"), [("rademacher", 1), ("gaussian", 2)])
+def test_exact_restore_leaves_float_parameters_bit_identical(dtype, distribution, samples):
+    """``exact_restore=True``: after every estimate the parameters are the same bits (the
+    in-place walk of the default drifts by an ulp here), and the estimate is the usual one
+    to rounding (float64 reference: ``(f₊−f₋)/(2c)·Δ`` for a linear loss is ``Δ(Δᵀb)``).
+
+    Mutation caught: ``p.copy_(theta.float().add_(delta, ...))`` — ``.float()`` of a float32
+    tensor is the tensor itself, so the saved copy was overwritten and the "restore" wrote
+    ``θ + cΔ − cΔ`` back (found by the generic skipped-step test).
+    """
+    generator = torch.Generator().manual_seed(3)
+    magnitudes = torch.exp2(torch.empty(256).uniform_(-12, 3, generator=generator))
+    theta = (magnitudes * torch.randn(256, generator=generator).sign()).to(dtype)
+    theta.requires_grad_()
+    start = theta.detach().clone()
+    b = torch.randn(256, generator=generator, dtype=torch.float64)
+    exact = SPSA(perturbation=1e-3, samples=samples, distribution=distribution, seed=2,
+                 exact_restore=True)
+    walk = SPSA(perturbation=1e-3, samples=samples, distribution=distribution, seed=2)
+    twin = start.clone().requires_grad_()
+    drifted = False
+    for _ in range(5):
+        exact.estimate(lambda: (theta.double() * b).sum(), [{"params": [theta]}])
+        assert torch.equal(theta.detach(), start)
+        walk.estimate(lambda: (twin.double() * b).sum(), [{"params": [twin]}])
+        drifted |= not torch.equal(twin.detach(), start)
+        rtol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(theta.grad, twin.grad, rtol=rtol, atol=rtol * b.abs().sum())
+    assert drifted, "the in-place walk was expected to drift on these values"
+
+
+def test_exact_restore_packs_mixed_dtypes_blocks_and_strides():
+    """The copy path over bf16, fp16 and float32 parameters (one non-contiguous), packed in
+    packs of ``chunk = 7`` elements with a parameter larger than a pack, against a float64
+    reference: for ``f = bᵀθ`` and Rademacher Δ, ``f₊ − f₋ = S = Σⱼ bⱼΔⱼmⱼ`` with
+    ``mⱼ = rnd(θⱼ+c) − rnd(θⱼ−c)`` (computed here), and ``ĝᵢ = S/(Δᵢmᵢ)``. The test reads
+    ``Δᵢ = sign(ĝᵢ)·sign(S)`` from the estimate, rebuilds ``S`` and checks every coordinate.
+    Mutations caught: the estimate shifted by one element within a pack
+    (``torch.roll(estimate, 1)`` before the copy into the gradients), the first pack's
+    restore skipped (parameters not bit-identical)."""
+    generator = torch.Generator().manual_seed(7)
+    shapes_dtypes = [((4, 5), torch.bfloat16), ((3,), torch.float32), ((6,), torch.float16),
+                     ((2, 2), torch.float32)]
+    params = []
+    for shape, dtype in shapes_dtypes:
+        values = torch.empty(shape, dtype=torch.float64).uniform_(0.3, 3.0, generator=generator)
+        params.append(values.to(dtype))
+    params[3] = params[3].t().contiguous().t()  # non-contiguous
+    assert not params[3].is_contiguous()
+    for p in params:
+        p.requires_grad_()
+    start = [p.detach().clone() for p in params]
+    bs = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+    c = 2e-3
+    spsa = SPSA(perturbation=c, seed=1, chunk=7)
+
+    def loss():
+        return sum((p.double() * b).sum() for p, b in zip(params, bs))
+
+    for _ in range(3):
+        spsa.estimate(loss, [{"params": params}])
+        for p, s in zip(params, start):
+            assert torch.equal(p.detach(), s) and p.grad.dtype == p.dtype
+        g = torch.cat([p.grad.double().reshape(-1) for p in params])
+        m = torch.cat([((s.double() + c).to(s.dtype).double()
+                        - (s.double() - c).to(s.dtype).double()).reshape(-1) for s in start])
+        b = torch.cat([b.reshape(-1) for b in bs])
+        signs = torch.sign(g)  # = Δ·sign(S)
+        total = (b * signs * m).sum()  # = S·sign(S) = |S|
+        expected = total / (signs * m)  # |S|/(Δᵢ·sign(S)·mᵢ) = S/(Δᵢmᵢ) = ĝᵢ
+        rounding = torch.cat([torch.full((p.numel(),), 2.0 ** -(8 if p.dtype == torch.bfloat16
+                              else 11 if p.dtype == torch.float16 else 24)) for p in params])
+        assert ((g - expected).abs() <= 2 * rounding * expected.abs()).all()

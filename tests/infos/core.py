@@ -9,8 +9,15 @@ from tests.optim_db import OptimizerInfo
 
 
 def _explored(base_factory, name, *, alpha=-5.0, beta=0.99, fused=None, **info_kwargs):
-    def build(params, alpha=alpha, beta=beta, **overrides):
-        return E(base_factory(params, **overrides), alpha=alpha, beta=beta, fused=fused)
+    def build(params, alpha=alpha, beta=beta, state_dtype=None, skip_nonfinite=False,
+              kahan=False, **overrides):
+        # The capability-table contract: state_dtype and skip_nonfinite are E's; kahan
+        # belongs to a base of this library, and torch's bases have none (dropped).
+        del kahan
+        return E(
+            base_factory(params, **overrides), alpha=alpha, beta=beta, fused=fused,
+            state_dtype=state_dtype, skip_nonfinite=skip_nonfinite,
+        )
 
     invalid = (
         (lambda params: build(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),

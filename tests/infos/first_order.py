@@ -1,7 +1,16 @@
-"""Entries for the first-order backends: Lamb, AdaBelief and ALTO (the adapted Lamb)."""
+"""Entries for the first-order backends: Lamb, AdaBelief and ALTO (the adapted Lamb).
+
+Every ``build(params, **overrides)`` passes keyword overrides to the constructor, so the
+generic tests' ``state_dtype=``, ``skip_nonfinite=`` and ``kahan=`` reach the optimizer (all
+three are constructor arguments of Lamb, ALTO and AdaBelief); for ALTO the group keys
+``explore_alpha``/``explore_beta`` are mapped to its ``alpha``/``beta`` arguments. The
+``-fused`` entries take the compiled path for tensors of at least
+``adaptor.replacement.FUSED_MIN_NUMEL`` elements (smaller ones take the foreach path).
+"""
 
 from __future__ import annotations
 
+from adaptor.explore import ALPHA_KEY, BETA_KEY
 from backends.first_order import ALTO, AdaBelief, Lamb
 from tests.optim_db import OptimizerInfo
 
@@ -22,11 +31,16 @@ def _adabelief(params, lr=1e-2, **kw):
 
 
 def _alto(params, lr=1e-2, alpha=-5.0, **kw):
+    # the group keys name the adaptor's α and β; as constructor arguments they are alpha/beta
+    alpha = kw.pop(ALPHA_KEY, alpha)
+    if BETA_KEY in kw:
+        kw["beta"] = kw.pop(BETA_KEY)
     return ALTO(params, lr=lr, alpha=alpha, **kw)
 
 
 def _alto_base(params, lr=1e-2, **kw):
     """ALTO's Lamb: same β₂, β₃, λ and epsilons, no replacement (``alpha=0``)."""
+    kw.pop("beta", None)
     kw.setdefault("weight_decay", 1e-4)
     return Lamb(params, lr=lr, betas=(0.9, 0.99), **kw)
 
@@ -102,23 +116,50 @@ INFOS = [
         name="ALTO",
         build=_alto,
         base=_alto_base,
-        group_override={"lr": 3e-3, "alpha": 0.5, "betas": (0.5, 0.9, 0.99)},
+        group_override={
+            "lr": 3e-3, "explore_alpha": 0.5, "explore_beta": 0.5, "betas": (0.8, 0.99),
+        },
         invalid=(
             *_lamb_invalid(_alto, "ALTO"),
-            _bad(_alto, ValueError, r"\|alpha\| < 1/\(1-beta\) = 100 .*beta is betas\[0\]",
-                 alpha=-100.0),
-            _bad(_alto, ValueError, r"betas\[0\]=1.0, must satisfy 0 <= betas\[0\] < 1",
-                 betas=(1.0, 0.9, 0.99)),
-            _bad(_alto, ValueError, r"betas must be a tuple of 3", betas=(0.99, 0.9)),
+            _bad(_alto, ValueError, r"\|alpha\| < 1/\(1-beta\) = 100 .*ALTO", alpha=-100.0),
+            _bad(_alto, ValueError, r"explore beta must satisfy 0 <= beta < 1", beta=1.0),
+            _bad(_alto, ValueError, r"betas=\(0.99, 0.9, 0.99\) has the old layout",
+                 betas=(0.99, 0.9, 0.99)),
+            _bad(_alto, ValueError, r"betas must be a tuple of 2 numbers \(β₂, β₃\)",
+                 betas=(0.9,)),
+            _bad(_alto, ValueError, r"invalid betas\[0\]=1.0, must satisfy 0 <= betas\[0\] < 1",
+                 betas=(1.0, 0.99)),
             _bad(_alto, TypeError, r"alpha must be a real number", alpha="big"),
             (
                 lambda params: _alto([
                     {"params": params[:2]},
-                    {"params": params[2:], "alpha": 2.0, "betas": (0.1, 0.9, 0.99)},
+                    {"params": params[2:], "explore_alpha": 2.0, "explore_beta": 0.1},
                 ]),
                 ValueError,
                 r"\|alpha\| < 1/\(1-beta\)",
             ),
         ),
+    ),
+    OptimizerInfo(
+        name="Lamb-fused",
+        build=lambda params, **kw: _lamb(params, fused=True, **kw),
+        group_override={"lr": 3e-3, "weight_decay": 0.0, "trust_clip": (0.0, 2.0)},
+        invalid=_lamb_invalid(lambda params, **kw: _lamb(params, fused=True, **kw), "Lamb"),
+        fused_compile=True,
+    ),
+    OptimizerInfo(
+        name="ALTO-fused",
+        build=lambda params, **kw: _alto(params, fused=True, **kw),
+        base=lambda params, **kw: _alto_base(params, fused=True, **kw),
+        group_override={
+            "lr": 3e-3, "explore_alpha": 0.5, "explore_beta": 0.5, "betas": (0.8, 0.99),
+        },
+        invalid=(
+            _bad(lambda params, **kw: _alto(params, fused=True, **kw), ValueError,
+                 r"\|alpha\| < 1/\(1-beta\) = 100 .*ALTO", alpha=-100.0),
+            _bad(lambda params, **kw: _alto(params, fused=True, **kw), TypeError,
+                 r"ALTO: skip_nonfinite must be True or False", skip_nonfinite=None),
+        ),
+        fused_compile=True,
     ),
 ]

@@ -36,8 +36,23 @@ def _adam(params, lr=1e-2, **kw):
 def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_base=True):
     spsa = {"seed": 0, **(spsa or {})}
 
-    def build(params, alpha=alpha, beta=beta, **overrides):
-        return explore(SPSA(**spsa), base_factory(params, **overrides), alpha=alpha, beta=beta)
+    def build(params, alpha=alpha, beta=beta, state_dtype=None, skip_nonfinite=False,
+              kahan=False, **overrides):
+        # The capability-table contract: state_dtype and skip_nonfinite are E's; kahan
+        # belongs to a base of this library and torch's SGD/Adam have none (dropped). SPSA
+        # itself writes parameters only to perturb and restore them (restored exactly for
+        # bf16/fp16), so it takes none of the three.
+        del kahan
+        adaptor_options, estimator_options = {}, {}
+        if state_dtype is not None:
+            adaptor_options["state_dtype"] = state_dtype
+        if skip_nonfinite:
+            adaptor_options["skip_nonfinite"] = skip_nonfinite
+            # a skipped step must leave the parameters bit-identical: the in-place
+            # perturb/restore walk of float32 parameters drifts by an ulp, the copy does not
+            estimator_options["exact_restore"] = True
+        return explore(SPSA(**spsa, **estimator_options), base_factory(params, **overrides),
+                       alpha=alpha, beta=beta, **adaptor_options)
 
     def base(params, **overrides):
         return SPSAThenBase(SPSA(**spsa), base_factory(params, **overrides))

@@ -45,7 +45,7 @@ def _alto(params, lr, alpha=None, beta=None):
     # ALTO is the adapted Lamb: without the adaptor it is ALTO with α = 0.
     if alpha is None:
         alpha, beta = 0.0, 0.9
-    return ALTO(params, lr=lr, betas=(beta, 0.9, 0.99), alpha=alpha, weight_decay=0.0)
+    return ALTO(params, lr=lr, betas=(0.9, 0.99), alpha=alpha, beta=beta, weight_decay=0.0)
 
 
 class _SPSAThenSGD:
