@@ -30,6 +30,11 @@ calls ``item()`` or ``repr``, which calls ``tolist()``; that is one read, not th
 ``library_dirs`` is a parameter: the probe's self-test passes the test file itself to play
 the library, and the GradScaler test adds ``torch/amp/grad_scaler.py`` so that the scaler's
 own generic-path read of ``found_inf`` is counted too.
+
+``direct=True`` counts only reads whose immediate caller is library code. The meta-device
+tests use it: torch's meta kernels may format meta tensors (which hold no data) while
+checking their arguments, e.g. ``torch._foreach_lerp_`` with a list of tensor weights, and
+that is no host read; a library ``f"{t}"`` still counts.
 """
 
 from __future__ import annotations
@@ -79,8 +84,13 @@ def _is_torch_optimizer_step(code) -> bool:
     )
 
 
-def _attribute(frame, library: tuple[str, ...]) -> str | None:
+def _attribute(frame, library: tuple[str, ...], direct: bool = False) -> str | None:
     """``"file:line"`` of the library frame a read is made for, or ``None`` (not counted)."""
+    if direct:
+        code = frame.f_code
+        if not code.co_filename.startswith(library):
+            return None
+        return f"{code.co_filename}:{frame.f_lineno}"
     while frame is not None:
         code = frame.f_code
         if code.co_filename.startswith(library):
@@ -102,10 +112,13 @@ def _resolve(paths: Sequence[str | Path]) -> tuple[str, ...]:
 @contextlib.contextmanager
 def host_read_probe(
     library_dirs: Sequence[str | Path] = LIBRARY_DIRS,
+    *,
+    direct: bool = False,
 ) -> Iterator[list[str]]:
     """Yields a list that collects ``"file:line method"`` for every host read the rule counts.
 
     ``library_dirs``: directories (or single files) whose code is "the library".
+    ``direct``: count only reads written in library code itself (see the module docstring).
     """
     library = _resolve(library_dirs)
     reads: list[str] = []
@@ -116,7 +129,7 @@ def host_read_probe(
         def probe(self, *args, **kwargs):
             if getattr(_active, "depth", 0):  # a read inside a read: already counted
                 return original(self, *args, **kwargs)
-            where = _attribute(sys._getframe(1), library)
+            where = _attribute(sys._getframe(1), library, direct)
             if where is not None:
                 reads.append(f"{where} {name}")
             _active.depth = 1

@@ -154,3 +154,11 @@ def test_probe_restores_the_tensor_class():
 
 def test_grad_scaler_file_exists():
     assert GRAD_SCALER_FILE.endswith("grad_scaler.py")
+
+
+def test_direct_mode_counts_only_reads_written_in_the_library():
+    tensors = _tensors()
+    with host_read_probe(HERE, direct=True) as reads:
+        library_fstring(tensors)
+        library_clip_with_nonfinite_check(tensors)  # the read is inside torch
+    assert len(reads) == 1 and reads[0].endswith("__format__"), reads
