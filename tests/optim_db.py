@@ -234,3 +234,17 @@ def _bits(t: Tensor) -> Tensor:
 
 def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach().clone().requires_grad_() for p in params]
+
+
+def step_with_empty_grads(
+    info: OptimizerInfo, optimizer: Optimizer, params: Sequence[Tensor], steps: range
+) -> None:
+    """Steps that need no data (for ``meta`` parameters): autograd entries get ``empty_like``
+    gradients, zero-order entries evaluate their closure."""
+    for step in steps:
+        if info.closure_kind == "loss":
+            optimizer.step(make_closure(info, optimizer, params, step))
+        else:
+            for p in params:
+                p.grad = torch.empty_like(p)
+            optimizer.step()

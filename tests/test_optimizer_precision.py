@@ -39,6 +39,7 @@ from tests.optim_db import (
     make_params,
     run_steps,
     state_snapshot,
+    step_with_empty_grads,
 )
 from tests.probes import GRAD_SCALER_FILE, LIBRARY_DIRS, host_read_probe
 
@@ -206,13 +207,7 @@ def test_nonfinite_check_runs_on_the_meta_device(info):
     params = make_params(info, device="meta")
     optimizer = info.build(params, skip_nonfinite=True)
     with host_read_probe(direct=True) as reads:
-        for step in range(3):
-            if info.closure_kind == "loss":
-                optimizer.step(make_closure(info, optimizer, params, step))
-            else:
-                for p in params:
-                    p.grad = torch.empty_like(p)
-                optimizer.step()
+        step_with_empty_grads(info, optimizer, params, range(3))
     assert reads == []
     assert optimizer.skipped_steps.device.type == "meta"
 

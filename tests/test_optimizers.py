@@ -16,6 +16,7 @@ from tests.optim_db import (
     make_closure,
     make_params,
     run_steps,
+    step_with_empty_grads,
 )
 from tests.probes import host_read_probe
 
@@ -42,13 +43,7 @@ def test_step_on_meta_device(info):
     params = make_params(info, device="meta")
     optimizer = info.build(params)
     with host_read_probe(direct=True) as reads:
-        for step in range(3):
-            if info.closure_kind == "loss":
-                optimizer.step(make_closure(info, optimizer, params, step))
-            else:
-                for p in params:
-                    p.grad = torch.empty_like(p)
-                optimizer.step()
+        step_with_empty_grads(info, optimizer, params, range(3))
     assert reads == [], f"host reads inside step() on meta: {reads}"
     assert all(p.device.type == "meta" for p in params)
 
