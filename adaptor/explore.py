@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adaptor import fastpath
 from adaptor.estimators import Autograd, Closure, GradEstimator, check_estimator
 from adaptor.precision import (
     SKIPS_KEY,
@@ -351,16 +352,46 @@ class ExploredOptimizer(Optimizer):
         with torch.no_grad():
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
             skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
-            self._replace(hparams, skip)
+            # Parameters the fast path takes (replacement + torch's SGD/Adam update in one
+            # kernel, see adaptor.fastpath); never with a skip flag or telemetry.
+            fast = (
+                fastpath.plan(self, hparams, BUFFER_KEY)
+                if skip is None and self._telemetry is None and self.fused is not False
+                else []
+            )
+            exclude = {id(p) for *_, params in fast for p in params}
+            self._replace(hparams, skip, exclude)
             if skip is not None:
                 self._count_skips(skip)
-        if skip is None:
+            if fast:
+                fastpath.run(self, fast, BUFFER_KEY)
+        if fast:
+            self._step_base_without(exclude)
+        elif skip is None:
             self._step_base()
         elif self._base_skips_on_device:
             self._step_base_skipping(skip)
         else:
             self._step_base_restoring(skip)
         return loss
+
+    def _step_base_without(self, exclude: set[int]) -> None:
+        """``base.step()`` over the parameters the fast path did not take.
+
+        Their gradients are hidden (``grad = None``, so the base skips them and leaves their
+        state alone) and put back afterwards: ``p.grad`` holds ``g̃`` for every parameter.
+        """
+        hidden = [
+            (p, p.grad) for group in self.param_groups for p in group["params"]
+            if id(p) in exclude
+        ]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self._step_base()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
 
     def _step_base_skipping(self, skip: Tensor) -> None:
         """A base with ``_step_supports_amp_scaling`` skips on the device itself."""
@@ -493,7 +524,12 @@ class ExploredOptimizer(Optimizer):
         for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
             post_hook(base, args, kwargs)
 
-    def _replace(self, hparams: list[tuple[float, float]], skip: Tensor | None = None) -> None:
+    def _replace(
+        self,
+        hparams: list[tuple[float, float]],
+        skip: Tensor | None = None,
+        exclude: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
         telemetry = self._telemetry
         if telemetry is not None:
             telemetry.begin()
@@ -503,6 +539,8 @@ class ExploredOptimizer(Optimizer):
             # (None, None) and unsorted lists under torch.compile.
             buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
             for p in self._params_with_grad(group):
+                if id(p) in exclude:  # the fast path replaces it inside its kernel
+                    continue
                 state = self.state[p]
                 buffer = state.get(BUFFER_KEY)
                 if buffer is None:
