@@ -94,16 +94,22 @@ def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alph
 
 def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step: Tensor, k1: float,
            alpha: float, pc: float, qc: float, sign: float, lr: float, beta1: float,
-           beta2: float, eps: float, wd: float, decay: float) -> None:
+           beta2: float, eps: float, wd: float, decay: float, low_weight: bool) -> None:
     g_t = g * k1 + c * alpha
     c.copy_(c * pc + g_t * qc)
     g.copy_(g_t)
     d = g_t * sign + p * wd  # wd = 0 for AdamW (decoupled: decay = 1 − lr·λ instead)
-    m_new = torch.lerp(m, d, 1.0 - beta1)
+    # torch.lerp(m, d, w) with w = 1 − β₁, written out as ATen computes it (for w < 0.5:
+    # m + w·(d − m); else d − (d − m)·(1 − w)): inductor's lerp would specialise on w.
+    w = 1.0 - beta1
+    m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
     v_new = v * beta2 + d * d * (1.0 - beta2)
     t = step.to(torch.float64)  # already incremented, as the base does before using it
-    bias_correction1 = 1.0 - torch.pow(beta1, t)
-    bias_correction2 = 1.0 - torch.pow(beta2, t)
+    # β**t as Python's float pow does (float64); the β enter as tensors so that dynamo
+    # does not specialise the kernel on their values (a scalar base of pow would).
+    zero = torch.zeros_like(t)
+    bias_correction1 = 1.0 - torch.pow(zero + beta1, t)
+    bias_correction2 = 1.0 - torch.pow(zero + beta2, t)
     step_size = lr / bias_correction1
     bias_correction2_sqrt = torch.sqrt(bias_correction2)
     denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
@@ -254,5 +260,5 @@ def run(optimizer: Any, chosen: list, buffer_key: str) -> None:
                 entry = base_state[p]
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
                        entry["step"], k1, alpha, pc, qc, sign, lr, beta1, beta2,
-                       group["eps"], coupled_wd, decay)
+                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5)
             counters["fast"] += 1

@@ -105,7 +105,9 @@ def _assert_state_close(fast, generic, dtype):
     for key, value in fast_state.items():
         other = generic_state[key]
         assert (value.dtype, value.shape, value.device) == (other.dtype, other.shape, other.device)
-        torch.testing.assert_close(value, other, **TOLERANCE[dtype], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            value, other, **TOLERANCE[dtype], msg=lambda m, key=key: f"{key}: {m}"
+        )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -156,7 +158,7 @@ def _run_switching(make, dtype, paths):
 def test_checkpoints_move_between_paths(case):
     make, dtype = CASES[case]
     generic_params, generic = _run_switching(make, dtype, [(False, 8)])
-    fast_params, fast = _run_switching(make, dtype, [(True, 8)])
+    _, fast = _run_switching(make, dtype, [(True, 8)])
     # Identical layout: keys, dtypes, shapes and devices (`step` stays a CPU tensor).
     fast_state, generic_state = _state_tensors(fast), _state_tensors(generic)
     assert fast_state.keys() == generic_state.keys()
