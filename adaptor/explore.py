@@ -356,7 +356,10 @@ class ExploredOptimizer(Optimizer):
             # kernel, see adaptor.fastpath); never with a skip flag or telemetry.
             fast = (
                 fastpath.plan(self, hparams, BUFFER_KEY)
-                if skip is None and self._telemetry is None and self.fused is not False
+                if skip is None
+                and self._telemetry is None
+                and self.fused is not False
+                and getattr(self, "_fast_path", True)  # off only for benchmarks
                 else []
             )
             exclude = {id(p) for *_, params in fast for p in params}
