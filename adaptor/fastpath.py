@@ -92,9 +92,10 @@ def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alph
     p.copy_(p + u * neg_lr)
 
 
-def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step: Tensor, k1: float,
-           alpha: float, pc: float, qc: float, sign: float, lr: float, beta1: float,
-           beta2: float, eps: float, wd: float, decay: float, low_weight: bool) -> None:
+def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Tensor,
+           bias_correction2_sqrt: Tensor, k1: float, alpha: float, pc: float, qc: float,
+           sign: float, beta1: float, beta2: float, eps: float, wd: float, decay: float,
+           low_weight: bool) -> None:
     g_t = g * k1 + c * alpha
     c.copy_(c * pc + g_t * qc)
     g.copy_(g_t)
@@ -104,18 +105,25 @@ def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step: Tensor, 
     w = 1.0 - beta1
     m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
     v_new = v * beta2 + d * d * (1.0 - beta2)
-    t = step.to(torch.float64)  # already incremented, as the base does before using it
-    # β**t as Python's float pow does (float64); the β enter as tensors so that dynamo
-    # does not specialise the kernel on their values (a scalar base of pow would).
-    zero = torch.zeros_like(t)
-    bias_correction1 = 1.0 - torch.pow(zero + beta1, t)
-    bias_correction2 = 1.0 - torch.pow(zero + beta2, t)
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = torch.sqrt(bias_correction2)
     denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
     p.copy_(p * decay - step_size * (m_new / denom))
     m.copy_(m_new)
     v.copy_(v_new)
+
+
+def _bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)`` as 0-d float64 tensors on ``step``'s device.
+
+    As torch's Adam forms them in Python floats from the (already advanced) step count, but
+    without reading it on the host. Computed once per tensor outside the kernel: inside, the
+    float64 ``pow`` would run once per element.
+    """
+    t = step.to(torch.float64)
+    bias_correction1 = torch.pow(beta1, t).neg_().add_(1.0)
+    bias_correction2 = torch.pow(beta2, t).neg_().add_(1.0)
+    # lr / bc1 as a true division, as torch's Python-float ``lr / bias_correction1``.
+    step_size = torch.full_like(t, lr).div_(bias_correction1)
+    return step_size, bias_correction2.sqrt_()
 
 
 _FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_}
@@ -258,7 +266,8 @@ def run(optimizer: Any, chosen: list, buffer_key: str) -> None:
                        1.0 - group["dampening"], bool(group["nesterov"]))
             else:
                 entry = base_state[p]
+                step_size, bc2_sqrt = _bias_corrections(entry["step"], lr, beta1, beta2)
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
-                       entry["step"], k1, alpha, pc, qc, sign, lr, beta1, beta2,
+                       step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
                        group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5)
             counters["fast"] += 1
