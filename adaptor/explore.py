@@ -10,6 +10,7 @@ At every step (the paper's Algorithm 5):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -353,11 +354,11 @@ class ExploredOptimizer(Optimizer):
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
             skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
             # Parameters the fast path takes (replacement + torch's SGD/Adam update in one
-            # kernel, see adaptor.fastpath); never with a skip flag or telemetry.
+            # kernel, see adaptor.fastpath; the skip flag masks its writes); never with
+            # telemetry.
             fast = (
-                fastpath.plan(self, hparams, BUFFER_KEY)
-                if skip is None
-                and self._telemetry is None
+                fastpath.plan(self, hparams, BUFFER_KEY, skip)
+                if self._telemetry is None
                 and self.fused is not False
                 and getattr(self, "_fast_path", True)  # off only for benchmarks
                 else []
@@ -367,22 +368,22 @@ class ExploredOptimizer(Optimizer):
             if skip is not None:
                 self._count_skips(skip)
             if fast:
-                fastpath.run(self, fast, BUFFER_KEY)
-        if fast:
-            self._step_base_without(exclude)
-        elif skip is None:
-            self._step_base()
-        elif self._base_skips_on_device:
-            self._step_base_skipping(skip)
-        else:
-            self._step_base_restoring(skip)
+                fastpath.run(self, fast, BUFFER_KEY, skip)
+        with self._grads_hidden(exclude):
+            if skip is None:
+                self._step_base()
+            elif self._base_skips_on_device:
+                self._step_base_skipping(skip)
+            else:
+                self._step_base_restoring(skip)
         return loss
 
-    def _step_base_without(self, exclude: set[int]) -> None:
-        """``base.step()`` over the parameters the fast path did not take.
+    @contextlib.contextmanager
+    def _grads_hidden(self, exclude: set[int]) -> Iterator[None]:
+        """Around the base's step: the parameters the fast path took are hidden from it.
 
-        Their gradients are hidden (``grad = None``, so the base skips them and leaves their
-        state alone) and put back afterwards: ``p.grad`` holds ``g̃`` for every parameter.
+        Their gradients are set to ``None`` (so the base skips them and leaves their state
+        alone) and put back afterwards: ``p.grad`` holds ``g̃`` for every parameter.
         """
         hidden = [
             (p, p.grad) for group in self.param_groups for p in group["params"]
@@ -391,7 +392,7 @@ class ExploredOptimizer(Optimizer):
         for p, _ in hidden:
             p.grad = None
         try:
-            self._step_base()
+            yield
         finally:
             for p, grad in hidden:
                 p.grad = grad

@@ -70,35 +70,40 @@ counters = {"fast": 0}
 # -- the pointwise kernels (flat views; compiled once per dtype and device) ----------------
 
 
+def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
+    """``target ← new``, or ``where(skip, target, new)``: a skipped step keeps the bits."""
+    target.copy_(new if skip is None else torch.where(skip > 0, target, new))
+
+
 def _sgd_(p: Tensor, g: Tensor, c: Tensor, k1: float, alpha: float, pc: float, qc: float,
-          sign: float, neg_lr: float, wd: float) -> None:
+          sign: float, neg_lr: float, wd: float, skip: Tensor | None) -> None:
     g_t = g * k1 + c * alpha
-    c.copy_(c * pc + g_t * qc)
-    g.copy_(g_t)
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
     d = g_t * sign + p * wd
-    p.copy_(p + d * neg_lr)
+    _write(p, p + d * neg_lr, skip)
 
 
 def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alpha: float,
                    pc: float, qc: float, sign: float, neg_lr: float, wd: float,
-                   momentum: float, damp1: float, nesterov: bool) -> None:
+                   momentum: float, damp1: float, nesterov: bool, skip: Tensor | None) -> None:
     g_t = g * k1 + c * alpha
-    c.copy_(c * pc + g_t * qc)
-    g.copy_(g_t)
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
     d = g_t * sign + p * wd
     b = buf * momentum + d * damp1
-    buf.copy_(b)
+    _write(buf, b, skip)
     u = d + b * momentum if nesterov else b
-    p.copy_(p + u * neg_lr)
+    _write(p, p + u * neg_lr, skip)
 
 
 def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Tensor,
            bias_correction2_sqrt: Tensor, k1: float, alpha: float, pc: float, qc: float,
            sign: float, beta1: float, beta2: float, eps: float, wd: float, decay: float,
-           low_weight: bool) -> None:
+           low_weight: bool, skip: Tensor | None) -> None:
     g_t = g * k1 + c * alpha
-    c.copy_(c * pc + g_t * qc)
-    g.copy_(g_t)
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
     d = g_t * sign + p * wd  # wd = 0 for AdamW (decoupled: decay = 1 − lr·λ instead)
     # torch.lerp(m, d, w) with w = 1 − β₁, written out as ATen computes it (for w < 0.5:
     # m + w·(d − m); else d − (d − m)·(1 − w)): inductor's lerp would specialise on w.
@@ -106,9 +111,9 @@ def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Ten
     m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
     v_new = v * beta2 + d * d * (1.0 - beta2)
     denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
-    p.copy_(p * decay - step_size * (m_new / denom))
-    m.copy_(m_new)
-    v.copy_(v_new)
+    _write(p, p * decay - step_size * (m_new / denom), skip)
+    _write(m, m_new, skip)
+    _write(v, v_new, skip)
 
 
 def _bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
@@ -204,8 +209,20 @@ def _param_ok(kind: str, p: Tensor, buffer: object, base_state: dict[str, Any],
     )
 
 
-def plan(optimizer: Any, hparams: Iterable[tuple[float, float]],
-         buffer_key: str) -> list[tuple[str, dict[str, Any], float, float, list[Tensor]]]:
+def _on_flag_device(kind: str, p: Tensor, entry: dict[str, Any], skip: Tensor) -> bool:
+    """With a skip flag the parameter (and Adam's ``step``, which the skip must not
+    advance) live on the flag's device: no device→host copy of the flag."""
+    if p.device != skip.device:
+        return False
+    step = entry.get("step")
+    return kind != "adam" or not isinstance(step, Tensor) or step.device == skip.device
+
+
+Chosen = list[tuple[str, dict[str, Any], float, float, list[Tensor]]]
+
+
+def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str,
+         skip: Tensor | None = None) -> Chosen:
     """Per group: ``(kind, group, α, β, params)`` of the parameters the fast path takes."""
     base = optimizer.base
     chosen = []
@@ -219,6 +236,8 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]],
                 continue
             own = optimizer.state.get(p, {})
             entry = base.state.get(p, {})
+            if skip is not None and not _on_flag_device(kind, p, entry, skip):
+                continue
             if _param_ok(kind, p, own.get(buffer_key), entry, optimizer.fused):
                 params.append(p)
         if params:
@@ -229,7 +248,7 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]],
 # -- running ---------------------------------------------------------------------------------
 
 
-def run(optimizer: Any, chosen: list, buffer_key: str) -> None:
+def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = None) -> None:
     """Replacement and base update for every chosen parameter (one kernel call each)."""
     base_state = optimizer.base.state
     for kind, group, alpha, beta, params in chosen:
@@ -258,16 +277,20 @@ def run(optimizer: Any, chosen: list, buffer_key: str) -> None:
             g = p.grad.view(-1)
             c = optimizer.state[p][buffer_key].view(-1)
             if kind == "sgd":
-                kernel(flat, g, c, k1, alpha, pc, qc, sign, -lr, float(group["weight_decay"]))
+                kernel(flat, g, c, k1, alpha, pc, qc, sign, -lr, float(group["weight_decay"]),
+                       skip)
             elif kind == "sgd_momentum":
                 buf = base_state[p]["momentum_buffer"].view(-1)
                 kernel(flat, g, c, buf, k1, alpha, pc, qc, sign, -lr,
                        float(group["weight_decay"]), float(group["momentum"]),
-                       1.0 - group["dampening"], bool(group["nesterov"]))
+                       1.0 - group["dampening"], bool(group["nesterov"]), skip)
             else:
                 entry = base_state[p]
                 step_size, bc2_sqrt = _bias_corrections(entry["step"], lr, beta1, beta2)
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
                        step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
-                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5)
+                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5, skip)
             counters["fast"] += 1
+        if kind == "adam" and skip is not None:
+            # As torch's fused Adam under found_inf: advanced, then taken back where skipped.
+            torch._foreach_sub_(steps, [skip] * len(steps))
