@@ -16,7 +16,14 @@ adaptor's buffer), ``θ`` and the base's moments once and writes each once::
 
 the formulas of torch's ``_single_tensor_adam`` / ``_multi_tensor_adam`` / ``_fused_adam``
 (bias corrections formed in float64 from the step count ``t``, divided as torch divides:
-``lr / bc1`` and ``√v / √bc2``). ``p.grad`` holds ``g̃`` afterwards, as on the generic path.
+``lr / bc1`` and ``√v / √bc2``; formed once per tensor as 0-d float64 tensors on the
+step's device, never read on the host). ``p.grad`` holds ``g̃`` afterwards, as on the generic
+path. Equal to the generic path to float rounding, not bit for bit (inductor contracts and
+reorders the arithmetic): see ``tests/adaptor/test_fastpath.py`` for the tolerances.
+
+Parameters of the same group that the fast path does not take still go through the base's
+``step()``, with the fast parameters' gradients hidden (``None``) during it: hooks registered
+on the base instance see only those.
 
 Hyperparameters are read from the shared param groups at every step (LR schedulers keep
 working). The base's OWN state is used in place (``step``, ``exp_avg``, ``exp_avg_sq``,
@@ -31,8 +38,12 @@ holds — the fast path never approximates:
 * the base is not exactly ``torch.optim.SGD``/``Adam``/``AdamW`` (subclasses included);
 * the group has ``capturable``, ``differentiable`` or ``amsgrad`` set, or ``lr`` (or a beta)
   is a tensor;
-* the step has a skip flag (``skip_nonfinite=True`` or GradScaler's ``found_inf``), or
-  telemetry is on;
+* telemetry is on;
+* the step has a skip flag (``skip_nonfinite=True`` or GradScaler's ``found_inf``) and the
+  parameter (or Adam's ``step``, e.g. CPU-hosted for CUDA parameters) is on another device
+  than the flag. Otherwise a flag is applied in the kernel: every write is
+  ``torch.where(skip, old, new)`` (``p.grad`` still receives ``g̃``, as on the generic path)
+  and Adam's ``step`` is advanced then decreased by the flag, as torch's fused Adam does;
 * the parameter is not float32/float64 (bf16/fp16, complex), its gradient is sparse, of
   another dtype, or not contiguous, or the adaptor's buffer has another dtype
   (``state_dtype``);
