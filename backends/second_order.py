@@ -21,7 +21,6 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
 from typing import Any
 
 import torch
@@ -29,11 +28,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
+from backends._state import (
+    KAHAN_KEY,
+    Spec,
+    as_dtype,
+    compute_dtype,
+    count_skips_,
+    load_checked,
+    write_params_,
+)
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
 GRAFTINGS = ("adam", "none")
+# Settings added after the first release: filled in for groups of older pickles/state dicts.
+_LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 ROOT_METHODS = ("eigh", "newton")
 # State keys of a preconditioned (matrix) parameter.
 MATRIX_KEYS = ("left", "right", "left_root", "right_root")
@@ -157,6 +168,58 @@ def _bucket(items: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[A
     return buckets
 
 
+def _each(tensors: Sequence[Tensor], value: Any) -> Any:
+    """A 0-d tensor operand as a list: the tensor-list overloads of foreach add/lerp never
+    read it on the host (their single-tensor overloads call ``.item()``)."""
+    return [value] * len(tensors) if isinstance(value, Tensor) else value
+
+
+class _Mask:
+    """A step's skip flag as the pieces a masked update needs (all on the device).
+
+    ``select(run, skipped, dtype)`` is a 0-d tensor holding ``run`` (rounded to ``dtype``
+    exactly as a Python scalar would be) or ``skipped`` where the flag is set: decays become
+    1 and weights 0, so a skipped step writes every tensor back bit for bit.
+    """
+
+    __slots__ = ("device", "drop", "flag")
+
+    def __init__(self, flag: Tensor, device: torch.device) -> None:
+        self.flag = flag.to(device, non_blocking=True)
+        self.device = device
+        self.drop = self.flag.bool()
+
+    def select(self, run: float, skipped: float, dtype: torch.dtype) -> Tensor:
+        # torch.full: a fill on the device (no host→device copy); the scalar is rounded to
+        # dtype as an operation with a Python scalar would round it
+        kw = dict(dtype=dtype, device=self.device)
+        return torch.where(self.drop, torch.full((), skipped, **kw), torch.full((), run, **kw))
+
+    def keep(self, dtype: torch.dtype) -> Tensor:
+        return self.select(1.0, 0.0, dtype)
+
+
+@torch.compiler.disable
+def _advance_schedule(
+    states: list[dict[str, Any]], matrices: list[int], start: int, every: int
+) -> tuple[list[int], list[int]]:
+    """Advance each ``host_step`` and return the matrices whose roots are recomputed now and
+    those preconditioned now.
+
+    The root schedule counts ``step()`` calls on the host (no device read); a step skipped on
+    the device still advances it (see :class:`Shampoo`). Kept out of ``torch.compile``'s
+    graphs (one graph break): traced, the changing integer would recompile every step.
+    """
+    for state in states:
+        state["host_step"] += 1
+    refresh = [
+        i for i in matrices
+        if states[i]["host_step"] >= start and (states[i]["host_step"] - start) % every == 0
+    ]
+    active = [i for i in matrices if states[i]["host_step"] >= start]
+    return refresh, active
+
+
 # -- validation ---------------------------------------------------------------------------
 
 
@@ -207,6 +270,9 @@ def _check_group(group: dict[str, Any], where: str = "") -> None:
             raise ValueError(
                 f"Shampoo root_method must be one of {ROOT_METHODS}, got {group['root_method']!r}"
             )
+        precision.check_state_dtype(group["state_dtype"], "Shampoo")
+        for name in ("kahan", "skip_nonfinite"):
+            precision.check_flag("Shampoo", name, group[name])
         dtype = group["preconditioner_dtype"]
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -264,6 +330,26 @@ class Shampoo(Optimizer):
         preconditioner_dtype: dtype of ``L``, ``R`` and their roots: ``None`` (float32, or
             float64 for float64 parameters), ``torch.float32`` or ``torch.float64``.
         maximize: maximise the objective.
+        state_dtype: dtype of Adam's moments (and, when ``preconditioner_dtype`` is None, at
+            least float32 for ``L``, ``R`` and the roots). ``None`` (default): float32 for
+            bfloat16/float16 parameters, the parameter's dtype otherwise.
+        kahan: Kahan-compensated parameter writes for bfloat16/float16 parameters (a
+            ``kahan_comp`` buffer in the parameter's dtype); no effect on float32/float64.
+        skip_nonfinite: skip a step whose gradients hold NaN or Inf, decided on the device
+            (count in :attr:`skipped_steps`). Off by default, like torch.
+
+    Precision: for bfloat16/float16 parameters the whole step runs in float32 and each
+    parameter is written once, rounded once (or compensated with ``kahan=True``).
+
+    Skipped steps (``skip_nonfinite=True``, or GradScaler's ``found_inf``: the class sets
+    ``_step_supports_amp_scaling``, so ``scaler.step(opt)`` unscales and skips on the device
+    with no host read): every parameter and state tensor — ``step``, the moments, ``L``,
+    ``R`` and the roots — is left bit-identical by masked updates (gradients zeroed on the
+    device, each decay and weight selected to exactly 1 or 0, new roots and Kahan writes
+    selected with ``torch.where``): no copy of the state, and no host read. ``host_step``,
+    the host-side clock that schedules root recomputations, counts ``step()`` calls and
+    cannot see the device's decision: it advances on a skipped step, so a recomputation
+    that falls on a skipped step is dropped (the roots stay one period older).
 
     State per parameter: ``step`` (a 0-d tensor on the parameter's device, float32, or
     float64 for float64 parameters, used for the bias corrections), ``host_step`` (the same
@@ -294,6 +380,9 @@ class Shampoo(Optimizer):
         preconditioner_dtype: torch.dtype | None = None,
         *,
         maximize: bool = False,
+        state_dtype: torch.dtype | None = None,
+        kahan: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -309,6 +398,9 @@ class Shampoo(Optimizer):
             newton_iterations=newton_iterations,
             preconditioner_dtype=preconditioner_dtype,
             maximize=maximize,
+            state_dtype=state_dtype,
+            kahan=kahan,
+            skip_nonfinite=skip_nonfinite,
         )
         _check_group(defaults)
         super().__init__(params, defaults)
@@ -329,13 +421,17 @@ class Shampoo(Optimizer):
             self.param_groups.pop()
             raise
 
+    # GradScaler hands over grad_scale/found_inf and calls step() without a host read.
+    _step_supports_amp_scaling = True
+
     # -- helpers -------------------------------------------------------------------------
 
     @staticmethod
     def _matrix_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
         if group["preconditioner_dtype"] is not None:
             return group["preconditioner_dtype"]
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        state_dtype = precision.resolve_state_dtype(p.dtype, group.get("state_dtype"))
+        return torch.promote_types(state_dtype, torch.float32)
 
     @staticmethod
     def _is_matrix(p: Tensor) -> bool:
@@ -345,10 +441,15 @@ class Shampoo(Optimizer):
         state = self.state[p]
         if state:
             return
+        state_dtype = precision.resolve_state_dtype(p.dtype, group["state_dtype"])
         state["step"] = torch.zeros((), dtype=step_dtype(p), device=p.device)
         state["host_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(
+            p, dtype=state_dtype, memory_format=torch.preserve_format
+        )
+        state["exp_avg_sq"] = torch.zeros_like(
+            p, dtype=state_dtype, memory_format=torch.preserve_format
+        )
         if layout is not None:
             dtype = self._matrix_dtype(group, p)
             kw = dict(dtype=dtype, device=p.device)
@@ -409,13 +510,35 @@ class Shampoo(Optimizer):
                 if state and self._is_matrix(p):
                     self._check_matrix_state(group, p, state, f"a parameter of group {index}")
             work.append((group, params))
+        grads = [p.grad for _, params in work for p in params]
+        if not grads:
+            return loss
+        skip_nonfinite = any(group["skip_nonfinite"] for group in self.param_groups)
+        # GradScaler: unscale in place and fold in found_inf; None when nothing can skip.
+        skip = precision.prepare_step(self, grads, skip_nonfinite=skip_nonfinite)
         for group, params in work:
-            if params:
-                for (_, _), bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
-                    self._step_bucket(group, bucket)
+            for _, bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
+                self._step_bucket(group, bucket, skip)
         return loss
 
-    def _step_bucket(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    @property
+    def skipped_steps(self) -> Tensor | None:
+        """Steps skipped for non-finite gradients or GradScaler's ``found_inf`` (a 0-d device
+        tensor), or ``None`` before any step could be skipped."""
+        return precision.skip_count(self)
+
+    def _step_bucket(
+        self, group: dict[str, Any], params: list[Tensor], skip: Tensor | None
+    ) -> None:
+        """One step of same-(device, dtype) parameters of a group.
+
+        Low-precision parameters: every quantity is formed in the compute dtype (float32
+        with the default float32 state) and each parameter is written once, rounded once or
+        Kahan-compensated. ``skip`` (a 0-d device flag, or None): every write is masked
+        (gradients zeroed, decays 1, weights 0, roots and Kahan writes selected with
+        ``torch.where``) so that a skipped step leaves every tensor's bits, and the skip is
+        counted.
+        """
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         block = group["max_preconditioner_dim"]
@@ -425,47 +548,67 @@ class Shampoo(Optimizer):
         for p in params:
             self._init_state(group, p, layouts[p])
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
+        param_dtype = params[0].dtype
+        compute = compute_dtype(param_dtype, states[0]["exp_avg"].dtype)
+        low = param_dtype != compute
+        comps = []
+        if group["kahan"] and param_dtype in precision.LOW_PRECISION:
+            for p, s in zip(params, states):
+                if KAHAN_KEY not in s:
+                    s[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                comps.append(s[KAHAN_KEY])
 
         steps = [s["step"] for s in states]
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        for s in states:
-            s["host_step"] += 1
+        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
+        refresh, active = _advance_schedule(states, matrices, start, every)
+        # A skip flag (a 0-d device tensor) masks every write: the gradients are zeroed and
+        # each decay/weight becomes exactly 1/0 where the flag is set, so parameters and state
+        # keep their bits without a snapshot (see _Mask).
+        mask = None if skip is None else _Mask(skip, params[0].device)
 
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        grads = as_dtype([p.grad for p in params], compute)
+        if mask is not None:
+            # A skipped step's gradients may hold NaN/Inf: zero them on the device (eigh
+            # never sees a non-finite statistic, and 0·g terms vanish).
+            grads = [g.masked_fill(mask.drop, 0.0) for g in grads]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        torch._foreach_add_(steps, 1.0 if mask is None else _each(steps, mask.keep(steps[0].dtype)))
+        if group["weight_decay"] != 0 and not low:
+            decay = 1.0 - lr * group["weight_decay"]
+            torch._foreach_mul_(
+                params, decay if mask is None else mask.select(decay, 1.0, param_dtype)
+            )
+        m, v = as_dtype(exp_avgs, compute), as_dtype(exp_avg_sqs, compute)
+        first = 1.0 - beta1
+        torch._foreach_lerp_(
+            m, grads, first if mask is None else _each(m, mask.select(first, 0.0, compute))
+        )
+        torch._foreach_mul_(v, beta2 if mask is None else mask.select(beta2, 1.0, compute))
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)  # 0 where skipped
+        if m is not exp_avgs:  # stored once in the state dtype
+            torch._foreach_copy_(exp_avgs, m)
+            torch._foreach_copy_(exp_avg_sqs, v)
 
         # Bias corrections as device scalars: 1 - β₁ᵗ and sqrt(1 - β₂ᵗ).
         correction1, correction2 = adam_bias_corrections(beta1, beta2, steps)
         # Adam's direction A = (m/c₁) / (sqrt(v)/sqrt(c₂) + eps), and the momentum m̂ = m/c₁.
-        momentum = torch._foreach_div(exp_avgs, correction1)
-        denominator = torch._foreach_sqrt(exp_avg_sqs)
+        momentum = torch._foreach_div(m, correction1)
+        denominator = torch._foreach_sqrt(v)
         torch._foreach_div_(denominator, torch._foreach_sqrt(correction2))
         torch._foreach_add_(denominator, group["eps"])
         directions = list(torch._foreach_div(momentum, denominator))
 
-        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
         if matrices:
             self._update_statistics(
-                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2
+                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2, mask
             )
-            refresh = [
-                i for i in matrices
-                if states[i]["host_step"] >= start
-                and (states[i]["host_step"] - start) % every == 0
-            ]
             if refresh:
                 self._refresh_roots(
-                    group, [params[i] for i in refresh], [correction2[i] for i in refresh]
+                    group, [params[i] for i in refresh], [correction2[i] for i in refresh], mask
                 )
-            active = [i for i in matrices if states[i]["host_step"] >= start]
             if active:
                 shampoo = self._precondition(
                     group,
@@ -475,11 +618,26 @@ class Shampoo(Optimizer):
                     layouts,
                 )
                 for i, direction in zip(active, shampoo):
-                    directions[i] = direction
-        torch._foreach_add_(params, directions, alpha=-lr)
+                    directions[i] = direction.to(compute)
+        if mask is not None:  # exactly 0 where skipped (torch.where: even if D were not finite)
+            directions = [torch.where(mask.drop, 0.0, d) for d in directions]
+        if not low:
+            torch._foreach_add_(params, directions, alpha=-lr)
+        else:
+            # d = −lr·D − lr·λ·θ in the compute dtype, then one rounding into θ
+            deltas = torch._foreach_mul(directions, -lr)
+            if group["weight_decay"] != 0:
+                decay = -lr * group["weight_decay"]
+                if mask is not None:
+                    decay = mask.select(decay, 0.0, compute)
+                torch._foreach_add_(deltas, torch._foreach_mul(as_dtype(params, compute), decay))
+            write_params_(params, deltas, comps, None if mask is None else mask.drop)
+        if skip is not None:
+            count_skips_(self.state, params, skip)
 
     def _update_statistics(
-        self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float
+        self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float,
+        mask: _Mask | None = None,
     ) -> None:
         """``L ← β₂L + (1-β₂)GGᵀ``, ``R ← β₂R + (1-β₂)GᵀG``, batched over same-shaped blocks."""
         items = list(zip(params, grads))
@@ -494,11 +652,13 @@ class Shampoo(Optimizer):
             gram_right = torch.bmm(blocks.mT, blocks).split(counts)
             lefts = [self.state[p]["left"] for p, _ in bucket]
             rights = [self.state[p]["right"] for p, _ in bucket]
-            torch._foreach_lerp_(lefts, list(gram_left), 1.0 - beta2)
-            torch._foreach_lerp_(rights, list(gram_right), 1.0 - beta2)
+            weight = 1.0 - beta2 if mask is None else mask.select(1.0 - beta2, 0.0, dtype)
+            torch._foreach_lerp_(lefts, list(gram_left), _each(lefts, weight))
+            torch._foreach_lerp_(rights, list(gram_right), _each(rights, weight))
 
     def _refresh_roots(
-        self, group: dict[str, Any], params: list[Tensor], corrections: list[Tensor]
+        self, group: dict[str, Any], params: list[Tensor], corrections: list[Tensor],
+        mask: _Mask | None = None,
     ) -> None:
         """Recompute ``(L̂ + ρI)^{-1/4}`` and ``(R̂ + ρI)^{-1/4}``, one batched call per size."""
         jobs = []  # (statistic, target root, bias correction)
@@ -518,7 +678,10 @@ class Shampoo(Optimizer):
                 newton_iterations=group["newton_iterations"],
             )
             targets = [target for _, target, _ in bucket]
-            torch._foreach_copy_(targets, list(roots.split([t.shape[0] for t in targets])))
+            fresh = list(roots.split([t.shape[0] for t in targets]))
+            if mask is not None:  # keep the old roots where the step is skipped
+                fresh = [torch.where(mask.drop, t, r) for t, r in zip(targets, fresh)]
+            torch._foreach_copy_(targets, fresh)
 
     def _precondition(
         self,
@@ -553,69 +716,43 @@ class Shampoo(Optimizer):
                 direction = direction * (adam_norm / shampoo_norm)[:, None, None]
             pieces = direction.split([lay_i.count for lay_i in lay])
             for i, lay_i, piece in zip(bucket, lay, pieces):
-                out[i] = lay_i.from_blocks(piece).to(params[i].dtype)
+                out[i] = lay_i.from_blocks(piece).to(adam[i].dtype)
         return [out[i] for i in order]
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this optimizer, keeping the saved dtypes of every state tensor.
-
-        (torch's loader casts floating state to the parameter's dtype, which would round
-        float32 preconditioners of bf16 parameters.) The state is checked before loading.
-        """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or (
-            "param_groups" not in state_dict
-        ):
-            raise ValueError("Shampoo state_dict must be a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Shampoo state_dict has {len(saved_groups)} param groups, the optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in saved_groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
-            )
-        )
-        group_of = {
-            id(p): {**g, **{k: v for k, v in sg.items() if k != "params"}}
-            for g, sg in zip(self.param_groups, saved_groups)
-            for p in g["params"]
+    def _state_spec(self, group: dict[str, Any], p: Tensor) -> Spec:
+        """The state keys of a parameter with state: ``{key: (shape, dtype)}`` or ``int``."""
+        state_dtype = precision.resolve_state_dtype(p.dtype, group["state_dtype"])
+        spec: Spec = {
+            "step": ((), step_dtype(p)),
+            "host_step": int,
+            "exp_avg": (tuple(p.shape), state_dtype),
+            "exp_avg_sq": (tuple(p.shape), state_dtype),
         }
-        for index, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(
-                    f"Shampoo state_dict param group {index} has {len(sg['params'])} "
-                    f"parameters, the optimizer has {len(g['params'])}"
-                )
-            _check_group({**g, **sg}, f"state_dict param group {index}")
-        for key, entry in state_dict["state"].items():
-            p = id_map.get(key)
-            if p is None:
-                raise ValueError(f"Shampoo state_dict has state for unknown parameter {key!r}")
-            where = f"state_dict parameter {key}"
-            for name in ("exp_avg", "exp_avg_sq"):
-                value = entry.get(name)
-                if not isinstance(value, Tensor) or value.shape != p.shape:
-                    raise ValueError(
-                        f"Shampoo {where} {name!r} must be a tensor of shape {tuple(p.shape)}"
-                    )
-            if not isinstance(entry.get("host_step"), int) or not isinstance(
-                entry.get("step"), Tensor
-            ):
-                raise ValueError(f"Shampoo {where} needs 'step' (tensor) and 'host_step' (int)")
-            if self._is_matrix(p):
-                self._check_matrix_state(group_of[id(p)], p, entry, where)
+        if self._is_matrix(p):
+            layout = _layout(p.shape, group["max_preconditioner_dim"])
+            dtype = self._matrix_dtype(group, p)
+            left = ((layout.count, layout.rows, layout.rows), dtype)
+            right = ((layout.count, layout.cols, layout.cols), dtype)
+            spec.update(left=left, right=right, left_root=left, right_root=right)
+        return spec
 
-        super().load_state_dict(state_dict)
-        # torch's loader leaves 'step' where it was saved and casts the rest to the
-        # parameter's dtype: put every tensor on the parameter's device with its saved dtype.
-        for key, entry in state_dict["state"].items():
-            p = id_map[key]
-            state = self.state[p]
-            for name, value in entry.items():
-                if isinstance(value, Tensor):
-                    state[name] = value.to(device=p.device, copy=True)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this optimizer: checked first, then loaded, or nothing changes.
+
+        torch's rules (saved hyperparameters replace the groups'; state not keyed by a
+        parameter index, e.g. written by a hook, is kept as it is), except that every state
+        tensor is copied to its parameter's device in the dtype Shampoo keeps it in (torch's
+        loader casts floating state to the parameter's dtype, which would round the float32
+        preconditioners of bf16 parameters). A state dict of another model or optimizer
+        (wrong parameter count, shapes, block size, missing or unknown keys) raises a
+        ``ValueError`` naming the parameter index, the key and the shapes.
+        """
+        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # groups saved before these settings existed
+            for key, default in _LATER_DEFAULTS.items():
+                group.setdefault(key, self.defaults.get(key, default))

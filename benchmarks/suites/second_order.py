@@ -8,6 +8,11 @@ is a steady step; the notes give the amortised cost per step, ``steady + recompu
 ``k = 10`` (these settings) and ``k = 100`` (a common production setting), from the same
 timed steps. The peer is ``pytorch_optimizer.ScalableShampoo`` (blocked, RMSprop grafting:
 its closest to Adam grafting); its unblocked ``Shampoo`` recomputes 2048² roots by SVD.
+
+Precision rows: bfloat16 parameters (and gradients) with float32 moments and statistics
+(``state_dtype=None``), with and without ``kahan=True`` (state bytes per byte of the float32
+model). ``skip_nonfinite=True``: the device-side NaN/Inf check and the masked update (snapshot
+of parameters, moments, statistics and, on recomputation steps, roots).
 """
 
 from __future__ import annotations
@@ -33,11 +38,25 @@ def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-3, foreach=True)
 
 
-def _ours(params):
+def _ours(params, **kwargs):
     return Shampoo(
         params, lr=1e-3, max_preconditioner_dim=BLOCK, precondition_frequency=EVERY,
-        start_preconditioning_step=START,
+        start_preconditioning_step=START, **kwargs,
     )
+
+
+def _bf16(make):
+    """``make`` over bfloat16 copies of the parameters, with bfloat16 copies of the gradients."""
+
+    def build(params):
+        low = []
+        for p in params:
+            q = p.detach().to(torch.bfloat16).requires_grad_()
+            q.grad = p.grad.to(torch.bfloat16)
+            low.append(q)
+        return make(low)
+
+    return build
 
 
 def _ours_explored(params):
@@ -116,6 +135,15 @@ SUITE = Suite(
     rows=[
         _RECORDER.row(f"ours Shampoo (blocks {BLOCK}, k={EVERY})", _ours, _ours_refreshes),
         _RECORDER.row("ours E(Shampoo)", _ours_explored, _ours_refreshes),
+        _RECORDER.row(
+            "ours Shampoo skip_nonfinite=True",
+            lambda params: _ours(params, skip_nonfinite=True), _ours_refreshes,
+        ),
+        _RECORDER.row("ours Shampoo bf16 params, fp32 state", _bf16(_ours), _ours_refreshes),
+        _RECORDER.row(
+            "ours Shampoo bf16 params, fp32 state, kahan",
+            _bf16(lambda params: _ours(params, kahan=True)), _ours_refreshes,
+        ),
         # On mlp16m the peer's step ran for more than 12 minutes here: small200 only.
         _RECORDER.row(
             f"pytorch-optimizer ScalableShampoo ({BLOCK})", _peer, _peer_refreshes, ("small200",)

@@ -257,7 +257,8 @@ def test_resume_keeps_state_dtypes_and_is_bit_exact(dtype):
     resumed.load_state_dict(saved)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert resumed.state[twins[0]]["left"].dtype == expected_dtype
-    assert resumed.state[twins[0]]["exp_avg"].dtype == dtype
+    # Adam's moments: float32 for bf16 parameters (state_dtype=None), the dtype otherwise
+    assert resumed.state[twins[0]]["exp_avg"].dtype == expected_dtype
     for step in range(3, 7):
         _set_grads(params, step)
         _set_grads(twins, step)
@@ -390,3 +391,419 @@ def test_beats_sgd_and_adam_on_ill_conditioned_least_squares(seed):
     assert shampoo < sgd / 20, (shampoo, sgd)
     assert explored_exploit < adam / 3, (explored_exploit, adam)
     assert explored_explore < adam / 3, (explored_explore, adam)
+
+
+# -- behaving like a torch optimizer: copies, hooks, bad state dicts (issue 11) ------------
+
+MIXED = [(6, 5), (5,), (3, 2, 2, 2), ()]
+
+
+def _run(optimizer, params, steps):
+    for step in steps:
+        _set_grads(params, step)
+        optimizer.step()
+
+
+def _small_shampoo(params, **kw):
+    return Shampoo(params, **{"lr": 1e-2, "weight_decay": 0.01, "precondition_frequency": 2,
+                              "start_preconditioning_step": 2, "max_preconditioner_dim": 4,
+                              **kw})
+
+
+def _assert_same_state_dict(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, entry in a["state"].items():
+        assert entry.keys() == b["state"][key].keys(), key
+        for name, value in entry.items():
+            other = b["state"][key][name]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), (key, name)
+            else:
+                assert value == other, (key, name)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_after_a_scheduler_with_hooks_steps_its_own_parameters(how):
+    import pickle
+
+    params = _params(MIXED)
+    optimizer = _small_shampoo(params)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for step in range(3):
+        _run(optimizer, params, [step])
+        scheduler.step()
+    assert calls == ["pre", "post"] * 3
+    clone = copy.deepcopy(optimizer) if how == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    assert all(c is not p for c, p in zip(clone_params, params))
+    before = [p.detach().clone() for p in params]
+    _run(clone, clone_params, range(3, 6))
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "the copy moved the original"
+    _run(optimizer, params, range(3, 6))
+    assert all(torch.equal(c, p) for c, p in zip(clone_params, params))
+
+
+def test_state_dict_hooks_and_non_dict_state_written_by_a_load_hook_behave_as_in_torch():
+    params = _params(MIXED)
+    optimizer = _small_shampoo(params)
+    optimizer.register_state_dict_pre_hook(lambda opt: opt.state.__setitem__("test", 1))
+    optimizer.register_load_state_dict_pre_hook(
+        lambda opt, sd: sd["param_groups"][0].__setitem__("lr", 0.002)
+    )
+    optimizer.register_load_state_dict_post_hook(
+        lambda opt: opt.state.__setitem__("ran_load_state_dict_post_hook", True)
+    )
+    _run(optimizer, params, range(3))
+    saved = optimizer.state_dict()
+    assert saved["state"]["test"] == 1  # torch keeps what a pre-hook put in the state
+    optimizer.load_state_dict(saved)  # raised "state for unknown parameter 'test'"
+    assert optimizer.state["ran_load_state_dict_post_hook"] is True
+    assert optimizer.param_groups[0]["lr"] == 0.002
+    _run(optimizer, params, range(3, 5))
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
+def _case(name, corrupt, match):
+    return pytest.param(corrupt, match, id=name)
+
+
+def _left(sd):
+    sd["state"][0]["left"] = torch.zeros(1, 6, 6)
+
+
+def _unknown(sd):
+    sd["state"][2]["L"] = sd["state"][2].pop("left")
+
+
+def _missing(sd):
+    del sd["state"][1]["host_step"]
+
+
+def _host_step(sd):
+    sd["state"][0]["host_step"] = 2.0
+
+
+def _moment(sd):
+    sd["state"][1]["exp_avg"] = torch.zeros(6)
+
+
+def _too_many(sd):
+    sd["state"][4] = dict(sd["state"][1])
+
+
+def _count(sd):
+    sd["param_groups"][0]["params"].append(4)
+
+
+BAD = [
+    _case("left", _left, r"parameter 0 \(shape \(6, 5\)\): state 'left' has shape \(1, 6, 6\), "
+          r"expected \(4, 3, 3\)"),
+    _case("unknown", _unknown, r"parameter 2 \(shape \(3, 2, 2, 2\)\) has unknown state keys "
+          r"\['L'\]"),
+    _case("missing", _missing, r"parameter 1 \(shape \(5,\)\) lacks state keys \['host_step'\]"),
+    _case("host-step", _host_step, r"parameter 0 .*'host_step' must be an int >= 0, got 2.0"),
+    _case("moment", _moment, r"parameter 1 .*'exp_avg' has shape \(6,\), expected \(5,\)"),
+    _case("too-many", _too_many, r"state for parameter index 4, but its param groups list 4"),
+    _case("count", _count, r"param group 0 has 5 parameters, the optimizer's has 4"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "match"), BAD)
+def test_a_bad_state_dict_raises_a_clear_error_and_changes_nothing(corrupt, match):
+    params = _params(MIXED)
+    source = _small_shampoo(params)
+    _run(source, params, range(3))
+    broken = copy.deepcopy(source.state_dict())
+    corrupt(broken)
+    target_params = _params(MIXED, seed=4)
+    target = _small_shampoo(target_params, lr=0.05)
+    _run(target, target_params, range(2))
+    before = copy.deepcopy(target.state_dict())
+    values = [p.detach().clone() for p in target_params]
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(broken)
+    _assert_same_state_dict(target.state_dict(), before)
+    assert all(torch.equal(p, v) for p, v in zip(target_params, values))
+    target.load_state_dict(copy.deepcopy(source.state_dict()))
+    assert target.param_groups[0]["lr"] == 1e-2
+
+
+# -- precision, non-finite steps, GradScaler (issue 10) -----------------------------------
+
+BF16_RESOLUTION = 2.0**-8
+
+
+def test_weight_decay_on_bf16_parameters_with_kahan_is_exact_to_one_percent():
+    """100 steps, zero gradient, lr 0.02, weight decay 0.1: θ/θ₀ = (1 − 0.002)^100 = 0.8186.
+
+    Before: 0.585 (0.998 rounded to bf16 0.996 first). Rounded once without compensation,
+    each 0.2 % decrement is below half an ulp: θ/θ₀ stays in [0.98, 1.0].
+    """
+    exact = (1.0 - 0.02 * 0.1) ** 100
+    start = torch.rand(8, 8, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    start = start.to(torch.bfloat16)
+    ratios = {}
+    for kahan in (False, True):
+        p = start.clone().requires_grad_()
+        optimizer = Shampoo([p], lr=0.02, weight_decay=0.1, kahan=kahan,
+                            precondition_frequency=5, start_preconditioning_step=5)
+        for _ in range(100):
+            p.grad = torch.zeros_like(p)
+            optimizer.step()
+        ratios[kahan] = p.detach().double() / start.double()
+    torch.testing.assert_close(ratios[True], torch.full_like(ratios[True], exact), rtol=0.01,
+                               atol=0)
+    assert ratios[False].min() >= 0.98
+
+
+def _tracking_run(dtype, steps=500, **options):
+    shapes = [(6, 5), (5,), (4, 6)]
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
+    targets = [torch.randn(s, generator=generator) for s in shapes]
+    optimizer = Shampoo(params, lr=0.01, weight_decay=0.01, precondition_frequency=5,
+                        start_preconditioning_step=5, **options)
+    noise = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, t in zip(params, targets):
+            g = p.detach().float() - t + 0.5 * torch.randn(p.shape, generator=noise)
+            p.grad = g.to(dtype)
+        optimizer.step()
+    return [p.detach().double() for p in params]
+
+
+def test_bf16_parameters_with_float32_state_track_a_float32_twin():
+    """Relative error ‖θ_bf16 − θ_fp32‖/‖θ_fp32‖ per tensor after 500 steps.
+
+    Measured: kahan=True ≤ 0.0017 (≈ 0.45 × 2^-8); bound 2 × 2^-8. Without Kahan (float32
+    state, one rounding per write): 0.025–0.10, the lr·‖D‖ ~ 0.01 steps near the optimum
+    being partly below half an ulp of |θ| ~ 1.
+    """
+    twin = _tracking_run(torch.float32)
+    errors = {}
+    for kahan in (False, True):
+        run_bf16 = _tracking_run(torch.bfloat16, kahan=kahan)
+        errors[kahan] = [((a - b).norm() / b.norm()).item() for a, b in zip(run_bf16, twin)]
+    assert max(errors[True]) < 2 * BF16_RESOLUTION, errors
+    assert max(errors[False]) > 3 * max(errors[True]), errors
+
+
+def _state_tensors(optimizer, params):
+    return {
+        (i, key): value.clone()
+        for i, p in enumerate(params)
+        for key, value in optimizer.state.get(p, {}).items()
+        if isinstance(value, torch.Tensor) and key != "nonfinite_skips"
+    }
+
+
+def _grads_with(params, step, inject, value):
+    _set_grads(params, step)
+    if step == inject:
+        params[0].grad[1, 2] = value
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nonfinite_gradient_skips_the_step_bit_identically(value, dtype):
+    """Step 4 (k = 3) is a root recomputation (start 2, every 2): the roots, L, R, the moments,
+    the step counter and the parameters all equal step 3's."""
+    k = 3
+    params = _params(MIXED, dtype=dtype)
+    optimizer = _small_shampoo(params, skip_nonfinite=True, kahan=dtype == torch.bfloat16)
+    for step in range(k):
+        _grads_with(params, step, k, value)
+        optimizer.step()
+    before = [p.detach().clone() for p in params]
+    state_before = _state_tensors(optimizer, params)
+    _grads_with(params, k, k, value)
+    optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    after = _state_tensors(optimizer, params)
+    assert after.keys() == state_before.keys() and ("left_root" in {n for _, n in after})
+    for key, tensor in state_before.items():
+        assert torch.equal(after[key], tensor), key
+    assert optimizer.skipped_steps.item() == 1
+    # host_step, the host-side schedule clock, counts the call (documented)
+    assert optimizer.state[params[0]]["host_step"] == k + 1
+    for step in range(k + 1, k + 4):
+        _set_grads(params, step)
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert optimizer.skipped_steps.item() == 1
+
+
+def test_after_a_skip_it_continues_as_a_run_without_that_step():
+    """With roots every step the schedule clock does not matter: bit-equal to omitting step k."""
+    k = 2
+    options = dict(skip_nonfinite=True, precondition_frequency=1, start_preconditioning_step=1)
+    params, twin = _params(MIXED), _params(MIXED)
+    ours, reference = _small_shampoo(params, **options), _small_shampoo(twin, **options)
+    for step in range(6):
+        _grads_with(params, step, k, float("nan"))
+        ours.step()
+        if step != k:
+            _set_grads(twin, step)
+            reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin))
+
+
+def _amp_run(make, dtype, inject_at, steps=5, generic=False):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    optimizer = make(model.parameters())
+    if generic:  # torch's generic path: unscale_, host read of found_inf, step() not called
+        optimizer._step_supports_amp_scaling = False
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    generator = torch.Generator().manual_seed(3)
+    reads = []
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=generator)
+        y = torch.randn(32, 4, generator=generator)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if step == inject_at:
+            model[0].weight.grad[0, 0] = float("inf")
+        with host_read_probe() as step_reads:
+            scaler.step(optimizer)
+        reads += step_reads
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()], optimizer, scaler.get_scale(), reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_skips_on_the_device_like_its_generic_path(dtype):
+    """Roots every step (the schedule clock then cannot differ): equal to torch's generic
+    path, which never calls step() for the skipped iteration; no host read in scaler.step."""
+
+    def make(params):
+        return Shampoo(params, lr=1e-2, precondition_frequency=1, start_preconditioning_step=1,
+                       max_preconditioner_dim=8)
+
+    ours, optimizer, scale, reads = _amp_run(make, dtype, inject_at=2)
+    generic, _, generic_scale, _ = _amp_run(make, dtype, inject_at=2, generic=True)
+    assert reads == []
+    assert scale == generic_scale == 2.0**9
+    assert all(torch.equal(a, b) for a, b in zip(ours, generic))
+    assert optimizer.skipped_steps.item() == 1
+
+
+def test_skip_and_kahan_step_on_the_meta_device_without_host_reads():
+    params = [torch.empty(s, device="meta", dtype=torch.bfloat16).requires_grad_()
+              for s in [(6, 5), (5,), (3, 2, 2)]]
+    optimizer = _small_shampoo(params, kahan=True, skip_nonfinite=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.empty_like(p)
+        optimizer.step()
+    assert optimizer.skipped_steps.device.type == "meta"
+    assert optimizer.state[params[0]]["exp_avg"].dtype == torch.float32
+    cpu = _params(MIXED, dtype=torch.bfloat16)
+    optimizer = _small_shampoo(cpu, kahan=True, skip_nonfinite=True)
+    for step in range(3):
+        _grads_with(cpu, step, 2, float("nan"))
+        if step == 2:
+            with host_read_probe() as reads:
+                optimizer.step()
+        else:
+            optimizer.step()
+    assert reads == []
+
+
+# -- torch.compile --------------------------------------------------------------------------
+
+
+_COMPILED = {}
+
+
+def _step_compiled():
+    _COMPILED["optimizer"].step()
+
+
+def _compiled_vs_eager(steps, shapes=MIXED, nan_at=None, **options):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_params, compiled_params = _params(shapes), _params(shapes)
+    eager = Shampoo(eager_params, **options)
+    # a module global, as in a training script (dynamo guards a closure's optimizer state
+    # differently and then hides the recompilations this test counts)
+    _COMPILED["optimizer"] = Shampoo(compiled_params, **options)
+    compiled_step = torch.compile(_step_compiled)
+    for step in range(steps):
+        _grads_with(eager_params, step, nan_at, float("nan"))
+        _grads_with(compiled_params, step, nan_at, float("nan"))
+        eager.step()
+        compiled_step()
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    if nan_at is not None:  # each parameter's own counter holds exactly one skip
+        for p in compiled_params:
+            assert _COMPILED["optimizer"].state[p]["nonfinite_skips"].item() == 1.0
+    _COMPILED.clear()
+    return eager_params, compiled_params, graphs
+
+
+def test_compiled_step_with_default_arguments_does_not_recompile_every_step():
+    """``host_step`` is advanced outside the graph (one graph break). Traced, the changing
+    Python integer recompiled every step: 6 graphs in 6 steps (then eager after 8); now 2
+    (the first step, which creates the state, and the steady step)."""
+    eager, compiled, graphs = _compiled_vs_eager(6, [(6, 5), (5,), (4, 6)])
+    assert graphs <= 3, graphs
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=1e-6)
+
+
+def test_compiled_step_matches_eager_across_root_recomputations():
+    """Start 2, every 2: 7 steps cross 3 recomputations, and a NaN step is skipped (each
+    parameter's skip counter must hold 1). float32: absolute 2e-5, 0.3 % of the
+    7·lr = 7e-3 the parameters move (fused kernels reorder sums, and the fourth roots of
+    nearly singular 2×2 blocks amplify that: measured 5.4e-6)."""
+    eager, compiled, graphs = _compiled_vs_eager(
+        7, nan_at=4, precondition_frequency=2, start_preconditioning_step=2, skip_nonfinite=True
+    )
+    for a, b, start in zip(eager, compiled, _params(MIXED)):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=2e-5)
+        assert (a.detach() - start).abs().max() > 100 * 2e-5
+    # first step (+ the resumed frames of its counter-creation break), before start,
+    # recompute step, steady step
+    assert graphs <= 8, graphs
+
+
+def test_bf16_checkpoint_keeps_state_dtypes_and_loads_older_state_dicts():
+    """Mutation caught: loading with torch's cast-to-parameter-dtype policy."""
+    options = dict(kahan=True, skip_nonfinite=True)
+    params = _params(MIXED, dtype=torch.bfloat16)
+    optimizer = _small_shampoo(params, **options)
+    _run(optimizer, params, range(3))
+    saved = copy.deepcopy(optimizer.state_dict())
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    resumed = _small_shampoo(twins, **options)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    state = resumed.state[twins[0]]
+    assert state["exp_avg"].dtype == state["left"].dtype == torch.float32
+    assert state["kahan_comp"].dtype == torch.bfloat16
+    _run(optimizer, params, range(3, 6))
+    _run(resumed, twins, range(3, 6))
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    older = copy.deepcopy(saved)
+    for entry in older["state"].values():
+        entry.pop("kahan_comp", None)
+        entry.pop("nonfinite_skips", None)
+    for group in older["param_groups"]:
+        for key in ("state_dtype", "kahan", "skip_nonfinite"):
+            group.pop(key)
+    fresh_params = _params(MIXED, dtype=torch.bfloat16)
+    fresh = _small_shampoo(fresh_params, **options)
+    fresh.load_state_dict(older)
+    assert fresh.param_groups[0]["skip_nonfinite"] is True
+    _run(fresh, fresh_params, range(3, 4))
+    assert "kahan_comp" in fresh.state[fresh_params[0]] and fresh.skipped_steps.item() == 0

@@ -55,8 +55,13 @@ _MUON_INVALID = (
 )
 
 
+_ADAPTOR_OPTIONS = ("state_dtype", "skip_nonfinite")
+
+
 def _explored(params, alpha=-5.0, beta=0.99, **overrides):
-    return E(_muon(params, **overrides), alpha=alpha, beta=beta)
+    """E(Muon): ``state_dtype``/``skip_nonfinite`` go to E, everything else (``kahan``) to Muon."""
+    adaptor = {key: overrides.pop(key) for key in _ADAPTOR_OPTIONS if key in overrides}
+    return E(_muon(params, **overrides), alpha=alpha, beta=beta, **adaptor)
 
 
 _EXPLORED_INVALID = (
@@ -96,6 +101,19 @@ INFOS = [
         supports_complex=False,
         group_override=_GROUP_OVERRIDE,
         invalid=_MUON_INVALID[:1],
+    ),
+    OptimizerInfo(  # the masked (snapshot/restore) path and the skip counter in checkpoints
+        name="Muon-skip-nonfinite",
+        build=lambda params, **overrides: _muon(params, **{"skip_nonfinite": True, **overrides}),
+        supports_complex=False,
+        group_override=_GROUP_OVERRIDE,
+        invalid=(
+            (lambda params: _muon(params, skip_nonfinite=1), TypeError,
+             r"skip_nonfinite must be True or False"),
+            (lambda params: _muon(params, kahan="yes"), TypeError, r"kahan must be True or False"),
+            (lambda params: _muon(params, state_dtype=torch.int8), TypeError,
+             r"state_dtype must be None or a floating torch.dtype"),
+        ),
     ),
     OptimizerInfo(
         name="E(Muon)",

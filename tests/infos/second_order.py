@@ -59,9 +59,14 @@ _SHAMPOO_INVALID = (
 )
 
 
+_ADAPTOR_OPTIONS = ("state_dtype", "skip_nonfinite")
+
+
 def _explored(base_factory, name, *, alpha=-5.0, beta=0.99):
     def build(params, alpha=alpha, beta=beta, **overrides):
-        return E(base_factory(params, **overrides), alpha=alpha, beta=beta)
+        # state_dtype/skip_nonfinite go to E, everything else (kahan) to Shampoo
+        adaptor = {key: overrides.pop(key) for key in _ADAPTOR_OPTIONS if key in overrides}
+        return E(base_factory(params, **overrides), alpha=alpha, beta=beta, **adaptor)
 
     invalid = (
         (lambda params: build(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),
@@ -101,6 +106,19 @@ INFOS = [
                 ValueError,
                 r"preconditioner_dtype must be None",
             ),
+        ),
+    ),
+    OptimizerInfo(  # the masked (snapshot/restore) path and the skip counter in checkpoints
+        name="Shampoo-skip-nonfinite",
+        build=lambda params, **overrides: _shampoo(params, **{"skip_nonfinite": True, **overrides}),
+        supports_complex=False,
+        invalid=(
+            (lambda params: _shampoo(params, skip_nonfinite=1), TypeError,
+             r"skip_nonfinite must be True or False"),
+            (lambda params: _shampoo(params, kahan=None), TypeError,
+             r"kahan must be True or False"),
+            (lambda params: _shampoo(params, state_dtype="bf16"), TypeError,
+             r"state_dtype must be None or a floating torch.dtype"),
         ),
     ),
     _explored(_shampoo, "E(Shampoo)"),
