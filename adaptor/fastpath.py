@@ -10,7 +10,7 @@ adaptor's buffer), ``θ`` and the base's moments once and writes each once::
 
     SGD:   b ← μ·b + (1−τ)·d;  u = d + μ·b (nesterov) or b (or u = d without momentum)
            θ ← θ − lr·u
-    Adam:  θ ← θ·(1 − lr·λ)  (AdamW only)
+    Adam:  θ ← θ·(1 − lr·λ)  (AdamW only);  amsgrad: v̂ ← max(v̂, v), √v̂ in place of √v
            m ← lerp(m, d, 1−β₁);  v ← β₂·v + (1−β₂)·d²;  t ← t + 1
            θ ← θ − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)
 
@@ -36,7 +36,7 @@ A parameter takes the generic path (replacement, then ``base.step()``) when any 
 holds — the fast path never approximates:
 
 * the base is not exactly ``torch.optim.SGD``/``Adam``/``AdamW`` (subclasses included);
-* the group has ``capturable``, ``differentiable`` or ``amsgrad`` set, or ``lr`` (or a beta)
+* the group has ``capturable`` or ``differentiable`` set, or ``lr`` (or a beta)
   is a tensor;
 * telemetry is on;
 * the step has a skip flag (``skip_nonfinite=True`` or GradScaler's ``found_inf``) and the
@@ -111,7 +111,7 @@ def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alph
 def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Tensor,
            bias_correction2_sqrt: Tensor, k1: float, alpha: float, pc: float, qc: float,
            sign: float, beta1: float, beta2: float, eps: float, wd: float, decay: float,
-           low_weight: bool, skip: Tensor | None) -> None:
+           low_weight: bool, vmax: Tensor | None, skip: Tensor | None) -> None:
     g_t = g * k1 + c * alpha
     _write(c, c * pc + g_t * qc, skip)
     g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
@@ -121,7 +121,12 @@ def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Ten
     w = 1.0 - beta1
     m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
     v_new = v * beta2 + d * d * (1.0 - beta2)
-    denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
+    if vmax is not None:  # amsgrad: normalise by the running maximum of v
+        v_max = torch.maximum(vmax, v_new)
+        _write(vmax, v_max, skip)
+        denom = torch.sqrt(v_max) / bias_correction2_sqrt + eps
+    else:
+        denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
     _write(p, p * decay - step_size * (m_new / denom), skip)
     _write(m, m_new, skip)
     _write(v, v_new, skip)
@@ -142,7 +147,7 @@ def _bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tu
     return step_size, bias_correction2.sqrt_()
 
 
-_FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_}
+_FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_, "amsgrad": _adam_}
 _compiled: dict[str, Any] = {}
 
 
@@ -170,11 +175,11 @@ def _group_kind(base: torch.optim.Optimizer, group: dict[str, Any]) -> str | Non
             return None
         return "sgd_momentum" if group["momentum"] != 0 else "sgd"
     if kind in _ADAM_CLASSES:
-        if group.get("amsgrad", False) or any(isinstance(b, Tensor) for b in group["betas"]):
+        if any(isinstance(b, Tensor) for b in group["betas"]):
             return None
         if isinstance(group["weight_decay"], Tensor) or isinstance(group["eps"], Tensor):
             return None
-        return "adam"
+        return "amsgrad" if group.get("amsgrad", False) else "adam"
     return None
 
 
@@ -209,8 +214,10 @@ def _param_ok(kind: str, p: Tensor, buffer: object, base_state: dict[str, Any],
             base_state["momentum_buffer"], p
         )
     step = base_state.get("step")
+    keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if kind == "amsgrad" else set())
     return (
-        set(base_state) == {"step", "exp_avg", "exp_avg_sq"}
+        set(base_state) == keys
+        and (kind != "amsgrad" or _same_layout(base_state["max_exp_avg_sq"], p))
         and isinstance(step, Tensor)
         and step.dim() == 0
         and step.dtype.is_floating_point
@@ -226,7 +233,9 @@ def _on_flag_device(kind: str, p: Tensor, entry: dict[str, Any], skip: Tensor) -
     if p.device != skip.device:
         return False
     step = entry.get("step")
-    return kind != "adam" or not isinstance(step, Tensor) or step.device == skip.device
+    return kind in ("sgd", "sgd_momentum") or not isinstance(step, Tensor) or (
+        step.device == skip.device
+    )
 
 
 Chosen = list[tuple[str, dict[str, Any], float, float, list[Tensor]]]
@@ -266,7 +275,7 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
         k1, pc, qc = replacement_coefficients(alpha, beta)
         sign = -1.0 if group["maximize"] else 1.0
         lr = group["lr"]
-        if kind == "adam":
+        if kind in ("adam", "amsgrad"):
             steps = [base_state[p]["step"] for p in params]
             # As torch's foreach path: one tensor added to CPU-hosted steps (no host read).
             cpu = [s for s in steps if s.device.type == "cpu"]
@@ -300,8 +309,9 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                 step_size, bc2_sqrt = _bias_corrections(entry["step"], lr, beta1, beta2)
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
                        step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
-                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5, skip)
+                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5,
+                       entry["max_exp_avg_sq"].view(-1) if kind == "amsgrad" else None, skip)
             counters["fast"] += 1
-        if kind == "adam" and skip is not None:
+        if kind in ("adam", "amsgrad") and skip is not None:
             # As torch's fused Adam under found_inf: advanced, then taken back where skipped.
             torch._foreach_sub_(steps, [skip] * len(steps))

@@ -53,6 +53,9 @@ CASES = {
     "AdamW-foreach-f64": (
         lambda p: torch.optim.AdamW(p, lr=3e-2, weight_decay=0.05, foreach=True), torch.float64
     ),
+    "AdamW-amsgrad-f32": (
+        lambda p: torch.optim.AdamW(p, lr=3e-2, weight_decay=0.1, amsgrad=True), torch.float32
+    ),
     "SGD-wd-max-f64": (
         lambda p: torch.optim.SGD(p, lr=3e-2, weight_decay=0.1, maximize=True), torch.float64
     ),
@@ -178,7 +181,6 @@ class _MyAdamW(torch.optim.AdamW):
 
 
 FALLBACKS = {
-    "amsgrad": (lambda p: torch.optim.AdamW(p, amsgrad=True), {}),
     "tensor-lr": (lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3), foreach=False), {}),
     "subclass": (lambda p: _MyAdamW(p), {}),
     "other-base": (lambda p: torch.optim.RMSprop(p), {}),
