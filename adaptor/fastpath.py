@@ -132,8 +132,10 @@ def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Ten
     _write(v, v_new, skip)
 
 
-def _bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-    """``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)`` as 0-d float64 tensors on ``step``'s device.
+def _bias_corrections(
+    step: Tensor, lr: float, beta1: float, beta2: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)``, 0-d tensors of ``dtype`` on ``step``'s device.
 
     As torch's Adam forms them in Python floats from the (already advanced) step count, but
     without reading it on the host. Computed once per tensor outside the kernel: inside, the
@@ -144,7 +146,10 @@ def _bias_corrections(step: Tensor, lr: float, beta1: float, beta2: float) -> tu
     bias_correction2 = torch.pow(beta2, t).neg_().add_(1.0)
     # lr / bc1 as a true division, as torch's Python-float ``lr / bias_correction1``.
     step_size = torch.full_like(t, lr).div_(bias_correction1)
-    return step_size, bias_correction2.sqrt_()
+    # Rounded to the parameter's dtype here, as torch's kernels round a scalar to their
+    # compute dtype; a float64 0-d operand would make inductor compute every element in
+    # float64 (unvectorised on CPU).
+    return step_size.to(dtype), bias_correction2.sqrt_().to(dtype)
 
 
 _FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_, "amsgrad": _adam_}
@@ -306,7 +311,9 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                        1.0 - group["dampening"], bool(group["nesterov"]), skip)
             else:
                 entry = base_state[p]
-                step_size, bc2_sqrt = _bias_corrections(entry["step"], lr, beta1, beta2)
+                step_size, bc2_sqrt = _bias_corrections(
+                    entry["step"], lr, beta1, beta2, p.dtype
+                )
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
                        step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
                        group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5,
