@@ -204,7 +204,9 @@ class ExploredOptimizer(Optimizer):
         beta: persistence factor β of the EMA of gradient differences.
         fused: run the replacement as one compiled pass per large tensor (``torch.compile``;
             the first step compiles for some seconds). ``None`` (default) fuses on CUDA and
-            uses foreach ops elsewhere.
+            uses foreach ops elsewhere. Over torch's ``SGD``, ``Adam`` and ``AdamW``, fusing
+            also runs the base's update in the same kernel, on the base's own state
+            (:mod:`adaptor.fastpath`, which lists what falls back to the two-step path).
         telemetry: record, per step and as device tensors (no host sync), ``‖g‖``, ``‖a‖``
             and ``‖α·a‖/‖g‖`` in :attr:`telemetry`. Off by default; free when off.
         state_dtype: dtype of the buffer. ``None`` (default): float32 for bf16/fp16
