@@ -10,6 +10,7 @@ At every step (the paper's Algorithm 5):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adaptor import fastpath
 from adaptor.estimators import Autograd, Closure, GradEstimator, check_estimator
 from adaptor.precision import (
     SKIPS_KEY,
@@ -202,7 +204,9 @@ class ExploredOptimizer(Optimizer):
         beta: persistence factor β of the EMA of gradient differences.
         fused: run the replacement as one compiled pass per large tensor (``torch.compile``;
             the first step compiles for some seconds). ``None`` (default) fuses on CUDA and
-            uses foreach ops elsewhere.
+            uses foreach ops elsewhere. Over torch's ``SGD``, ``Adam`` and ``AdamW``, fusing
+            also runs the base's update in the same kernel, on the base's own state
+            (:mod:`adaptor.fastpath`, which lists what falls back to the two-step path).
         telemetry: record, per step and as device tensors (no host sync), ``‖g‖``, ``‖a‖``
             and ``‖α·a‖/‖g‖`` in :attr:`telemetry`. Off by default; free when off.
         state_dtype: dtype of the buffer. ``None`` (default): float32 for bf16/fp16
@@ -351,16 +355,49 @@ class ExploredOptimizer(Optimizer):
         with torch.no_grad():
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
             skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
-            self._replace(hparams, skip)
+            # Parameters the fast path takes (replacement + torch's SGD/Adam update in one
+            # kernel, see adaptor.fastpath; the skip flag masks its writes); never with
+            # telemetry.
+            fast = (
+                fastpath.plan(self, hparams, BUFFER_KEY, skip)
+                if self._telemetry is None
+                and self.fused is not False
+                and getattr(self, "_fast_path", True)  # off only for benchmarks
+                else []
+            )
+            exclude = {id(p) for *_, params in fast for p in params}
+            self._replace(hparams, skip, exclude)
             if skip is not None:
                 self._count_skips(skip)
-        if skip is None:
-            self._step_base()
-        elif self._base_skips_on_device:
-            self._step_base_skipping(skip)
-        else:
-            self._step_base_restoring(skip)
+            if fast:
+                fastpath.run(self, fast, BUFFER_KEY, skip)
+        with self._grads_hidden(exclude):
+            if skip is None:
+                self._step_base()
+            elif self._base_skips_on_device:
+                self._step_base_skipping(skip)
+            else:
+                self._step_base_restoring(skip)
         return loss
+
+    @contextlib.contextmanager
+    def _grads_hidden(self, exclude: set[int]) -> Iterator[None]:
+        """Around the base's step: the parameters the fast path took are hidden from it.
+
+        Their gradients are set to ``None`` (so the base skips them and leaves their state
+        alone) and put back afterwards: ``p.grad`` holds ``g̃`` for every parameter.
+        """
+        hidden = [
+            (p, p.grad) for group in self.param_groups for p in group["params"]
+            if id(p) in exclude
+        ]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
 
     def _step_base_skipping(self, skip: Tensor) -> None:
         """A base with ``_step_supports_amp_scaling`` skips on the device itself."""
@@ -493,7 +530,12 @@ class ExploredOptimizer(Optimizer):
         for post_hook in getattr(base, "_optimizer_step_post_hooks", {}).values():
             post_hook(base, args, kwargs)
 
-    def _replace(self, hparams: list[tuple[float, float]], skip: Tensor | None = None) -> None:
+    def _replace(
+        self,
+        hparams: list[tuple[float, float]],
+        skip: Tensor | None = None,
+        exclude: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
         telemetry = self._telemetry
         if telemetry is not None:
             telemetry.begin()
@@ -503,6 +545,8 @@ class ExploredOptimizer(Optimizer):
             # (None, None) and unsorted lists under torch.compile.
             buckets: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
             for p in self._params_with_grad(group):
+                if id(p) in exclude:  # the fast path replaces it inside its kernel
+                    continue
                 state = self.state[p]
                 buffer = state.get(BUFFER_KEY)
                 if buffer is None:

@@ -1,0 +1,324 @@
+"""Fast paths: the adaptor's replacement and torch's SGD / Adam / AdamW update in one pass.
+
+With ``fused`` on (``E(..., fused=True)``, or the default on CUDA), a parameter whose base is
+exactly ``torch.optim.SGD``, ``torch.optim.Adam`` or ``torch.optim.AdamW`` and whose settings
+can be reproduced is updated by ONE compiled pointwise kernel that reads ``g``, ``c`` (the
+adaptor's buffer), ``θ`` and the base's moments once and writes each once::
+
+    g̃ = k₁·g + α·c                      c ← p·c + q·g̃          (adaptor.replacement)
+    d = ±g̃ (maximize: −g̃)  [+ λ·θ for SGD and Adam's coupled weight decay]
+
+    SGD:   b ← μ·b + (1−τ)·d;  u = d + μ·b (nesterov) or b (or u = d without momentum)
+           θ ← θ − lr·u
+    Adam:  θ ← θ·(1 − lr·λ)  (AdamW only);  amsgrad: v̂ ← max(v̂, v), √v̂ in place of √v
+           m ← lerp(m, d, 1−β₁);  v ← β₂·v + (1−β₂)·d²;  t ← t + 1
+           θ ← θ − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)
+
+the formulas of torch's ``_single_tensor_adam`` / ``_multi_tensor_adam`` / ``_fused_adam``
+(bias corrections formed in float64 from the step count ``t``, divided as torch divides:
+``lr / bc1`` and ``√v / √bc2``; formed once per tensor as 0-d float64 tensors on the
+step's device, never read on the host). ``p.grad`` holds ``g̃`` afterwards, as on the generic
+path. Equal to the generic path to float rounding, not bit for bit (inductor contracts and
+reorders the arithmetic): see ``tests/adaptor/test_fastpath.py`` for the tolerances.
+
+Parameters of the same group that the fast path does not take still go through the base's
+``step()``, with the fast parameters' gradients hidden (``None``) during it: hooks registered
+on the base instance see only those.
+
+Hyperparameters are read from the shared param groups at every step (LR schedulers keep
+working). The base's OWN state is used in place (``step``, ``exp_avg``, ``exp_avg_sq``,
+``momentum_buffer``, created by the base itself on the parameter's first step, with torch's
+dtypes and devices for ``step``), so a state dict is identical with and without the fast
+path and checkpoints move freely between them. The base's ``fused``/``foreach`` flag is
+accepted either way: the fast path replaces whichever implementation the base would run.
+
+A parameter takes the generic path (replacement, then ``base.step()``) when any of these
+holds — the fast path never approximates:
+
+* the base is not exactly ``torch.optim.SGD``/``Adam``/``AdamW`` (subclasses included);
+* the group has ``capturable`` or ``differentiable`` set, or ``lr`` (or a beta)
+  is a tensor;
+* telemetry is on;
+* the step has a skip flag (``skip_nonfinite=True`` or GradScaler's ``found_inf``) and the
+  parameter (or Adam's ``step``, e.g. CPU-hosted for CUDA parameters) is on another device
+  than the flag. Otherwise a flag is applied in the kernel: every write is
+  ``torch.where(skip, old, new)`` (``p.grad`` still receives ``g̃``, as on the generic path)
+  and Adam's ``step`` is advanced then decreased by the flag, as torch's fused Adam does;
+* the parameter is not float32/float64 (bf16/fp16, complex), its gradient is sparse, of
+  another dtype, or not contiguous, or the adaptor's buffer has another dtype
+  (``state_dtype``);
+* it has fewer than ``FUSED_MIN_NUMEL`` elements;
+* it has no adaptor buffer or no base state yet (its first step, and SGD's first momentum
+  step, which copies the gradient into the buffer), or that state is not laid out as the
+  base keeps it (dtype, device, shape, contiguity);
+* ``k₁ = 1 + α(1−β) < WELL_CONDITIONED_K1`` (the replacement then avoids dividing by k₁).
+
+On ``meta`` and while ``torch.compile`` traces a step the same functions run uncompiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptor.replacement import (
+    FUSED_MIN_NUMEL,
+    WELL_CONDITIONED_K1,
+    fused_supported,
+    replacement_coefficients,
+)
+
+_DTYPES = (torch.float32, torch.float64)
+_ADAM_CLASSES = (torch.optim.Adam, torch.optim.AdamW)
+
+# Counts of parameter updates taken by each path (tests read them; cheap Python ints).
+counters = {"fast": 0}
+
+
+# -- the pointwise kernels (flat views; compiled once per dtype and device) ----------------
+
+
+def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
+    """``target ← new``, or ``where(skip, target, new)``: a skipped step keeps the bits."""
+    target.copy_(new if skip is None else torch.where(skip > 0, target, new))
+
+
+def _sgd_(p: Tensor, g: Tensor, c: Tensor, k1: float, alpha: float, pc: float, qc: float,
+          sign: float, neg_lr: float, wd: float, skip: Tensor | None) -> None:
+    g_t = g * k1 + c * alpha
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
+    d = g_t * sign + p * wd
+    _write(p, p + d * neg_lr, skip)
+
+
+def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alpha: float,
+                   pc: float, qc: float, sign: float, neg_lr: float, wd: float,
+                   momentum: float, damp1: float, nesterov: bool, skip: Tensor | None) -> None:
+    g_t = g * k1 + c * alpha
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
+    d = g_t * sign + p * wd
+    b = buf * momentum + d * damp1
+    _write(buf, b, skip)
+    u = d + b * momentum if nesterov else b
+    _write(p, p + u * neg_lr, skip)
+
+
+def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Tensor,
+           bias_correction2_sqrt: Tensor, k1: float, alpha: float, pc: float, qc: float,
+           sign: float, beta1: float, beta2: float, eps: float, wd: float, decay: float,
+           low_weight: bool, vmax: Tensor | None, skip: Tensor | None) -> None:
+    g_t = g * k1 + c * alpha
+    _write(c, c * pc + g_t * qc, skip)
+    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
+    d = g_t * sign + p * wd  # wd = 0 for AdamW (decoupled: decay = 1 − lr·λ instead)
+    # torch.lerp(m, d, w) with w = 1 − β₁, written out as ATen computes it (for w < 0.5:
+    # m + w·(d − m); else d − (d − m)·(1 − w)): inductor's lerp would specialise on w.
+    w = 1.0 - beta1
+    m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
+    v_new = v * beta2 + d * d * (1.0 - beta2)
+    if vmax is not None:  # amsgrad: normalise by the running maximum of v
+        v_max = torch.maximum(vmax, v_new)
+        _write(vmax, v_max, skip)
+        denom = torch.sqrt(v_max) / bias_correction2_sqrt + eps
+    else:
+        denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
+    _write(p, p * decay - step_size * (m_new / denom), skip)
+    _write(m, m_new, skip)
+    _write(v, v_new, skip)
+
+
+def _bias_corrections(
+    step: Tensor, lr: float, beta1: float, beta2: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)``, 0-d tensors of ``dtype`` on ``step``'s device.
+
+    As torch's Adam forms them in Python floats from the (already advanced) step count, but
+    without reading it on the host. Computed once per tensor outside the kernel: inside, the
+    float64 ``pow`` would run once per element.
+    """
+    t = step.to(torch.float64)
+    bias_correction1 = torch.pow(beta1, t).neg_().add_(1.0)
+    bias_correction2 = torch.pow(beta2, t).neg_().add_(1.0)
+    # lr / bc1 as a true division, as torch's Python-float ``lr / bias_correction1``.
+    step_size = torch.full_like(t, lr).div_(bias_correction1)
+    # Rounded to the parameter's dtype here, as torch's kernels round a scalar to their
+    # compute dtype; a float64 0-d operand would make inductor compute every element in
+    # float64 (unvectorised on CPU).
+    return step_size.to(dtype), bias_correction2.sqrt_().to(dtype)
+
+
+_FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_, "amsgrad": _adam_}
+_compiled: dict[str, Any] = {}
+
+
+def _kernel(kind: str, device: torch.device):
+    if not fused_supported(device):  # meta, or inside a torch.compile trace: run as is
+        return _FUNCTIONS[kind]
+    kernel = _compiled.get(kind)
+    if kernel is None:
+        kernel = _compiled[kind] = torch.compile(_FUNCTIONS[kind], dynamic=True, fullgraph=True)
+    return kernel
+
+
+# -- eligibility ---------------------------------------------------------------------------
+
+
+def _group_kind(base: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
+    """Which kernel reproduces this group of the base, or None (generic path)."""
+    if group.get("capturable", False) or group.get("differentiable", False):
+        return None
+    if isinstance(group.get("lr"), Tensor):
+        return None
+    kind = type(base)
+    if kind is torch.optim.SGD:
+        if any(isinstance(group[k], Tensor) for k in ("momentum", "dampening", "weight_decay")):
+            return None
+        return "sgd_momentum" if group["momentum"] != 0 else "sgd"
+    if kind in _ADAM_CLASSES:
+        if any(isinstance(b, Tensor) for b in group["betas"]):
+            return None
+        if isinstance(group["weight_decay"], Tensor) or isinstance(group["eps"], Tensor):
+            return None
+        return "amsgrad" if group.get("amsgrad", False) else "adam"
+    return None
+
+
+def _same_layout(t: object, p: Tensor) -> bool:
+    return (
+        isinstance(t, Tensor)
+        and t.dtype == p.dtype
+        and t.device == p.device
+        and t.shape == p.shape
+        and t.is_contiguous()
+        and not t.requires_grad
+    )
+
+
+def _param_ok(kind: str, p: Tensor, buffer: object, base_state: dict[str, Any],
+              fused: bool | None) -> bool:
+    grad = p.grad
+    if p.dtype not in _DTYPES or p.numel() < max(FUSED_MIN_NUMEL, 2):
+        return False
+    if grad.is_sparse or grad.dtype != p.dtype or not grad.is_contiguous():
+        return False
+    if not p.is_contiguous() or not _same_layout(buffer, p):
+        return False
+    if (fused if fused is not None else p.device.type == "cuda") is not True:
+        return False
+    if p.device.type not in ("cpu", "cuda", "meta"):
+        return False
+    if kind == "sgd":
+        return True
+    if kind == "sgd_momentum":
+        return set(base_state) == {"momentum_buffer"} and _same_layout(
+            base_state["momentum_buffer"], p
+        )
+    step = base_state.get("step")
+    keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if kind == "amsgrad" else set())
+    return (
+        set(base_state) == keys
+        and (kind != "amsgrad" or _same_layout(base_state["max_exp_avg_sq"], p))
+        and isinstance(step, Tensor)
+        and step.dim() == 0
+        and step.dtype.is_floating_point
+        and step.device in (p.device, torch.device("cpu"))
+        and _same_layout(base_state["exp_avg"], p)
+        and _same_layout(base_state["exp_avg_sq"], p)
+    )
+
+
+def _on_flag_device(kind: str, p: Tensor, entry: dict[str, Any], skip: Tensor) -> bool:
+    """With a skip flag the parameter (and Adam's ``step``, which the skip must not
+    advance) live on the flag's device: no device→host copy of the flag."""
+    if p.device != skip.device:
+        return False
+    step = entry.get("step")
+    return kind in ("sgd", "sgd_momentum") or not isinstance(step, Tensor) or (
+        step.device == skip.device
+    )
+
+
+Chosen = list[tuple[str, dict[str, Any], float, float, list[Tensor]]]
+
+
+def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str,
+         skip: Tensor | None = None) -> Chosen:
+    """Per group: ``(kind, group, α, β, params)`` of the parameters the fast path takes."""
+    base = optimizer.base
+    chosen = []
+    for group, (alpha, beta) in zip(optimizer.param_groups, hparams):
+        kind = _group_kind(base, group)
+        if kind is None or replacement_coefficients(alpha, beta)[0] < WELL_CONDITIONED_K1:
+            continue
+        params = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            own = optimizer.state.get(p, {})
+            entry = base.state.get(p, {})
+            if skip is not None and not _on_flag_device(kind, p, entry, skip):
+                continue
+            if _param_ok(kind, p, own.get(buffer_key), entry, optimizer.fused):
+                params.append(p)
+        if params:
+            chosen.append((kind, group, alpha, beta, params))
+    return chosen
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = None) -> None:
+    """Replacement and base update for every chosen parameter (one kernel call each)."""
+    base_state = optimizer.base.state
+    for kind, group, alpha, beta, params in chosen:
+        k1, pc, qc = replacement_coefficients(alpha, beta)
+        sign = -1.0 if group["maximize"] else 1.0
+        lr = group["lr"]
+        if kind in ("adam", "amsgrad"):
+            steps = [base_state[p]["step"] for p in params]
+            # As torch's foreach path: one tensor added to CPU-hosted steps (no host read).
+            cpu = [s for s in steps if s.device.type == "cpu"]
+            other = [s for s in steps if s.device.type != "cpu"]
+            if cpu:
+                torch._foreach_add_(cpu, torch.tensor(1.0, device="cpu"), alpha=1.0)
+            if other:
+                torch._foreach_add_(other, 1)
+            beta1, beta2 = group["betas"]
+            wd = group["weight_decay"]
+            decoupled = bool(
+                group.get("decoupled_weight_decay", type(optimizer.base) is torch.optim.AdamW)
+            )
+            coupled_wd = 0.0 if decoupled else float(wd)
+            decay = 1.0 - lr * wd if decoupled else 1.0
+        for p in params:
+            kernel = _kernel(kind, p.device)
+            flat = p.detach().view(-1)
+            g = p.grad.view(-1)
+            c = optimizer.state[p][buffer_key].view(-1)
+            if kind == "sgd":
+                kernel(flat, g, c, k1, alpha, pc, qc, sign, -lr, float(group["weight_decay"]),
+                       skip)
+            elif kind == "sgd_momentum":
+                buf = base_state[p]["momentum_buffer"].view(-1)
+                kernel(flat, g, c, buf, k1, alpha, pc, qc, sign, -lr,
+                       float(group["weight_decay"]), float(group["momentum"]),
+                       1.0 - group["dampening"], bool(group["nesterov"]), skip)
+            else:
+                entry = base_state[p]
+                step_size, bc2_sqrt = _bias_corrections(
+                    entry["step"], lr, beta1, beta2, p.dtype
+                )
+                kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
+                       step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
+                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5,
+                       entry["max_exp_avg_sq"].view(-1) if kind == "amsgrad" else None, skip)
+            counters["fast"] += 1
+        if kind in ("adam", "amsgrad") and skip is not None:
+            # As torch's fused Adam under found_inf: advanced, then taken back where skipped.
+            torch._foreach_sub_(steps, [skip] * len(steps))
