@@ -28,7 +28,6 @@ from adaptor.precision import (
     SKIPS_KEY,
     check_flag,
     check_state_dtype,
-    prepare_step,
     resolve_state_dtype,
     skip_count,
 )
@@ -38,6 +37,7 @@ from adaptor.replacement import (
     replace_foreach_,
     replace_fused_,
 )
+from adaptor.shards import local, prepare_sharded_step
 from adaptor.telemetry import Telemetry
 
 ALPHA_KEY = "explore_alpha"
@@ -354,7 +354,7 @@ class ExploredOptimizer(Optimizer):
         grads = [p.grad for group in self.param_groups for p in self._params_with_grad(group)]
         with torch.no_grad():
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
-            skip = prepare_step(self, grads, skip_nonfinite=self.skip_nonfinite)
+            skip = prepare_sharded_step(self, grads, skip_nonfinite=self.skip_nonfinite)
             # Parameters the fast path takes (replacement + torch's SGD/Adam update in one
             # kernel, see adaptor.fastpath; the skip flag masks its writes); never with
             # telemetry.
@@ -554,7 +554,10 @@ class ExploredOptimizer(Optimizer):
                     buffer = state[BUFFER_KEY] = torch.zeros_like(
                         p, dtype=self._buffer_dtype(p), memory_format=torch.preserve_format
                     )
-                grad = p.grad
+                # FSDP2: the replacement is element-wise, so it runs on the local shards
+                # (shared storage; no DTensor dispatch, and ops such as _foreach_copy_ that
+                # have no DTensor sharding rule are fine).
+                grad, buffer = local(p.grad), local(buffer)
                 key = (grad.device, grad.dtype, buffer.dtype)
                 bucket = buckets.get(key)
                 if bucket is None:

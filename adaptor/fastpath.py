@@ -48,6 +48,7 @@ holds — the fast path never approximates:
   another dtype, or not contiguous, or the adaptor's buffer has another dtype
   (``state_dtype``);
 * it has fewer than ``FUSED_MIN_NUMEL`` elements;
+* it is a DTensor (FSDP2): the generic path works on its local shard;
 * it has no adaptor buffer or no base state yet (its first step, and SGD's first momentum
   step, which copies the gradient into the buffer), or that state is not laid out as the
   base keeps it (dtype, device, shape, contiguity);
@@ -64,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adaptor import shards
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
@@ -202,7 +204,7 @@ def _same_layout(t: object, p: Tensor) -> bool:
 def _param_ok(kind: str, p: Tensor, buffer: object, base_state: dict[str, Any],
               fused: bool | None) -> bool:
     grad = p.grad
-    if p.dtype not in _DTYPES or p.numel() < max(FUSED_MIN_NUMEL, 2):
+    if p.dtype not in _DTYPES or p.numel() < max(FUSED_MIN_NUMEL, 2) or shards.is_dtensor(p):
         return False
     if grad.is_sparse or grad.dtype != p.dtype or not grad.is_contiguous():
         return False

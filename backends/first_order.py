@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from adaptor import shards
 from adaptor.explore import ALPHA_KEY, BETA_KEY, BUFFER_KEY
 from adaptor.precision import (
     LOW_PRECISION,
@@ -156,27 +156,9 @@ def _on_cpu(tensors: list[Tensor]) -> bool:
     return tensors[0].device.type == "cpu"
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    # A DTensor exists only once torch.distributed.tensor was imported: no import here
-    # (it costs ~0.2 s), a dict lookup per tensor.
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
-    return dtensor is not None and isinstance(t, dtensor)
-
-
-def _shard_groups(t: Tensor) -> tuple[Any, ...]:
-    """The process groups over which a DTensor's local shards must be summed to give a sum
-    over the whole tensor: one per mesh dimension it is sharded over (FSDP2: the shard
-    group; HSDP: not the replicate dimension). ``()`` for an ordinary tensor."""
-    if not _is_dtensor(t):
-        return ()
-    mesh = t.device_mesh
-    return tuple(mesh.get_group(d) for d, pl in enumerate(t.placements) if pl.is_shard())
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (shares its storage: in-place writes reach the DTensor)."""
-    return t.to_local() if _is_dtensor(t) else t
+_is_dtensor = shards.is_dtensor
+_shard_groups = shards.shard_groups
+_local = shards.local
 
 
 class _Shards:
@@ -313,28 +295,6 @@ def _dtype_from_name(name: Any, where: str) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{where}: {name!r} is not the name of a floating torch dtype")
     return dtype
-
-
-def _nonfinite(grads: list[Tensor]) -> Tensor:
-    """1.0 (0-d float32 on ``grads[0]``'s device) when the 2-norm of all gradients is not
-    finite — a NaN or Inf element, or squares beyond the dtype's range (a step that would put
-    Inf into v anyway) — else 0.0. One multi-tensor norm pass per device and dtype, no host
-    read; on CPU about 9× cheaper than the AMP unscale kernel (86 ms vs 10 ms for 16.8M
-    float32 gradients). fp16 norms are accumulated and returned in float32."""
-    first = grads[0].device
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        buckets.setdefault((g.device, g.dtype), []).append(g)
-    bad: Tensor | None = None
-    for (_, dtype), group in buckets.items():
-        if dtype == torch.float16:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
-        else:
-            norms = torch._foreach_norm(group)
-        here = torch.isfinite(torch.stack(norms).sum()).logical_not().to(first, non_blocking=True)
-        bad = here if bad is None else bad.logical_or(here)
-    assert bad is not None
-    return bad.to(torch.float32)
 
 
 class _Bucket:
@@ -495,25 +455,13 @@ class _FirstOrder(Optimizer):
         return buckets
 
     def _prepare(self) -> Tensor | None:
-        """GradScaler's unscale and the step's skip flag (``None``: no flag, no masking)."""
-        grads: list[Tensor] = []
-        shard_groups: dict[int, Any] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    for pg in _shard_groups(p.grad):
-                        shard_groups.setdefault(id(pg), pg)
-                    grads.append(_real_view(_local(p.grad)))  # FSDP2: the local shard
-        flag = prepare_step(self, grads, skip_nonfinite=False)  # GradScaler's part
-        if grads and any(group["skip_nonfinite"] for group in self.param_groups):
-            own = _nonfinite(grads)
-            flag = own if flag is None else torch.maximum(flag, own)
-        if flag is not None and shard_groups:
-            # A NaN in one rank's shard skips the step on every rank (else the shards of a
-            # parameter would part ways): one all-reduce (max) of one scalar per shard group.
-            for pg in shard_groups.values():
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=pg)
-        return flag
+        """GradScaler's unscale and the step's skip flag (``None``: no flag, no masking), on
+        the local shards under FSDP2, the flag then common to every rank
+        (:mod:`adaptor.shards`)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        check = bool(grads) and any(group["skip_nonfinite"] for group in self.param_groups)
+        flag = prepare_step(self, [_real_view(_local(g)) for g in grads], skip_nonfinite=check)
+        return shards.reduce_skip_flag(flag, grads)
 
     def _count_skips(self, skip: Tensor | None) -> None:
         """Add the flag to every stepped parameter's ``nonfinite_skips`` (one foreach add
