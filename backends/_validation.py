@@ -37,6 +37,8 @@ __all__ = [
     "check_state_dtype",
     "check_tuple",
     "check_unit",
+    "dtype_from_name",
+    "dtype_name",
     "real",
 ]
 
@@ -193,3 +195,26 @@ def check_float_dtype(
         raise ValueError(f"{owner}: invalid {name}={value}, must be {prefix}one of {choices}")
     return value
 
+
+
+def dtype_from_name(value: object, where: str) -> object:
+    """``"float32"`` → ``torch.float32``: how the optimizers' ``state_dict()`` save a
+    group's dtypes (``torch.distributed.checkpoint`` refuses ``torch.dtype`` values:
+    ``full_state_dict=True`` raises "Unexpected value type <class 'torch.dtype'>").
+
+    Anything that is not a string passes through unchanged (a dtype, ``None``; the
+    group's own check judges it); a string that is not the name of a floating dtype is a
+    ``ValueError`` naming ``where``.
+    """
+    if not isinstance(value, str):
+        return value
+    dtype = getattr(torch, value, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: {value!r} is not the name of a floating torch dtype")
+    return dtype
+
+
+def dtype_name(value: object) -> object:
+    """``torch.float32`` → ``"float32"`` (the inverse of :func:`dtype_from_name`); anything
+    else unchanged."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value

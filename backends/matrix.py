@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
-from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked
+from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked, name_dtypes
 from backends._state import as_dtype as _as
 from backends._state import compute_dtype as _compute_dtype
 from backends._state import write_params_ as _write_
@@ -56,6 +56,8 @@ __all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# Group settings that hold a torch.dtype: saved by name (see Muon.state_dict).
+_DTYPE_KEYS = ("ns_dtype", "state_dtype")
 # Settings added after the first release: filled in for groups of older pickles/state dicts.
 _LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 # Same-shaped matrices are orthogonalised together, at most this many elements per batch
@@ -581,7 +583,13 @@ class Muon(Optimizer):
         Raises ``ValueError`` naming the parameter index, key and shapes for a state dict of
         another model or optimizer (wrong parameter count, shapes, missing or unknown keys).
         """
-        load_checked(self, state_dict, "Muon", _check_group, self._state_spec)
+        load_checked(self, state_dict, "Muon", _check_group, self._state_spec, _DTYPE_KEYS)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict, with the groups' ``ns_dtype`` and ``state_dtype`` saved by
+        name (``"bfloat16"``), as ``torch.distributed.checkpoint`` requires; either form
+        loads."""
+        return name_dtypes(super().state_dict(), _DTYPE_KEYS)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

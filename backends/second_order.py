@@ -36,6 +36,7 @@ from backends._state import (
     compute_dtype,
     count_skips_,
     load_checked,
+    name_dtypes,
     write_params_,
 )
 from backends._validation import (
@@ -55,6 +56,8 @@ GRAFTINGS = ("adam", "none")
 # Settings added after the first release: filled in for groups of older pickles/state dicts.
 _LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 ROOT_METHODS = ("eigh", "newton")
+# Group settings that hold a torch.dtype: saved by name (see Shampoo.state_dict).
+_DTYPE_KEYS = ("preconditioner_dtype", "state_dtype")
 # State keys of a preconditioned (matrix) parameter.
 MATRIX_KEYS = ("left", "right", "left_root", "right_root")
 
@@ -726,7 +729,13 @@ class Shampoo(Optimizer):
         (wrong parameter count, shapes, block size, missing or unknown keys) raises a
         ``ValueError`` naming the parameter index, the key and the shapes.
         """
-        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec)
+        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec, _DTYPE_KEYS)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict, with the groups' ``preconditioner_dtype`` and ``state_dtype``
+        saved by name (``"float64"``), as ``torch.distributed.checkpoint`` requires; either
+        form loads."""
+        return name_dtypes(super().state_dict(), _DTYPE_KEYS)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
