@@ -42,7 +42,13 @@ class OptimizerInfo:
             parameters (false for estimators that perturb all parameters together).
         invalid: ``(make, exception, match)``: ``make(params)`` must raise ``exception`` whose
             message matches ``match`` (a regex naming the argument and its range).
-        fused_compile: the entry compiles a kernel on first use (slow; fewer tests run it).
+        fused_compile: the entry compiles a kernel on first use (seconds to tens of seconds
+            on CPU). Such entries take part only in the float32 tests that reuse the compiled
+            kernels (a new dtype or ``torch.compile`` around the step would compile again), and
+            their tests share one xdist group so that one worker compiles each kernel once.
+        shapes: the parameter shapes ``make_params`` builds (``None``: a few small tensors).
+            Fused entries use tensors of at least ``adaptor.replacement.FUSED_MIN_NUMEL``
+            elements, the size at which the compiled kernels are taken.
     """
 
     name: str
@@ -55,6 +61,7 @@ class OptimizerInfo:
     groups_independent: bool = True
     invalid: Sequence[tuple[Callable[[Params], Any], type[BaseException], str]] = ()
     fused_compile: bool = False
+    shapes: tuple[tuple[int, ...], ...] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -95,7 +102,12 @@ def make_params(
     seed: int = 0,
 ) -> list[Tensor]:
     """A handful of parameters of assorted shapes (only matrices for matrix-only entries)."""
-    shapes = [(6, 5), (4, 6), (3, 2, 2, 2)] if info.matrix_only else [(6, 5), (6,), (4, 6), (4,)]
+    if info.shapes is not None:
+        shapes = list(info.shapes)
+    elif info.matrix_only:
+        shapes = [(6, 5), (4, 6), (3, 2, 2, 2)]
+    else:
+        shapes = [(6, 5), (6,), (4, 6), (4,)]
     generator = torch.Generator().manual_seed(seed)
     return [
         torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_()
@@ -142,3 +154,97 @@ def run_steps(
 ) -> None:
     for step in steps:
         optimizer.step(make_closure(info, optimizer, params, step))
+
+
+# -- parametrisation and comparison helpers shared by the generic test files ----------------
+
+FUSED_GROUP = "fused-compile"
+
+
+def entries(
+    infos: Sequence[OptimizerInfo] | None = None,
+    *,
+    fused: bool = True,
+    when: Callable[[OptimizerInfo], bool] | None = None,
+) -> list[Any]:
+    """``pytest.param``\\ s over ``infos`` (default: every entry).
+
+    ``fused=False`` leaves out the entries that compile kernels (see
+    ``OptimizerInfo.fused_compile``); the others get the ``xdist_group`` that keeps their
+    compiles on one worker. ``when`` filters on capability flags.
+    """
+    import pytest
+
+    selected = []
+    for info in __getattr__("OPTIMIZERS") if infos is None else infos:
+        if info.fused_compile and not fused:
+            continue
+        if when is not None and not when(info):
+            continue
+        marks = [pytest.mark.xdist_group(FUSED_GROUP)] if info.fused_compile else []
+        selected.append(pytest.param(info, id=info.name, marks=marks))
+    return selected
+
+
+def all_params(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def state_snapshot(optimizer: Optimizer) -> dict[Any, Any]:
+    """A deep copy of ``state_dict()`` (torch's state dict holds the live state tensors)."""
+    import copy
+
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def assert_same(actual: Any, expected: Any, where: str = "state_dict") -> None:
+    """Bit-identical nested dicts/lists/tensors (NaN equal to NaN), with the path in errors."""
+    if isinstance(expected, Tensor):
+        assert isinstance(actual, Tensor), f"{where}: {type(actual).__name__}, expected a tensor"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{where}: shape {actual.shape} != {expected.shape}"
+        assert actual.device == expected.device, f"{where}: device {actual.device}"
+        assert torch.equal(_bits(actual), _bits(expected)), (
+            f"{where}: values differ (max |diff| {(actual - expected).abs().max()})"
+        )
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: {type(actual).__name__}, expected a dict"
+        assert set(actual) == set(expected), (
+            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        )
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), (
+            f"{where}: {actual!r} != {expected!r}"
+        )
+        for i, (a, b) in enumerate(zip(actual, expected)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert actual == expected or (actual != actual and expected != expected), (
+            f"{where}: {actual!r} != {expected!r}"
+        )
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The bytes of ``t``: bit-identity (NaN payloads, the sign of zero) rather than ``==``."""
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8) if flat.dtype.is_floating_point or flat.is_complex() else flat
+
+
+def clone_params(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def step_with_empty_grads(
+    info: OptimizerInfo, optimizer: Optimizer, params: Sequence[Tensor], steps: range
+) -> None:
+    """Steps that need no data (for ``meta`` parameters): autograd entries get ``empty_like``
+    gradients, zero-order entries evaluate their closure."""
+    for step in steps:
+        if info.closure_kind == "loss":
+            optimizer.step(make_closure(info, optimizer, params, step))
+        else:
+            for p in params:
+                p.grad = torch.empty_like(p)
+            optimizer.step()

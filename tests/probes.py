@@ -1,40 +1,144 @@
-"""A probe that counts host reads of tensor values made by the library's own code.
+"""A probe that counts host reads of tensor values made by, or on behalf of, library code.
 
-Inside ``step()`` no optimizer of the library may call ``.item()``, ``.tolist()``,
-``bool(tensor)``, ``float(tensor)`` or ``int(tensor)``: on a GPU each is a device→host
-synchronisation. The probe patches those methods and counts calls whose immediate caller
-is a file of ``adaptor/`` or ``backends/`` (torch's own CPU-hosted step counter, read inside
-torch, is not ours and is not counted).
+Inside ``step()`` no optimizer of the library may read a tensor's value on the host: on a GPU
+each read is a device→host synchronisation. The probe patches the methods through which a
+value reaches Python — ``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool(t)``,
+``float(t)``, ``int(t)``, ``complex(t)``, ``operator.index(t)``, and the text conversions
+``str(t)``, ``repr(t)`` and ``format(t, spec)`` (an f-string of a tensor prints its values) —
+and records each call that the rule below attributes to the library.
+
+**The rule.** Walk the Python stack outward from the frame that called the patched method:
+
+1. a frame in one of ``library_dirs`` (``adaptor/`` and ``backends/`` by default) ends the
+   walk: the read is *counted*. This covers a read written in library code (the frame is the
+   immediate caller) and a read made inside torch on the library's behalf (e.g. a library
+   function that calls ``clip_grad_norm_(..., error_if_nonfinite=True)``, or one of torch's
+   helpers that calls ``.item()`` — the torch frames lie between the read and the library);
+2. before that, a frame that is the ``step`` method of one of torch's own optimizer
+   implementations (a file of ``torch/optim/`` other than ``optimizer.py`` and
+   ``lr_scheduler.py``, which are the base class and scheduler wrappers every step passes
+   through) *excuses* the read: it belongs to that torch optimizer's own algorithm, which the
+   library runs unchanged as the base of ``E`` — e.g. ``torch.optim.Adam``'s CPU-hosted step
+   counter read by ``_get_value`` (in ``optimizer.py``) from ``adam.py`` during
+   ``E(Adam).step()``. Torch's functional API called directly by library code
+   (``torch.optim.adamw.adamw(...)``) has no such ``step`` frame, so its reads still count;
+3. a stack with no library frame (the test's own prints and reads) is not counted.
+
+Only the outermost patched call is counted: ``f"{t}"`` runs ``Tensor.__format__``, which
+calls ``item()`` or ``repr``, which calls ``tolist()``; that is one read, not three.
+
+``library_dirs`` is a parameter: the probe's self-test passes the test file itself to play
+the library, and the GradScaler test adds ``torch/amp/grad_scaler.py`` so that the scaler's
+own generic-path read of ``found_inf`` is counted too.
+
+``direct=True`` counts only reads whose immediate caller is library code. The meta-device
+tests use it: torch's meta kernels may format meta tensors (which hold no data) while
+checking their arguments, e.g. ``torch._foreach_lerp_`` with a list of tensor weights, and
+that is no host read; a library ``f"{t}"`` still counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY_DIRS = tuple(str(ROOT / name) for name in ("adaptor", "backends"))
-PATCHED = ("item", "tolist", "__bool__", "__float__", "__int__")
+LIBRARY_DIRS = tuple(str(ROOT / name) + "/" for name in ("adaptor", "backends"))
+PATCHED = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__complex__",
+    "__index__",
+    "__str__",
+    "__repr__",
+    "__format__",
+)
+
+_TORCH_OPTIM = str(Path(torch.optim.__file__).resolve().parent) + "/"
+# Files of torch/optim/ that every step passes through (the base class's hook and grad
+# wrappers, the scheduler's step wrapper): transparent, they excuse nothing.
+_TORCH_OPTIM_TRANSPARENT = tuple(
+    _TORCH_OPTIM + name for name in ("optimizer.py", "lr_scheduler.py", "__init__.py")
+)
+GRAD_SCALER_FILE = str(Path(torch.amp.grad_scaler.__file__).resolve())
+
+_active = threading.local()
+
+
+def _is_torch_optimizer_step(code) -> bool:
+    filename = code.co_filename
+    return (
+        code.co_name == "step"
+        and filename.startswith(_TORCH_OPTIM)
+        and not filename.startswith(_TORCH_OPTIM_TRANSPARENT)
+    )
+
+
+def _attribute(frame, library: tuple[str, ...], direct: bool = False) -> str | None:
+    """``"file:line"`` of the library frame a read is made for, or ``None`` (not counted)."""
+    if direct:
+        code = frame.f_code
+        if not code.co_filename.startswith(library):
+            return None
+        return f"{code.co_filename}:{frame.f_lineno}"
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith(library):
+            return f"{code.co_filename}:{frame.f_lineno}"
+        if _is_torch_optimizer_step(code):
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _resolve(paths: Sequence[str | Path]) -> tuple[str, ...]:
+    out = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        out.append(str(resolved) + ("/" if resolved.is_dir() else ""))
+    return tuple(out)
 
 
 @contextlib.contextmanager
-def host_read_probe() -> Iterator[list[str]]:
-    """Yields a list that collects ``"file:line method"`` for every host read by the library."""
+def host_read_probe(
+    library_dirs: Sequence[str | Path] = LIBRARY_DIRS,
+    *,
+    direct: bool = False,
+) -> Iterator[list[str]]:
+    """Yields a list that collects ``"file:line method"`` for every host read the rule counts.
+
+    ``library_dirs``: directories (or single files) whose code is "the library".
+    ``direct``: count only reads written in library code itself (see the module docstring).
+    """
+    library = _resolve(library_dirs)
     reads: list[str] = []
+    owned = {name: name in torch.Tensor.__dict__ for name in PATCHED}
     originals = {name: getattr(torch.Tensor, name) for name in PATCHED}
 
     def wrap(name: str, original):
         def probe(self, *args, **kwargs):
-            caller = sys._getframe(1)
-            filename = caller.f_code.co_filename
-            if filename.startswith(LIBRARY_DIRS):
-                reads.append(f"{filename}:{caller.f_lineno} {name}")
-            return original(self, *args, **kwargs)
+            if getattr(_active, "depth", 0):  # a read inside a read: already counted
+                return original(self, *args, **kwargs)
+            where = _attribute(sys._getframe(1), library, direct)
+            if where is not None:
+                reads.append(f"{where} {name}")
+            _active.depth = 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _active.depth = 0
 
+        probe.__name__ = name
         return probe
 
     try:
@@ -43,4 +147,7 @@ def host_read_probe() -> Iterator[list[str]]:
         yield reads
     finally:
         for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+            if owned[name]:
+                setattr(torch.Tensor, name, original)
+            else:
+                delattr(torch.Tensor, name)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptor import E
+from tests.distributed import init_gloo, rank_share
 
 STEPS = 5
 WORLD = 2
@@ -39,19 +40,14 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _train(model, optimizer, rank: int | None) -> None:
     for step in range(STEPS):
         x, y = _batch(step)
-        if rank is not None:
-            half = len(x) // WORLD
-            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        x, y = rank_share(x, y, rank, WORLD)
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # A file store, not a port: picking a "free" port races with other tests and workers.
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    init_gloo(rank, WORLD, out_dir)
     try:
         for wrapper in WRAPPERS:
             _run_wrapper(rank, wrapper, out_dir)

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from adaptor import E
 from backends import ALTO, AdaBelief, Lamb, first_order
+from tests.distributed import counted_all_reduce, init_gloo, rank_share
 
 STEPS = 4
 WORLD = 2
@@ -100,9 +101,7 @@ def _train(model, optimizer, steps, rank: int | None, *, nan: str | None = None)
     every rank's gradient (DDP's gradients are equal on all ranks after the all-reduce)."""
     for step in steps:
         x, y = _batch(step)
-        if rank is not None:
-            half = len(x) // WORLD
-            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        x, y = rank_share(x, y, rank, WORLD)
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         if nan is not None and step == NAN_STEP and (nan == "all" or rank in (None, 1)):
@@ -172,42 +171,31 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # A file store, not a port: picking a "free" port races with other tests and workers.
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    sent: list[int] = []
-    all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        sent.append(tensor.numel() * tensor.element_size())
-        return all_reduce(tensor, *args, **kwargs)
-
-    # this process only: what the optimizers all-reduce (FSDP2's own collectives are
-    # all-gathers and reduce-scatters, DDP's reducer calls no Python function)
-    dist.all_reduce = counting_all_reduce
-    try:
-        results: dict[str, object] = {}
-        for name, wrapper in CASES:
-            model = _wrap(_model(), wrapper)
-            optimizer = OPTIMIZERS[name](model.parameters())
-            nan = ("rank1" if wrapper == "fsdp2" else "all") if name.endswith("nonfinite") else None
-            threshold = first_order.FUSED_MIN_NUMEL
-            if name == "lamb-fused":
-                first_order.FUSED_MIN_NUMEL = 1
-            sent.clear()
-            try:
-                _train(model, optimizer, range(STEPS), rank, nan=nan)
-            finally:
-                first_order.FUSED_MIN_NUMEL = threshold
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            results[f"{name}-{wrapper}"] = [_full(p) for p in params]
-            results[f"{name}-{wrapper}-sent"] = list(sent)
-        results["checkpoints"] = _checkpoints(rank, out_dir)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.all_reduce = all_reduce
-        dist.destroy_process_group()
+    init_gloo(rank, WORLD, out_dir)
+    with counted_all_reduce() as sent:
+        try:
+            results: dict[str, object] = {}
+            for name, wrapper in CASES:
+                model = _wrap(_model(), wrapper)
+                optimizer = OPTIMIZERS[name](model.parameters())
+                nan = None
+                if name.endswith("nonfinite"):
+                    nan = "rank1" if wrapper == "fsdp2" else "all"
+                threshold = first_order.FUSED_MIN_NUMEL
+                if name == "lamb-fused":
+                    first_order.FUSED_MIN_NUMEL = 1
+                sent.clear()
+                try:
+                    _train(model, optimizer, range(STEPS), rank, nan=nan)
+                finally:
+                    first_order.FUSED_MIN_NUMEL = threshold
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                results[f"{name}-{wrapper}"] = [_full(p) for p in params]
+                results[f"{name}-{wrapper}-sent"] = list(sent)
+            results["checkpoints"] = _checkpoints(rank, out_dir)
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

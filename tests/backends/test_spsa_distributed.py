@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from adaptor import explore
 from backends import SPSA
+from tests.distributed import counted_all_reduce, init_gloo, rank_share
 
 STEPS = 4
 WORLD = 2
@@ -67,56 +68,43 @@ def _train(model, optimizer, rank: int | None) -> list[torch.Tensor]:
     losses = []
     for step in range(STEPS):
         x, y = _batch(step)
-        if rank is not None:
-            half = len(x) // WORLD
-            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        x, y = rank_share(x, y, rank, WORLD)
         losses.append(optimizer.step(lambda x=x, y=y: torch.nn.functional.mse_loss(model(x), y)))
     return losses
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    # A file store: no TCP port to pick, so no race with another test's free-port probe.
-    store = os.path.join(out_dir, "store")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    sent: list[int] = []
-    all_reduce = dist.all_reduce
+    init_gloo(rank, WORLD, out_dir)
+    with counted_all_reduce() as sent:
+        try:
+            results = {}
+            for name, spsa_kwargs, wrapper in CASES:
+                model = _model()
+                if wrapper == "ddp":
+                    model = torch.nn.parallel.DistributedDataParallel(model)
+                elif wrapper == "fsdp2":
+                    from torch.distributed.fsdp import fully_shard
 
-    def counting_all_reduce(tensor, *args, **kwargs):
-        sent.append(tensor.numel() * tensor.element_size())
-        return all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce  # this process only: the bytes SPSA reduces
-    try:
-        results = {}
-        for name, spsa_kwargs, wrapper in CASES:
-            model = _model()
-            if wrapper == "ddp":
-                model = torch.nn.parallel.DistributedDataParallel(model)
-            elif wrapper == "fsdp2":
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in model:
-                    if isinstance(layer, torch.nn.Linear):
-                        fully_shard(layer)
-                fully_shard(model)
-            optimizer = _optimizer(model, spsa_kwargs)
-            sent.clear()
-            losses = _train(model, optimizer, rank)
-            results[name] = {
-                "params": [
-                    p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-                    for p in model.parameters()
-                ],
-                "losses": torch.stack([torch.as_tensor(v) for v in losses]),
-                "bytes": sum(sent),
-            }
-        torch.manual_seed(rank)  # different torch seeds on purpose
-        results["seeds"] = [SPSA().seed, SPSA(process_group=False).seed]
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.all_reduce = all_reduce
-        dist.destroy_process_group()
+                    for layer in model:
+                        if isinstance(layer, torch.nn.Linear):
+                            fully_shard(layer)
+                    fully_shard(model)
+                optimizer = _optimizer(model, spsa_kwargs)
+                sent.clear()
+                losses = _train(model, optimizer, rank)
+                results[name] = {
+                    "params": [
+                        p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                        for p in model.parameters()
+                    ],
+                    "losses": torch.stack([torch.as_tensor(v) for v in losses]),
+                    "bytes": sum(sent),
+                }
+            torch.manual_seed(rank)  # different torch seeds on purpose
+            results["seeds"] = [SPSA().seed, SPSA(process_group=False).seed]
+            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
 
 
 def test_ranks_agree_and_match_one_process_on_the_full_batch(tmp_path):
