@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor import precision
+from backends._validation import dtype_from_name, dtype_name
 
 # A state entry: a tensor of (shape, dtype), or ``int`` for a host-side Python integer.
 Spec = dict[str, "tuple[tuple[int, ...], torch.dtype] | type[int]"]
@@ -113,17 +114,33 @@ def _describe(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
 
 
+def name_dtypes(state_dict: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``state_dict`` with the groups' ``keys`` saved by name (``torch.float32`` →
+    ``"float32"``; :func:`load_checked` turns them back): ``torch.distributed.checkpoint``
+    refuses ``torch.dtype`` values (``get_optimizer_state_dict`` with
+    ``full_state_dict=True`` raises "Unexpected value type <class 'torch.dtype'>").
+    Rewrites the groups in place: torch's ``state_dict()`` builds new group dicts."""
+    for group in state_dict["param_groups"]:
+        for key in keys:
+            if key in group:
+                group[key] = dtype_name(group[key])
+    return state_dict
+
+
 def load_checked(
     optimizer: Optimizer,
     state_dict: Mapping[str, Any],
     owner: str,
     check_group: Callable[[dict[str, Any], str], None],
     spec: Callable[[dict[str, Any], Tensor], Spec],
+    dtype_keys: Sequence[str] = (),
 ) -> None:
     """Check ``state_dict`` against ``optimizer`` and load it (see the module docstring).
 
     ``spec(group, p)`` gives the keys a parameter with state must hold (the loaded group's
     settings decide, e.g. Muon's routing); :func:`optional_spec` the keys it may hold.
+    The saved groups' ``dtype_keys`` may hold a ``torch.dtype`` or its name
+    (:func:`name_dtypes`); the loaded groups hold the dtype.
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"{owner} state_dict must be a dict, got {type(state_dict).__name__}")
@@ -145,6 +162,10 @@ def load_checked(
     for index, (group, saved) in enumerate(zip(groups, saved_groups)):
         if not isinstance(saved, Mapping) or "params" not in saved:
             raise ValueError(f"{owner} state_dict param group {index} has no 'params' list")
+        for key in dtype_keys:
+            if key in saved:
+                where = f"{owner} state_dict param group {index}: {key}"
+                saved[key] = dtype_from_name(saved[key], where)
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
                 f"{owner} state_dict param group {index} has {len(saved['params'])} "

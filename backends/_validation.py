@@ -24,14 +24,21 @@ from torch import Tensor
 __all__ = [
     "check_betas",
     "check_choice",
+    "check_finite",
     "check_flag",
+    "check_float_dtype",
+    "check_int",
     "check_lr",
     "check_nonneg",
     "check_optional_positive",
     "check_pair",
     "check_positive",
+    "check_precision",
     "check_state_dtype",
+    "check_tuple",
     "check_unit",
+    "dtype_from_name",
+    "dtype_name",
     "real",
 ]
 
@@ -43,6 +50,25 @@ def real(owner: str, name: str, value: object) -> float:
     result = float(value)
     if math.isnan(result):
         raise ValueError(f"{owner}: {name} must not be NaN")
+    return result
+
+
+def check_finite(owner: str, name: str, value: object) -> float:
+    """``value`` as a float: a real number with ``-inf < value < inf``."""
+    result = real(owner, name, value)
+    if not math.isfinite(result):
+        raise ValueError(f"{owner}: invalid {name}={value}, must satisfy -inf < {name} < inf")
+    return result
+
+
+def check_int(owner: str, name: str, value: object, *, low: int, high: int | None = None) -> int:
+    """An ``int`` (not a bool) with ``low <= value`` (and ``value <= high`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+    result = int(value)
+    if result < low or (high is not None and result > high):
+        rule = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{owner}: invalid {name}={result}, must be an int with {rule}")
     return result
 
 
@@ -80,18 +106,27 @@ def check_optional_positive(owner: str, name: str, value: object) -> None:
         check_positive(owner, name, value)
 
 
-def check_betas(owner: str, betas: object, count: int, *, names: Sequence[str] = ()) -> None:
-    """A tuple (or list) of ``count`` decay rates, each in [0, 1).
+def check_tuple(
+    owner: str, name: str, value: object, count: int, *, names: Sequence[str] = ()
+) -> Sequence[Any]:
+    """A tuple (or list) of ``count`` items (checked by the caller), returned as it is.
 
     ``names`` (optional) spells the tuple in the error, e.g. ``("β₂", "β₃")``.
     """
-    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+    if not isinstance(value, (tuple, list)) or len(value) != count:
         layout = f" ({', '.join(names)})" if names else ""
         raise ValueError(
-            f"{owner}: betas must be a tuple of {count} numbers{layout}, got {betas!r}"
+            f"{owner}: {name} must be a tuple of {count} numbers{layout}, got {value!r}"
         )
-    for i, beta in enumerate(betas):
-        check_unit(owner, f"betas[{i}]", beta)
+    return value
+
+
+def check_betas(
+    owner: str, betas: object, count: int, *, names: Sequence[str] = (), name: str = "betas"
+) -> None:
+    """A tuple (or list) of ``count`` decay rates, each in [0, 1) (see :func:`check_tuple`)."""
+    for i, beta in enumerate(check_tuple(owner, name, betas, count, names=names)):
+        check_unit(owner, f"{name}[{i}]", beta)
 
 
 def check_flag(owner: str, name: str, value: object, *, allow_none: bool = False) -> None:
@@ -129,3 +164,57 @@ def check_state_dtype(owner: str, value: object) -> torch.dtype | None:
     from adaptor.precision import check_state_dtype as check
 
     return check(value, owner)
+
+
+def check_precision(owner: str, group: dict[str, Any]) -> None:
+    """The precision options every backend takes: ``state_dtype``, ``kahan``,
+    ``skip_nonfinite`` (see ``adaptor.precision``)."""
+    check_state_dtype(owner, group["state_dtype"])
+    check_flag(owner, "kahan", group["kahan"])
+    check_flag(owner, "skip_nonfinite", group["skip_nonfinite"])
+
+
+def check_float_dtype(
+    owner: str,
+    name: str,
+    value: object,
+    *,
+    optional: bool = False,
+    allowed: Sequence[torch.dtype] = (),
+) -> torch.dtype | None:
+    """A real floating ``torch.dtype`` (``None`` too with ``optional``), one of ``allowed``
+    when given: ``TypeError`` for anything that is not one, ``ValueError`` for a dtype
+    outside ``allowed``."""
+    if value is None and optional:
+        return None
+    prefix = "None or " if optional else ""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"{owner}: {name} must be {prefix}a floating torch.dtype, got {value!r}")
+    if allowed and value not in allowed:
+        choices = ", ".join(map(str, allowed))
+        raise ValueError(f"{owner}: invalid {name}={value}, must be {prefix}one of {choices}")
+    return value
+
+
+
+def dtype_from_name(value: object, where: str) -> object:
+    """``"float32"`` → ``torch.float32``: how the optimizers' ``state_dict()`` save a
+    group's dtypes (``torch.distributed.checkpoint`` refuses ``torch.dtype`` values:
+    ``full_state_dict=True`` raises "Unexpected value type <class 'torch.dtype'>").
+
+    Anything that is not a string passes through unchanged (a dtype, ``None``; the
+    group's own check judges it); a string that is not the name of a floating dtype is a
+    ``ValueError`` naming ``where``.
+    """
+    if not isinstance(value, str):
+        return value
+    dtype = getattr(torch, value, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: {value!r} is not the name of a floating torch dtype")
+    return dtype
+
+
+def dtype_name(value: object) -> object:
+    """``torch.float32`` → ``"float32"`` (the inverse of :func:`dtype_from_name`); anything
+    else unchanged."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value

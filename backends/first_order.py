@@ -99,6 +99,7 @@ from backends._validation import (
     check_positive,
     check_state_dtype,
 )
+from backends._validation import dtype_from_name as _dtype_from_name
 
 __all__ = ["ALTO", "SGD", "AdaBelief", "Adam", "AdamW", "Lamb", "param_groups_for"]
 
@@ -285,16 +286,6 @@ class _Writer:
             kahan_add_(self.targets[i], update, self.comps[i])
 
 
-def _dtype_from_name(name: Any, where: str) -> torch.dtype | None:
-    """``"float32"`` → ``torch.float32`` (how :meth:`_FirstOrder.state_dict` saves a
-    group's ``state_dtype``); a dtype or ``None`` passes through; anything else that is not
-    the name of a floating dtype is a ``ValueError`` naming ``where``."""
-    if not isinstance(name, str):
-        return name
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{where}: {name!r} is not the name of a floating torch dtype")
-    return dtype
 
 
 class _Bucket:

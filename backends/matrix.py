@@ -25,7 +25,6 @@ whole model and one ``state_dict`` covers both kinds.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -35,15 +34,30 @@ from torch.optim import Optimizer
 
 from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
-from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked
+from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked, name_dtypes
 from backends._state import as_dtype as _as
 from backends._state import compute_dtype as _compute_dtype
 from backends._state import write_params_ as _write_
+from backends._validation import (
+    check_betas,
+    check_choice,
+    check_finite,
+    check_flag,
+    check_float_dtype,
+    check_int,
+    check_nonneg,
+    check_positive,
+    check_precision,
+    check_tuple,
+    check_unit,
+)
 
 __all__ = ["DEFAULT_NS_COEFFICIENTS", "Muon", "lr_adjustment", "newton_schulz"]
 
 DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
+# Group settings that hold a torch.dtype: saved by name (see Muon.state_dict).
+_DTYPE_KEYS = ("ns_dtype", "state_dtype")
 # Settings added after the first release: filled in for groups of older pickles/state dicts.
 _LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 # Same-shaped matrices are orthogonalised together, at most this many elements per batch
@@ -124,73 +138,30 @@ def lr_adjustment(rows: int, cols: int, adjust_lr_fn: str) -> float:
 # -- validation ------------------------------------------------------------------------------
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_group(group: dict[str, Any], where: str) -> None:
-    """Every hyperparameter of a group, with a message naming it and its range."""
-    suffix = f" ({where})" if where else ""
-
-    def real(name: str, value: object, ok: Callable[[float], bool], rule: str) -> None:
-        if not _is_real(value) or not math.isfinite(float(value)) or not ok(float(value)):
-            raise ValueError(f"Muon {name} must satisfy {rule}, got {name}={value!r}{suffix}")
-
-    real("lr", group["lr"], lambda v: v >= 0, "lr >= 0")
-    real("momentum", group["momentum"], lambda v: 0 <= v < 1, "0 <= momentum < 1")
-    real("weight_decay", group["weight_decay"], lambda v: v >= 0, "weight_decay >= 0")
-    real("eps", group["eps"], lambda v: v > 0, "eps > 0")
-    steps = group["ns_steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100:
-        raise ValueError(
-            f"Muon ns_steps must be an int with 1 <= ns_steps <= 100, got {steps!r}{suffix}"
-        )
-    coefficients = group["ns_coefficients"]
-    if (
-        not isinstance(coefficients, (tuple, list))
-        or len(coefficients) != 3
-        or not all(_is_real(v) and math.isfinite(float(v)) for v in coefficients)
-    ):
-        raise ValueError(
-            "Muon ns_coefficients must be three finite numbers (a, b, c), got "
-            f"{coefficients!r}{suffix}"
-        )
-    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-        raise ValueError(
-            f"Muon adjust_lr_fn must be one of {ADJUST_LR_FNS}, got "
-            f"{group['adjust_lr_fn']!r}{suffix}"
-        )
-    ns_dtype = group["ns_dtype"]
-    if not isinstance(ns_dtype, torch.dtype) or not ns_dtype.is_floating_point:
-        raise TypeError(
-            "Muon ns_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got "
-            f"{ns_dtype!r}{suffix}"
-        )
-    for name in ("nesterov", "batched"):
-        if not isinstance(group[name], bool):
-            raise TypeError(f"Muon {name} must be True or False, got {group[name]!r}{suffix}")
-    if group["use_muon"] not in (None, True, False):
-        raise TypeError(
-            f"Muon use_muon must be None (matrices by ndim), True or False, got "
-            f"{group['use_muon']!r}{suffix}"
-        )
-    if group["adamw_lr"] is not None:
-        real("adamw_lr", group["adamw_lr"], lambda v: v >= 0, "adamw_lr >= 0 (or None: use lr)")
-    betas = group["adamw_betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Muon adamw_betas must be a pair (beta1, beta2), got {betas!r}{suffix}")
-    for i, beta in enumerate(betas):
-        real(f"adamw_betas[{i}]", beta, lambda v: 0 <= v < 1, f"0 <= adamw_betas[{i}] < 1")
-    real("adamw_eps", group["adamw_eps"], lambda v: v >= 0, "adamw_eps >= 0")
-    precision.check_state_dtype(group["state_dtype"], f"Muon{suffix}")
-    for name in ("kahan", "skip_nonfinite"):
-        precision.check_flag(f"Muon{suffix}", name, group[name])
-    real(
-        "adamw_weight_decay",
-        group["adamw_weight_decay"],
-        lambda v: v >= 0,
-        "adamw_weight_decay >= 0",
+    """Every hyperparameter of a group, with a message naming it, its range and ``where``."""
+    owner = f"Muon ({where})" if where else "Muon"
+    check_nonneg(owner, "lr", group["lr"])
+    check_unit(owner, "momentum", group["momentum"])
+    check_nonneg(owner, "weight_decay", group["weight_decay"])
+    check_positive(owner, "eps", group["eps"])
+    check_int(owner, "ns_steps", group["ns_steps"], low=1, high=100)
+    coefficients = check_tuple(
+        owner, "ns_coefficients", group["ns_coefficients"], 3, names=("a", "b", "c")
     )
+    for i, value in enumerate(coefficients):
+        check_finite(owner, f"ns_coefficients[{i}]", value)
+    check_choice(owner, "adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+    check_float_dtype(owner, "ns_dtype", group["ns_dtype"])
+    check_flag(owner, "nesterov", group["nesterov"])
+    check_flag(owner, "batched", group["batched"])
+    check_flag(owner, "use_muon", group["use_muon"], allow_none=True)
+    if group["adamw_lr"] is not None:  # None: the AdamW parameters step with lr
+        check_nonneg(owner, "adamw_lr", group["adamw_lr"])
+    check_betas(owner, group["adamw_betas"], 2, names=("β₁", "β₂"), name="adamw_betas")
+    check_nonneg(owner, "adamw_eps", group["adamw_eps"])
+    check_nonneg(owner, "adamw_weight_decay", group["adamw_weight_decay"])
+    check_precision(owner, group)
 
 
 def _uses_muon(group: dict[str, Any], p: Tensor) -> bool:
@@ -612,7 +583,13 @@ class Muon(Optimizer):
         Raises ``ValueError`` naming the parameter index, key and shapes for a state dict of
         another model or optimizer (wrong parameter count, shapes, missing or unknown keys).
         """
-        load_checked(self, state_dict, "Muon", _check_group, self._state_spec)
+        load_checked(self, state_dict, "Muon", _check_group, self._state_spec, _DTYPE_KEYS)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict, with the groups' ``ns_dtype`` and ``state_dtype`` saved by
+        name (``"bfloat16"``), as ``torch.distributed.checkpoint`` requires; either form
+        loads."""
+        return name_dtypes(super().state_dict(), _DTYPE_KEYS)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,7 +36,18 @@ from backends._state import (
     compute_dtype,
     count_skips_,
     load_checked,
+    name_dtypes,
     write_params_,
+)
+from backends._validation import (
+    check_betas,
+    check_choice,
+    check_flag,
+    check_float_dtype,
+    check_int,
+    check_nonneg,
+    check_positive,
+    check_precision,
 )
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
@@ -46,6 +56,8 @@ GRAFTINGS = ("adam", "none")
 # Settings added after the first release: filled in for groups of older pickles/state dicts.
 _LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 ROOT_METHODS = ("eigh", "newton")
+# Group settings that hold a torch.dtype: saved by name (see Shampoo.state_dict).
+_DTYPE_KEYS = ("preconditioner_dtype", "state_dtype")
 # State keys of a preconditioned (matrix) parameter.
 MATRIX_KEYS = ("left", "right", "left_root", "right_root")
 
@@ -223,64 +235,32 @@ def _advance_schedule(
 # -- validation ---------------------------------------------------------------------------
 
 
-def _real(name: str, value: Any, *, low: float, low_open: bool = False,
-          high: float | None = None, high_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Shampoo {name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > low if low_open else v >= low)
-    if high is not None:
-        ok = ok and (v < high if high_open else v <= high)
-    if not ok:
-        left = "(" if low_open else "["
-        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-        raise ValueError(f"Shampoo {name} must be in {left}{low}, {right}, got {value!r}")
-    return v
-
-
-def _int(name: str, value: Any, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Shampoo {name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"Shampoo {name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_group(group: dict[str, Any], where: str = "") -> None:
-    suffix = f" ({where})" if where else ""
-    try:
-        _real("lr", group["lr"], low=0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Shampoo betas must be a pair (beta1, beta2), got {betas!r}")
-        _real("betas[0] (momentum beta1)", betas[0], low=0.0, high=1.0)
-        _real("betas[1] (statistics beta2)", betas[1], low=0.0, high=1.0)
-        _real("eps", group["eps"], low=0.0, low_open=True)
-        _real("matrix_eps", group["matrix_eps"], low=0.0, low_open=True)
-        _real("weight_decay", group["weight_decay"], low=0.0)
-        _int("precondition_frequency", group["precondition_frequency"], low=1)
-        _int("start_preconditioning_step", group["start_preconditioning_step"], low=1)
-        _int("max_preconditioner_dim", group["max_preconditioner_dim"], low=1)
-        _int("newton_iterations", group["newton_iterations"], low=1)
-        if group["grafting"] not in GRAFTINGS:
-            raise ValueError(
-                f"Shampoo grafting must be one of {GRAFTINGS}, got {group['grafting']!r}"
-            )
-        if group["root_method"] not in ROOT_METHODS:
-            raise ValueError(
-                f"Shampoo root_method must be one of {ROOT_METHODS}, got {group['root_method']!r}"
-            )
-        precision.check_state_dtype(group["state_dtype"], "Shampoo")
-        for name in ("kahan", "skip_nonfinite"):
-            precision.check_flag("Shampoo", name, group[name])
-        dtype = group["preconditioner_dtype"]
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                "Shampoo preconditioner_dtype must be None, torch.float32 or torch.float64, "
-                f"got {dtype!r}"
-            )
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"{error}{suffix}") from None
+    """Every hyperparameter of a group, with a message naming it, its range and ``where``."""
+    owner = f"Shampoo ({where})" if where else "Shampoo"
+    check_nonneg(owner, "lr", group["lr"])
+    check_betas(owner, group["betas"], 2, names=("β₁ momentum", "β₂ statistics"))
+    check_positive(owner, "eps", group["eps"])
+    check_positive(owner, "matrix_eps", group["matrix_eps"])
+    check_nonneg(owner, "weight_decay", group["weight_decay"])
+    for name in (
+        "precondition_frequency",
+        "start_preconditioning_step",
+        "max_preconditioner_dim",
+        "newton_iterations",
+    ):
+        check_int(owner, name, group[name], low=1)
+    check_choice(owner, "grafting", group["grafting"], GRAFTINGS)
+    check_choice(owner, "root_method", group["root_method"], ROOT_METHODS)
+    check_float_dtype(
+        owner,
+        "preconditioner_dtype",
+        group["preconditioner_dtype"],
+        optional=True,
+        allowed=(torch.float32, torch.float64),
+    )
+    check_flag(owner, "maximize", group["maximize"])
+    check_precision(owner, group)
 
 
 # -- the optimizer ------------------------------------------------------------------------
@@ -749,7 +729,13 @@ class Shampoo(Optimizer):
         (wrong parameter count, shapes, block size, missing or unknown keys) raises a
         ``ValueError`` naming the parameter index, the key and the shapes.
         """
-        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec)
+        load_checked(self, state_dict, "Shampoo", _check_group, self._state_spec, _DTYPE_KEYS)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's state dict, with the groups' ``preconditioner_dtype`` and ``state_dtype``
+        saved by name (``"float64"``), as ``torch.distributed.checkpoint`` requires; either
+        form loads."""
+        return name_dtypes(super().state_dict(), _DTYPE_KEYS)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

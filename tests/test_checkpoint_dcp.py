@@ -43,6 +43,12 @@ OPTIMIZERS = {
         ps, lr=0.01, precondition_frequency=1, start_preconditioning_step=1,
         preconditioner_dtype=torch.float64,
     ),
+    # every torch.dtype a group can hold, saved by name (DCP refuses torch.dtype values)
+    "muon-state-dtype": lambda ps: Muon(ps, lr=0.02, state_dtype=torch.float64),
+    "shampoo-state-dtype": lambda ps: Shampoo(
+        ps, lr=0.01, precondition_frequency=1, start_preconditioning_step=1,
+        preconditioner_dtype=torch.float32, state_dtype=torch.float64,
+    ),
     "e-spsa-sgd": lambda ps: explore(
         SPSA(perturbation=1e-3, seed=5), torch.optim.SGD(ps, lr=0.05, momentum=0.9),
         alpha=0.5, beta=0.01,
@@ -51,11 +57,7 @@ OPTIMIZERS = {
 OPTIMIZERS["e-spsa-sgd-own-estimator-entry"] = OPTIMIZERS["e-spsa-sgd"]
 MODES = ("default", "full", "dcp", "flat")
 
-# Known failures, each for a reason outside backends/first_order.py (see the notes):
-_DTYPE_IN_GROUP = (
-    "a torch.dtype in a param group (Muon's ns_dtype, Shampoo's preconditioner_dtype): "
-    "full_state_dict=True raises 'Unexpected value type <class 'torch.dtype'>'"
-)
+# Known failures, each for a reason outside the backends (see the notes):
 _ESTIMATOR_DROPPED = (
     "get_optimizer_state_dict keeps only 'state' and 'param_groups': E's top-level "
     "'explore_estimator' (SPSA's seed and step) is dropped, the resumed run draws other "
@@ -71,8 +73,6 @@ XFAIL = {
     ("e-lamb-state-dtype", "flat"): _FLAT_DROPS_BASE_STATE,
     ("e-spsa-sgd", "flat"): _FLAT_DROPS_BASE_STATE,
     ("e-spsa-sgd-own-estimator-entry", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("muon", "full"): _DTYPE_IN_GROUP,
-    ("shampoo-dtype", "full"): _DTYPE_IN_GROUP,
     ("e-spsa-sgd", "default"): _ESTIMATOR_DROPPED,
     ("e-spsa-sgd", "full"): _ESTIMATOR_DROPPED,
     ("e-spsa-sgd", "dcp"): _ESTIMATOR_DROPPED,
@@ -172,25 +172,57 @@ def test_resume_is_bit_exact(process_group, tmp_path, name, mode):
         assert torch.equal(a, b)
 
 
-def test_state_dtype_is_saved_by_name_and_loads_back():
-    """DCP refuses torch.dtype values, so a group's ``state_dtype`` is saved as its name;
-    loading turns it back into the dtype (state cast to it), and a name that is not a
-    floating dtype raises, naming the group, with the optimizer unchanged."""
-    model, optimizer = _build("lamb-state-dtype", seed=0)
-    _train("lamb-state-dtype", model, optimizer, range(2))
+# (entry, the group's dtype settings as saved, a state key kept in state_dtype)
+_DTYPE_ENTRIES = [
+    pytest.param("lamb-state-dtype", {"state_dtype": "float64"}, "exp_avg", id="Lamb"),
+    pytest.param("muon-state-dtype", {"state_dtype": "float64", "ns_dtype": "bfloat16"},
+                 "momentum_buffer", id="Muon"),
+    pytest.param(
+        "shampoo-state-dtype", {"state_dtype": "float64", "preconditioner_dtype": "float32"},
+        "exp_avg", id="Shampoo",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "names", "state_key"), _DTYPE_ENTRIES)
+def test_dtypes_in_groups_are_saved_by_name_and_load_back(name, names, state_key):
+    """DCP refuses torch.dtype values, so a group's dtype settings are saved by name;
+    loading turns them back into dtypes (state cast to ``state_dtype``), a saved
+    ``torch.dtype`` loads too, and a name that is not a floating dtype raises, naming the
+    group and the key, with the optimizer unchanged."""
+    model, optimizer = _build(name, seed=0)
+    _train(name, model, optimizer, range(2))
     saved = optimizer.state_dict()
-    assert saved["param_groups"][0]["state_dtype"] == "float64"
-    _, fresh = _build("lamb-state-dtype", seed=1)
-    fresh.param_groups[0]["state_dtype"] = torch.float32  # the load must restore float64
-    fresh.load_state_dict(copy.deepcopy(saved))
-    assert fresh.param_groups[0]["state_dtype"] is torch.float64
-    assert all(s["exp_avg"].dtype == torch.float64 for s in fresh.state.values())
-    broken = copy.deepcopy(saved)
-    broken["param_groups"][0]["state_dtype"] = "int32"
-    before = copy.deepcopy(optimizer.state_dict())
-    with pytest.raises(ValueError, match=r"param group 0: state_dtype: 'int32'"):
-        optimizer.load_state_dict(broken)
-    after = optimizer.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for index, entry in before["state"].items():
-        assert all(torch.equal(v, after["state"][index][k]) for k, v in entry.items())
+    assert {key: saved["param_groups"][0][key] for key in names} == names
+    for as_saved in (saved, _with_dtypes(saved)):
+        _, fresh = _build(name, seed=1)
+        for key in names:  # the load must restore every saved setting
+            fresh.param_groups[0][key] = torch.float16
+        fresh.load_state_dict(copy.deepcopy(as_saved))
+        for key, dtype_name in names.items():
+            assert fresh.param_groups[0][key] is getattr(torch, dtype_name)
+        kept = [s[state_key].dtype for s in fresh.state.values() if state_key in s]
+        assert kept and all(dtype == torch.float64 for dtype in kept)
+    for key in names:
+        broken = copy.deepcopy(saved)
+        broken["param_groups"][0][key] = "int32"
+        before = copy.deepcopy(optimizer.state_dict())
+        with pytest.raises(ValueError, match=rf"param group 0: {key}: 'int32' is not the name"):
+            optimizer.load_state_dict(broken)
+        after = optimizer.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for index, entry in before["state"].items():
+            for k, v in entry.items():  # tensors, and Shampoo's int host_step
+                same = torch.equal if isinstance(v, torch.Tensor) else (lambda a, b: a == b)
+                assert same(v, after["state"][index][k])
+
+
+def _with_dtypes(saved):
+    """``saved`` with its dtype names turned back into ``torch.dtype`` values (an older
+    state dict, or one written by torch's own ``state_dict``)."""
+    saved = copy.deepcopy(saved)
+    for group in saved["param_groups"]:
+        for key in ("state_dtype", "ns_dtype", "preconditioner_dtype"):
+            if isinstance(group.get(key), str):
+                group[key] = getattr(torch, group[key])
+    return saved

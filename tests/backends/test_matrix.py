@@ -495,6 +495,9 @@ def _bad_state_dicts():
     def not_a_dict(sd):
         sd["state"][2] = torch.zeros(4, 6)
 
+    def group_value(sd):
+        sd["param_groups"][0]["ns_steps"] = 0
+
     return [
         _case("shape", shape, r"parameter 0 \(shape \(6, 5\)\): state 'momentum_buffer' has "
               r"shape \(5, 6\), expected \(6, 5\)"),
@@ -509,6 +512,8 @@ def _bad_state_dicts():
         _case("group-count", group_count, r"state_dict has 2 param groups, the optimizer has 1"),
         _case("not-a-dict", not_a_dict, r"parameter 2 \(shape \(4, 6\)\): its state must be a "
               r"dict"),
+        _case("group-value", group_value, r"^Muon \(state_dict param group 0\): invalid "
+              r"ns_steps=0, must be an int with 1 <= ns_steps <= 100$"),
     ]
 
 

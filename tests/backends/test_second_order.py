@@ -499,6 +499,10 @@ def _count(sd):
     sd["param_groups"][0]["params"].append(4)
 
 
+def _group_value(sd):
+    sd["param_groups"][0]["betas"] = (0.9, 1.0)
+
+
 BAD = [
     _case("left", _left, r"parameter 0 \(shape \(6, 5\)\): state 'left' has shape \(1, 6, 6\), "
           r"expected \(4, 3, 3\)"),
@@ -509,6 +513,8 @@ BAD = [
     _case("moment", _moment, r"parameter 1 .*'exp_avg' has shape \(6,\), expected \(5,\)"),
     _case("too-many", _too_many, r"state for parameter index 4, but its param groups list 4"),
     _case("count", _count, r"param group 0 has 5 parameters, the optimizer's has 4"),
+    _case("group-value", _group_value, r"^Shampoo \(state_dict param group 0\): invalid "
+          r"betas\[1\]=1.0, must satisfy 0 <= betas\[1\] < 1$"),
 ]
 
 

@@ -30,16 +30,44 @@ def _muon_unbatched(params, **overrides):
 
 
 _MUON_INVALID = (
-    (lambda params: _muon(params, lr=-1.0), ValueError, r"lr must satisfy lr >= 0"),
-    (lambda params: _muon(params, momentum=1.0), ValueError, r"0 <= momentum < 1"),
-    (lambda params: _muon(params, weight_decay=-0.1), ValueError, r"weight_decay >= 0"),
-    (lambda params: _muon(params, ns_steps=0), ValueError, r"1 <= ns_steps <= 100"),
-    (lambda params: _muon(params, ns_coefficients=(1.0, 2.0)), ValueError, r"ns_coefficients"),
-    (lambda params: _muon(params, adjust_lr_fn="rms"), ValueError, r"adjust_lr_fn must be one of"),
-    (lambda params: _muon(params, ns_dtype=torch.int32), TypeError, r"ns_dtype must be a floating"),
-    (lambda params: _muon(params, adamw_betas=(0.9, 1)), ValueError, r"0 <= adamw_betas\[1\] < 1"),
-    (lambda params: _muon(params, adamw_eps=-1.0), ValueError, r"adamw_eps >= 0"),
-    (lambda params: _muon(params, use_muon="yes"), TypeError, r"use_muon must be None"),
+    (lambda params: _muon(params, lr=-1.0), ValueError,
+     r"^Muon: invalid lr=-1.0, must satisfy 0 <= lr < inf$"),
+    (lambda params: _muon(params, lr=float("inf")), ValueError, r"must satisfy 0 <= lr < inf"),
+    (lambda params: _muon(params, lr="0.1"), TypeError, r"^Muon: lr must be a real number"),
+    (lambda params: _muon(params, momentum=1.0), ValueError,
+     r"invalid momentum=1.0, must satisfy 0 <= momentum < 1"),
+    (lambda params: _muon(params, weight_decay=-0.1), ValueError,
+     r"invalid weight_decay=-0.1, must satisfy 0 <= weight_decay < inf"),
+    (lambda params: _muon(params, eps=0.0), ValueError, r"invalid eps=0.0, must satisfy 0 < eps"),
+    (lambda params: _muon(params, ns_steps=0), ValueError,
+     r"invalid ns_steps=0, must be an int with 1 <= ns_steps <= 100"),
+    (lambda params: _muon(params, ns_steps=101), ValueError,
+     r"invalid ns_steps=101, must be an int with 1 <= ns_steps <= 100"),
+    (lambda params: _muon(params, ns_steps=5.0), TypeError, r"ns_steps must be an int, got float"),
+    (lambda params: _muon(params, ns_coefficients=(1.0, 2.0)), ValueError,
+     r"ns_coefficients must be a tuple of 3 numbers \(a, b, c\), got \(1.0, 2.0\)"),
+    (lambda params: _muon(params, ns_coefficients=(1.0, 2.0, float("nan"))), ValueError,
+     r"ns_coefficients\[2\] must not be NaN"),
+    (lambda params: _muon(params, ns_coefficients=(1.0, float("-inf"), 2.0)), ValueError,
+     r"invalid ns_coefficients\[1\]=-inf, must satisfy -inf < ns_coefficients\[1\] < inf"),
+    (lambda params: _muon(params, adjust_lr_fn="rms"), ValueError,
+     r"invalid adjust_lr_fn='rms', must be one of 'original', 'match_rms_adamw'"),
+    (lambda params: _muon(params, ns_dtype=torch.int32), TypeError,
+     r"ns_dtype must be a floating torch.dtype, got torch.int32"),
+    (lambda params: _muon(params, adamw_lr=-1.0), ValueError,
+     r"invalid adamw_lr=-1.0, must satisfy 0 <= adamw_lr < inf"),
+    (lambda params: _muon(params, adamw_betas=(0.9, 1)), ValueError,
+     r"invalid adamw_betas\[1\]=1, must satisfy 0 <= adamw_betas\[1\] < 1"),
+    (lambda params: _muon(params, adamw_betas=(0.9,)), ValueError,
+     r"adamw_betas must be a tuple of 2 numbers \(β₁, β₂\)"),
+    (lambda params: _muon(params, adamw_eps=-1.0), ValueError,
+     r"invalid adamw_eps=-1.0, must satisfy 0 <= adamw_eps < inf"),
+    (lambda params: _muon(params, adamw_weight_decay=-1.0), ValueError,
+     r"invalid adamw_weight_decay=-1.0, must satisfy 0 <= adamw_weight_decay < inf"),
+    (lambda params: _muon(params, nesterov=None), TypeError, r"nesterov must be True or False"),
+    (lambda params: _muon(params, batched=1), TypeError, r"batched must be True or False"),
+    (lambda params: _muon(params, use_muon="yes"), TypeError,
+     r"use_muon must be True, False or None, got 'yes'"),
     # matrices only, but the model has vectors (and an all-1-D model: nothing to orthogonalise)
     (lambda params: _muon(params, use_muon=True), ValueError, r"use_muon=True .* shape \(6,\)"),
     (
@@ -50,7 +78,7 @@ _MUON_INVALID = (
     (
         lambda params: _muon([{"params": params[:1]}, {"params": params[1:], "lr": -2.0}]),
         ValueError,
-        r"lr >= 0.*param group 1",
+        r"^Muon \(param group 1\): invalid lr=-2.0, must satisfy 0 <= lr < inf$",
     ),
 )
 
@@ -67,7 +95,8 @@ def _explored(params, alpha=-5.0, beta=0.99, **overrides):
 _EXPLORED_INVALID = (
     (lambda params: _explored(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),
     (lambda params: _explored(params, beta=1.0), ValueError, r"0 <= beta < 1"),
-    (lambda params: _explored(params, lr=-1.0), ValueError, r"lr must satisfy lr >= 0"),
+    (lambda params: _explored(params, lr=-1.0), ValueError,
+     r"Muon: invalid lr=-1.0, must satisfy 0 <= lr < inf"),
 )
 
 _GROUP_OVERRIDE = {"lr": 3e-3, "adamw_lr": 2e-3, "momentum": 0.9}

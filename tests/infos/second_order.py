@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from adaptor import E
 from backends.second_order import Shampoo
 from tests.optim_db import OptimizerInfo
@@ -23,38 +25,50 @@ def _shampoo_newton(params, **overrides):
 
 
 _SHAMPOO_INVALID = (
-    (lambda params: _shampoo(params, lr=-1.0), ValueError, r"lr must be in \[0.0, inf\)"),
-    (lambda params: _shampoo(params, betas=(0.9, 1.0)), ValueError, r"betas\[1\].*\[0.0, 1.0\)"),
-    (lambda params: _shampoo(params, betas=(-0.1, 0.9)), ValueError, r"betas\[0\].*\[0.0, 1.0\)"),
-    (lambda params: _shampoo(params, eps=0.0), ValueError, r"eps must be in \(0.0, inf\)"),
-    (lambda params: _shampoo(params, matrix_eps=-1e-6), ValueError, r"matrix_eps must be in"),
-    (lambda params: _shampoo(params, weight_decay=-1.0), ValueError, r"weight_decay must be in"),
+    (lambda params: _shampoo(params, lr=-1.0), ValueError,
+     r"^Shampoo: invalid lr=-1.0, must satisfy 0 <= lr < inf$"),
+    (lambda params: _shampoo(params, betas=(0.9, 1.0)), ValueError,
+     r"invalid betas\[1\]=1.0, must satisfy 0 <= betas\[1\] < 1"),
+    (lambda params: _shampoo(params, betas=(-0.1, 0.9)), ValueError,
+     r"invalid betas\[0\]=-0.1, must satisfy 0 <= betas\[0\] < 1"),
+    (lambda params: _shampoo(params, betas=(0.9,)), ValueError,
+     r"betas must be a tuple of 2 numbers \(β₁ momentum, β₂ statistics\)"),
+    (lambda params: _shampoo(params, eps=0.0), ValueError,
+     r"invalid eps=0.0, must satisfy 0 < eps < inf"),
+    (lambda params: _shampoo(params, matrix_eps=-1e-6), ValueError,
+     r"invalid matrix_eps=-1e-06, must satisfy 0 < matrix_eps < inf"),
+    (lambda params: _shampoo(params, weight_decay=-1.0), ValueError,
+     r"invalid weight_decay=-1.0, must satisfy 0 <= weight_decay < inf"),
     (
         lambda params: _shampoo(params, precondition_frequency=0),
         ValueError,
-        r"precondition_frequency must be an int >= 1",
+        r"invalid precondition_frequency=0, must be an int with 1 <= precondition_frequency$",
     ),
     (
         lambda params: _shampoo(params, precondition_frequency=2.5),
         TypeError,
-        r"precondition_frequency must be an int",
+        r"precondition_frequency must be an int, got float",
     ),
     (
         lambda params: _shampoo(params, start_preconditioning_step=0),
         ValueError,
-        r"start_preconditioning_step must be an int >= 1",
+        r"invalid start_preconditioning_step=0, must be an int with 1 <= "
+        r"start_preconditioning_step$",
     ),
     (
         lambda params: _shampoo(params, max_preconditioner_dim=0),
         ValueError,
-        r"max_preconditioner_dim must be an int >= 1",
+        r"invalid max_preconditioner_dim=0, must be an int with 1 <= max_preconditioner_dim$",
     ),
-    (lambda params: _shampoo(params, grafting="sgd"), ValueError, r"grafting must be one of"),
-    (lambda params: _shampoo(params, root_method="svd"), ValueError, r"root_method must be one of"),
+    (lambda params: _shampoo(params, grafting="sgd"), ValueError,
+     r"invalid grafting='sgd', must be one of 'adam', 'none'"),
+    (lambda params: _shampoo(params, root_method="svd"), ValueError,
+     r"invalid root_method='svd', must be one of 'eigh', 'newton'"),
+    (lambda params: _shampoo(params, maximize=1), TypeError, r"maximize must be True or False"),
     (
         lambda params: _shampoo([{"params": params[:1]}, {"params": params[1:], "lr": "x"}]),
         TypeError,
-        r"lr must be a real number.*param group 1",
+        r"^Shampoo \(param group 1\): lr must be a real number, got str$",
     ),
 )
 
@@ -71,7 +85,8 @@ def _explored(base_factory, name, *, alpha=-5.0, beta=0.99):
     invalid = (
         (lambda params: build(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),
         (lambda params: build(params, beta=1.0), ValueError, r"0 <= beta < 1"),
-        (lambda params: build(params, lr=-1.0), ValueError, r"Shampoo lr must be in"),
+        (lambda params: build(params, lr=-1.0), ValueError,
+         r"Shampoo: invalid lr=-1.0, must satisfy 0 <= lr < inf"),
     )
     return OptimizerInfo(
         name=name, build=build, base=base_factory, invalid=invalid, supports_complex=False
@@ -90,7 +105,7 @@ INFOS = [
             (
                 lambda params: _shampoo_newton(params, newton_iterations=0),
                 ValueError,
-                r"newton_iterations must be an int >= 1",
+                r"invalid newton_iterations=0, must be an int with 1 <= newton_iterations$",
             ),
         ),
     ),
@@ -102,9 +117,15 @@ INFOS = [
         group_override={"lr": 3e-3, "grafting": "none"},
         invalid=(
             (
-                lambda params: _shampoo(params, preconditioner_dtype="float16"),
+                lambda params: _shampoo(params, preconditioner_dtype="float32"),
+                TypeError,
+                r"preconditioner_dtype must be None or a floating torch.dtype, got 'float32'",
+            ),
+            (
+                lambda params: _shampoo(params, preconditioner_dtype=torch.float16),
                 ValueError,
-                r"preconditioner_dtype must be None",
+                r"invalid preconditioner_dtype=torch.float16, must be None or one of "
+                r"torch.float32, torch.float64",
             ),
         ),
     ),
