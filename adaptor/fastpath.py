@@ -52,7 +52,8 @@ holds — the fast path never approximates:
 * it has no adaptor buffer or no base state yet (its first step, and SGD's first momentum
   step, which copies the gradient into the buffer), or that state is not laid out as the
   base keeps it (dtype, device, shape, contiguity);
-* ``k₁ = 1 + α(1−β) < WELL_CONDITIONED_K1`` (the replacement then avoids dividing by k₁).
+* ``k₁ = 1 + α(1−β) < WELL_CONDITIONED_K1`` (the replacement then avoids dividing by k₁);
+* ``α = 0`` (so that E with α = 0 is the base bit for bit).
 
 On ``meta`` and while ``torch.compile`` traces a step the same functions run uncompiled.
 """
@@ -255,7 +256,13 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str
     chosen = []
     for group, (alpha, beta) in zip(optimizer.param_groups, hparams):
         kind = _group_kind(base, group)
-        if kind is None or replacement_coefficients(alpha, beta)[0] < WELL_CONDITIONED_K1:
+        # α = 0 leaves g unchanged: the base's own kernel then runs, so that E with α = 0 is
+        # the base bit for bit (the fused kernel rounds the update in its own order).
+        if (
+            kind is None
+            or alpha == 0.0
+            or replacement_coefficients(alpha, beta)[0] < WELL_CONDITIONED_K1
+        ):
             continue
         params = []
         for p in group["params"]:

@@ -286,8 +286,6 @@ class _Writer:
             kahan_add_(self.targets[i], update, self.comps[i])
 
 
-
-
 class _Bucket:
     """One group's tensors on one device with one parameter dtype (real views)."""
 
