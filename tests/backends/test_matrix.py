@@ -15,6 +15,7 @@ from adaptor import E
 from backends import Muon
 from backends._state import KAHAN_KEY
 from backends.matrix import newton_schulz
+from tests.amp import amp_run
 from tests.probes import host_read_probe
 
 # -- independent float64 references, written from the formulas -------------------------------
@@ -653,29 +654,7 @@ def test_a_nonfinite_gradient_skips_the_step_bit_identically(value, dtype):
 
 
 def _amp_run(make, dtype, inject_at, steps=5, generic=False):
-    """A small model under CPU autocast and GradScaler; an Inf injected into one gradient."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
-    optimizer = make(model.parameters())
-    if generic:  # torch's generic path: unscale_, host read of found_inf, step() not called
-        optimizer._step_supports_amp_scaling = False
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    generator = torch.Generator().manual_seed(3)
-    reads = []
-    for step in range(steps):
-        x = torch.randn(32, 8, generator=generator)
-        y = torch.randn(32, 4, generator=generator)
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=dtype):
-            loss = nn.functional.mse_loss(model(x).float(), y)
-        scaler.scale(loss).backward()
-        if step == inject_at:
-            model[0].weight.grad[0, 0] = float("inf")
-        with host_read_probe() as step_reads:
-            scaler.step(optimizer)
-        reads += step_reads
-        scaler.update()
-    return [p.detach().clone() for p in model.parameters()], optimizer, reads, scaler.get_scale()
+    return amp_run(make, dtype, inject_at, steps=steps, generic=generic)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -14,6 +14,7 @@ import torch
 from adaptor import E
 from backends import Shampoo
 from backends.second_order import matrix_inverse_root
+from tests.amp import amp_run
 from tests.probes import host_read_probe
 
 # -- an independent float64 reference, written from the formulas --------------------------
@@ -659,28 +660,8 @@ def test_after_a_skip_it_continues_as_a_run_without_that_step():
 
 
 def _amp_run(make, dtype, inject_at, steps=5, generic=False):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    optimizer = make(model.parameters())
-    if generic:  # torch's generic path: unscale_, host read of found_inf, step() not called
-        optimizer._step_supports_amp_scaling = False
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    generator = torch.Generator().manual_seed(3)
-    reads = []
-    for step in range(steps):
-        x = torch.randn(32, 8, generator=generator)
-        y = torch.randn(32, 4, generator=generator)
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=dtype):
-            loss = torch.nn.functional.mse_loss(model(x).float(), y)
-        scaler.scale(loss).backward()
-        if step == inject_at:
-            model[0].weight.grad[0, 0] = float("inf")
-        with host_read_probe() as step_reads:
-            scaler.step(optimizer)
-        reads += step_reads
-        scaler.update()
-    return [p.detach().clone() for p in model.parameters()], optimizer, scaler.get_scale(), reads
+    params, optimizer, reads, scale = amp_run(make, dtype, inject_at, steps=steps, generic=generic)
+    return params, optimizer, scale, reads
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
