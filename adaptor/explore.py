@@ -620,6 +620,13 @@ class ExploredOptimizer(Optimizer):
         estimator_state = self.estimator.state_dict()
         if estimator_state:
             state_dict[ESTIMATOR_KEY] = estimator_state
+            # A copy in the first group too: torch.distributed.checkpoint keeps only "state"
+            # and "param_groups" (and "state" may only name parameters), so this is how the
+            # estimator's state (SPSA's seed and step, integers) travels through DCP.
+            if state_dict["param_groups"]:
+                first = dict(state_dict["param_groups"][0])
+                first[ESTIMATOR_KEY] = dict(estimator_state)
+                state_dict["param_groups"] = [first, *state_dict["param_groups"][1:]]
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             hooked = post_hook(self, state_dict)
             if hooked is not None:
@@ -705,12 +712,16 @@ class ExploredOptimizer(Optimizer):
                 where=f"state_dict param group {index}",
             )
             _check_not_differentiable(group, f"state_dict param group {index}")
-        estimator_state = state_dict.get(ESTIMATOR_KEY, {})
-        # The base sees integer indices whatever ids the saved groups use.
+        estimator_state = state_dict.get(ESTIMATOR_KEY)
+        if estimator_state is None:  # through DCP: the copy in the first group
+            estimator_state = saved_groups[0].get(ESTIMATOR_KEY, {}) if saved_groups else {}
+        # The base sees integer indices whatever ids the saved groups use, and not the
+        # estimator's copy (it would stay in the live groups).
         base_groups, start = [], 0
         for group in saved_groups:
             count = len(group["params"])
-            base_groups.append({**group, "params": list(range(start, start + count))})
+            clean = {k: v for k, v in group.items() if k != ESTIMATOR_KEY}
+            base_groups.append({**clean, "params": list(range(start, start + count))})
             start += count
 
         # The estimator checks its state as it loads: load it first, and put it back if

@@ -58,11 +58,6 @@ OPTIMIZERS["e-spsa-sgd-own-estimator-entry"] = OPTIMIZERS["e-spsa-sgd"]
 MODES = ("default", "full", "dcp", "flat")
 
 # Known failures, each for a reason outside the backends (see the notes):
-_ESTIMATOR_DROPPED = (
-    "get_optimizer_state_dict keeps only 'state' and 'param_groups': E's top-level "
-    "'explore_estimator' (SPSA's seed and step) is dropped, the resumed run draws other "
-    "directions"
-)
 _FLAT_DROPS_BASE_STATE = (
     "flatten_optimizer_state_dict=True: torch rebuilds each parameter's entry from the keys "
     "of optimizer.state[p], which for E holds only the adaptor's buffer: the base's state "
@@ -73,9 +68,6 @@ XFAIL = {
     ("e-lamb-state-dtype", "flat"): _FLAT_DROPS_BASE_STATE,
     ("e-spsa-sgd", "flat"): _FLAT_DROPS_BASE_STATE,
     ("e-spsa-sgd-own-estimator-entry", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-spsa-sgd", "default"): _ESTIMATOR_DROPPED,
-    ("e-spsa-sgd", "full"): _ESTIMATOR_DROPPED,
-    ("e-spsa-sgd", "dcp"): _ESTIMATOR_DROPPED,
 }
 
 

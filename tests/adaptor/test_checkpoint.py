@@ -122,3 +122,22 @@ def test_fqn_keyed_state_with_a_wrong_name_raises_clearly():
     after = optimizer.state[next(model.parameters())]
     assert all(torch.equal(after[k], v) for k, v in before.items())
     optimizer.load_state_dict(state_dict)  # the well-named one loads
+
+
+def test_estimator_state_travels_in_the_first_group_too():
+    """DCP keeps only "state" and "param_groups": SPSA's seed and step must survive without
+    the top-level "explore_estimator" key, and the copy must not stay in the live groups."""
+    from adaptor import explore
+    from backends import SPSA
+
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    optimizer = explore(SPSA(seed=7), torch.optim.SGD(params, lr=0.1))
+    optimizer.step(lambda: (params[0] ** 2).sum())
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["explore_estimator"] == saved["explore_estimator"]
+    del saved["explore_estimator"]
+    fresh_params = [torch.nn.Parameter(params[0].detach().clone())]
+    fresh = explore(SPSA(seed=1), torch.optim.SGD(fresh_params, lr=0.1))
+    fresh.load_state_dict(saved)
+    assert fresh.estimator.state_dict() == optimizer.estimator.state_dict()
+    assert all("explore_estimator" not in group for group in fresh.param_groups)
