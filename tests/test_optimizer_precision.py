@@ -267,7 +267,10 @@ def _amp_run(info, params, dtype, steps, *, inject_at=None, scaled=True, host_va
             params[1].grad.view(-1)[0] = math.inf
         with host_read_probe((*LIBRARY_DIRS, GRAD_SCALER_FILE)) as step_reads:
             scaler.step(optimizer)
-        if step > 0:  # steady state: the first step may compile kernels (compile-time reads)
+        # Steady state: the first two steps may compile kernels, and compiling reads values
+        # once (E's fast path first runs at step 1, when the base's state exists; whether
+        # that compile happens here depends on what ran before in this process).
+        if step > 1:
             reads += step_reads
         scaler.update()
         if step == inject_at:
