@@ -169,13 +169,16 @@ def test_skip_path_runs_on_meta_and_reads_nothing_on_the_host():
         params = _params(shapes=[(300, 300), (7,)])
         base = torch.optim.AdamW(params, fused=base_fused, foreach=not base_fused)
         optimizer = E(base, -5.0, 0.99, fused=fused, skip_nonfinite=True)
-        for step in range(3):
+        for step in range(4):
             for p, g in zip(params, _grads(step, [(300, 300), (7,)])):
                 p.grad = g
-            params[0].grad[0, 0] = math.inf if step == 2 else 0.0
+            params[0].grad[0, 0] = math.inf if step == 3 else 0.0
             with host_read_probe() as reads:
                 optimizer.step()
-            assert reads == [], reads
+            # Steady state: compiled kernels (the fused replacement at step 0, E's fast path
+            # at step 1) read values once while compiling, if no earlier test compiled them.
+            if step >= 2:
+                assert reads == [], reads
         assert optimizer.skipped_steps == 1
 
 
