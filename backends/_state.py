@@ -114,6 +114,18 @@ def _describe(value: Any) -> str:
     return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
 
 
+# Settings added after the first release: filled in for groups of older pickles.
+LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
+
+
+def fill_later_defaults(optimizer: Any) -> None:
+    """Give every group the settings it was saved without (``LATER_DEFAULTS``), from the
+    optimizer's defaults when it has them (Muon and Shampoo's ``__setstate__``)."""
+    for group in optimizer.param_groups:
+        for key, default in LATER_DEFAULTS.items():
+            group.setdefault(key, optimizer.defaults.get(key, default))
+
+
 def name_dtypes(state_dict: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """``state_dict`` with the groups' ``keys`` saved by name (``torch.float32`` →
     ``"float32"``; :func:`load_checked` turns them back): ``torch.distributed.checkpoint``

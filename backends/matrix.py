@@ -34,7 +34,14 @@ from torch.optim import Optimizer
 
 from adaptor import precision
 from backends._common import adam_bias_corrections, step_dtype
-from backends._state import KAHAN_KEY, Spec, count_skips_, load_checked, name_dtypes
+from backends._state import (
+    KAHAN_KEY,
+    Spec,
+    count_skips_,
+    fill_later_defaults,
+    load_checked,
+    name_dtypes,
+)
 from backends._state import as_dtype as _as
 from backends._state import compute_dtype as _compute_dtype
 from backends._state import write_params_ as _write_
@@ -58,8 +65,6 @@ DEFAULT_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 # Group settings that hold a torch.dtype: saved by name (see Muon.state_dict).
 _DTYPE_KEYS = ("ns_dtype", "state_dtype")
-# Settings added after the first release: filled in for groups of older pickles/state dicts.
-_LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 # Same-shaped matrices are orthogonalised together, at most this many elements per batch
 # (the stacked copy is a temporary: 2**26 elements are 128 MiB in bfloat16).
 MAX_BATCH_NUMEL = 1 << 26
@@ -593,6 +598,4 @@ class Muon(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # groups saved before these settings existed
-            for key, default in _LATER_DEFAULTS.items():
-                group.setdefault(key, self.defaults.get(key, default))
+        fill_later_defaults(self)  # groups saved before these settings existed

@@ -35,6 +35,7 @@ from backends._state import (
     as_dtype,
     compute_dtype,
     count_skips_,
+    fill_later_defaults,
     load_checked,
     name_dtypes,
     write_params_,
@@ -53,8 +54,6 @@ from backends._validation import (
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
 GRAFTINGS = ("adam", "none")
-# Settings added after the first release: filled in for groups of older pickles/state dicts.
-_LATER_DEFAULTS = {"state_dtype": None, "kahan": False, "skip_nonfinite": False}
 ROOT_METHODS = ("eigh", "newton")
 # Group settings that hold a torch.dtype: saved by name (see Shampoo.state_dict).
 _DTYPE_KEYS = ("preconditioner_dtype", "state_dtype")
@@ -739,6 +738,4 @@ class Shampoo(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # groups saved before these settings existed
-            for key, default in _LATER_DEFAULTS.items():
-                group.setdefault(key, self.defaults.get(key, default))
+        fill_later_defaults(self)  # groups saved before these settings existed
