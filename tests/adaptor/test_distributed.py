@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptor import E
-from tests.distributed import init_gloo, rank_share
+from tests.distributed import gloo_group, rank_share
 
 STEPS = 5
 WORLD = 2
@@ -65,12 +65,9 @@ CASES = {
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    init_gloo(rank, WORLD, out_dir)
-    try:
+    with gloo_group(rank, WORLD, out_dir):
         for name in CASES:
             _run_case(rank, name, out_dir)
-    finally:
-        dist.destroy_process_group()
 
 
 def _optimizer(model, skip: bool):

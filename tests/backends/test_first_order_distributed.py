@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from adaptor import E
 from backends import ALTO, AdaBelief, Lamb, first_order
-from tests.distributed import counted_all_reduce, init_gloo, rank_share
+from tests.distributed import counted_all_reduce, gloo_group, rank_share
 
 STEPS = 4
 WORLD = 2
@@ -171,31 +171,27 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    init_gloo(rank, WORLD, out_dir)
-    with counted_all_reduce() as sent:
-        try:
-            results: dict[str, object] = {}
-            for name, wrapper in CASES:
-                model = _wrap(_model(), wrapper)
-                optimizer = OPTIMIZERS[name](model.parameters())
-                nan = None
-                if name.endswith("nonfinite"):
-                    nan = "rank1" if wrapper == "fsdp2" else "all"
-                threshold = first_order.FUSED_MIN_NUMEL
-                if name == "lamb-fused":
-                    first_order.FUSED_MIN_NUMEL = 1
-                sent.clear()
-                try:
-                    _train(model, optimizer, range(STEPS), rank, nan=nan)
-                finally:
-                    first_order.FUSED_MIN_NUMEL = threshold
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                results[f"{name}-{wrapper}"] = [_full(p) for p in params]
-                results[f"{name}-{wrapper}-sent"] = list(sent)
-            results["checkpoints"] = _checkpoints(rank, out_dir)
-            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        finally:
-            dist.destroy_process_group()
+    with gloo_group(rank, WORLD, out_dir), counted_all_reduce() as sent:
+        results: dict[str, object] = {}
+        for name, wrapper in CASES:
+            model = _wrap(_model(), wrapper)
+            optimizer = OPTIMIZERS[name](model.parameters())
+            nan = None
+            if name.endswith("nonfinite"):
+                nan = "rank1" if wrapper == "fsdp2" else "all"
+            threshold = first_order.FUSED_MIN_NUMEL
+            if name == "lamb-fused":
+                first_order.FUSED_MIN_NUMEL = 1
+            sent.clear()
+            try:
+                _train(model, optimizer, range(STEPS), rank, nan=nan)
+            finally:
+                first_order.FUSED_MIN_NUMEL = threshold
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            results[f"{name}-{wrapper}"] = [_full(p) for p in params]
+            results[f"{name}-{wrapper}-sent"] = list(sent)
+        results["checkpoints"] = _checkpoints(rank, out_dir)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")

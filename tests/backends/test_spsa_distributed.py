@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from adaptor import explore
 from backends import SPSA
-from tests.distributed import counted_all_reduce, init_gloo, rank_share
+from tests.distributed import counted_all_reduce, gloo_group, rank_share
 
 STEPS = 4
 WORLD = 2
@@ -74,37 +74,33 @@ def _train(model, optimizer, rank: int | None) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, out_dir: str) -> None:
-    init_gloo(rank, WORLD, out_dir)
-    with counted_all_reduce() as sent:
-        try:
-            results = {}
-            for name, spsa_kwargs, wrapper in CASES:
-                model = _model()
-                if wrapper == "ddp":
-                    model = torch.nn.parallel.DistributedDataParallel(model)
-                elif wrapper == "fsdp2":
-                    from torch.distributed.fsdp import fully_shard
+    with gloo_group(rank, WORLD, out_dir), counted_all_reduce() as sent:
+        results = {}
+        for name, spsa_kwargs, wrapper in CASES:
+            model = _model()
+            if wrapper == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            elif wrapper == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
 
-                    for layer in model:
-                        if isinstance(layer, torch.nn.Linear):
-                            fully_shard(layer)
-                    fully_shard(model)
-                optimizer = _optimizer(model, spsa_kwargs)
-                sent.clear()
-                losses = _train(model, optimizer, rank)
-                results[name] = {
-                    "params": [
-                        p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-                        for p in model.parameters()
-                    ],
-                    "losses": torch.stack([torch.as_tensor(v) for v in losses]),
-                    "bytes": sum(sent),
-                }
-            torch.manual_seed(rank)  # different torch seeds on purpose
-            results["seeds"] = [SPSA().seed, SPSA(process_group=False).seed]
-            torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        finally:
-            dist.destroy_process_group()
+                for layer in model:
+                    if isinstance(layer, torch.nn.Linear):
+                        fully_shard(layer)
+                fully_shard(model)
+            optimizer = _optimizer(model, spsa_kwargs)
+            sent.clear()
+            losses = _train(model, optimizer, rank)
+            results[name] = {
+                "params": [
+                    p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                    for p in model.parameters()
+                ],
+                "losses": torch.stack([torch.as_tensor(v) for v in losses]),
+                "bytes": sum(sent),
+            }
+        torch.manual_seed(rank)  # different torch seeds on purpose
+        results["seeds"] = [SPSA().seed, SPSA(process_group=False).seed]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ranks_agree_and_match_one_process_on_the_full_batch(tmp_path):
