@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,10 +35,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Closure, GradEstimator
+from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASK64 = (1 << 64) - 1
+_FUSED_DTYPES = (torch.float32, torch.float64)
+# Rademacher signs come packed: one random 64-bit word gives the signs of 64 elements.
+WORD_BITS = 64
 
 
 def _mix(*values: int) -> int:
@@ -60,6 +65,89 @@ def _block_seed(sample_seed: int, index: int, block: int) -> int:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# -- packed Rademacher signs ------------------------------------------------------------------
+#
+# A block of ``n`` elements draws ``ceil(n / 64)`` int64 words over the full 64-bit range
+# (``random_(-2**63, None)``: every bit uniform and independent); element ``e`` of the block
+# takes bit ``e mod 64`` (least significant first) of word ``e // 64``: ``Δ_e = 2·bit − 1``.
+# Drawing one word per 64 elements instead of one value per element is what makes the draw
+# cheap (on CPU it dominated the step).
+
+
+def _words(n: int) -> int:
+    """Packed words of a block of ``n`` elements."""
+    return (n + WORD_BITS - 1) // WORD_BITS
+
+
+def _unpack_bits_(out: Tensor, words: Tensor) -> Tensor:
+    """``out[e] ← bit e mod 64 of words[e // 64]`` (0 or 1, in ``out``'s dtype), eagerly.
+
+    Scratch: one byte per element (the unpacked bits), besides ``words`` (1/64 of that).
+    """
+    flat = out.view(-1)
+    if sys.byteorder == "little":
+        # byte b of a little-endian word holds its bits 8b … 8b+7: bytes then bits within
+        octets = words.view(torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    else:  # pragma: no cover - no big-endian CI
+        octets = words
+        shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=words.device)
+    bits = octets.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
+    return flat.copy_(bits.view(-1)[: flat.numel()])
+
+
+def _positive(n: int, words: Tensor, chunk: int, stride: int, device: torch.device) -> Tensor:
+    """``Δ_e > 0`` for the ``n`` elements of a parameter whose blocks of ``chunk`` elements
+    have their packed words at ``words[j·stride :]`` (``stride = ceil(chunk / 64)``).
+
+    Inside a compiled kernel the index, the gather and the bit test fuse into the pass over
+    the parameter: no temporary of parameter size.
+    """
+    index = torch.arange(n, device=device)
+    block = index // chunk
+    within = index - block * chunk
+    word = words[block * stride + within // WORD_BITS]
+    return ((word >> (within % WORD_BITS)) & 1) != 0
+
+
+def _signs(positive: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.where(positive, 1.0, -1.0).to(dtype)  # ±1: exact in every float dtype
+
+
+def _shift_kernel(p: Tensor, words: Tensor, scale: float, chunk: int, stride: int) -> None:
+    """``θ ← θ + scale·Δ`` (flat ``θ``): the same arithmetic as the eager path."""
+    delta = _signs(_positive(p.numel(), words, chunk, stride, p.device), p.dtype)
+    p.copy_(p + delta * scale)
+
+
+def _shift_grad_kernel(
+    p: Tensor, g: Tensor, words: Tensor, scale: float, weight: Tensor | float, chunk: int,
+    stride: int, accumulate: bool,
+) -> None:
+    """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` (``accumulate``: ``g ← g + weight·Δ``) in
+    one pass over ``θ`` and ``g``; ``weight·Δ`` rounds as the eager ``Δ·weight`` does."""
+    delta = _signs(_positive(p.numel(), words, chunk, stride, p.device), p.dtype)
+    p.copy_(p + delta * scale)
+    step = delta * weight
+    g.copy_(g + step if accumulate else step)
+
+
+_KERNELS: dict[str, Callable[..., None]] = {"shift": _shift_kernel, "grad": _shift_grad_kernel}
+_compiled: dict[str, Callable[..., None]] = {}
+
+
+def _kernel(kind: str, device: torch.device) -> Callable[..., None]:
+    """The compiled kernel (built on first use), or the same function uncompiled on meta and
+    while an outer ``torch.compile`` traces (no nested compile)."""
+    if not fused_supported(device):
+        return _KERNELS[kind]
+    kernel = _compiled.get(kind)
+    if kernel is None:
+        # dynamic=True: one kernel for every size; floats (c, the weight) are not specialised
+        kernel = _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
+    return kernel
 
 
 class SPSA(GradEstimator):
@@ -174,6 +262,7 @@ class SPSA(GradEstimator):
         chunk: int = 1 << 20,
         process_group: Any = None,
         exact_restore: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if isinstance(perturbation, bool) or not isinstance(perturbation, numbers.Real):
             raise TypeError(
@@ -196,9 +285,12 @@ class SPSA(GradEstimator):
             raise TypeError(
                 f"SPSA exact_restore must be None, True or False, got {exact_restore!r}"
             )
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"SPSA fused must be True, False or None, got {fused!r}")
         _check_process_group(process_group)
         self.process_group = process_group
         self.exact_restore = exact_restore
+        self.fused = fused
         if seed is None:
             # Host-side, at construction: follows torch.manual_seed; under torch.distributed
             # rank 0's draw is broadcast so that every rank perturbs along the same Δ.
@@ -244,6 +336,7 @@ class SPSA(GradEstimator):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("fused", None)  # pickled before the packed kernels existed
         self.__dict__.update(state)
         self._generators = {}
 
@@ -323,8 +416,67 @@ class SPSA(GradEstimator):
         generator.manual_seed(seed)
         if self.distribution == "gaussian":
             return out.normal_(generator=generator)
-        out.random_(0, 2, generator=generator)
+        words = torch.empty(_words(out.numel()), dtype=torch.int64, device=out.device)
+        words.random_(-(2**63), None, generator=generator)
+        _unpack_bits_(out, words)
         return out.mul_(2.0).sub_(1.0) if signs else out
+
+    def _packed_words(self, n: int, sample_seed: int, index: int, device: torch.device) -> Tensor:
+        """The packed signs of parameter ``index`` (``n`` elements): block ``j``'s words at
+        ``[j·stride, …)``, ``stride = ceil(chunk / 64)``; the same bits :meth:`_draw_` unpacks."""
+        stride = _words(self.chunk)
+        blocks = (n + self.chunk - 1) // self.chunk
+        words = torch.empty(blocks * stride, dtype=torch.int64, device=device)
+        generator = self._generator(device)
+        for block in range(blocks):
+            generator.manual_seed(_block_seed(sample_seed, index, block))
+            size = _words(min(self.chunk, n - block * self.chunk))
+            words[block * stride : block * stride + size].random_(
+                -(2**63), None, generator=generator
+            )
+        return words
+
+    def _fast_entries(self, entries: Sequence[tuple[int, Tensor, Tensor]]) -> set[int]:
+        """Indices of the parameters the packed one-pass kernels perturb (see ``fused``)."""
+        if self.distribution != "rademacher":
+            return set()
+        fast = set()
+        for index, p, grad in entries:
+            fused = self.fused if self.fused is not None else p.device.type == "cuda"
+            if (
+                fused
+                and index not in self._shards
+                and p.dtype in _FUSED_DTYPES
+                and p.numel() >= FUSED_MIN_NUMEL
+                and p.is_contiguous()
+                and grad.is_contiguous()
+            ):
+                fast.add(index)
+        return fast
+
+    @torch.compiler.disable
+    def _fused_pass_(
+        self,
+        entries: Sequence[tuple[int, Tensor, Tensor]],
+        sample: int,
+        scale: float,
+        weight: Tensor | float | None = None,
+        first: bool = False,
+    ) -> None:
+        """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
+        entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
+        kernel reads and writes ``θ`` (and writes ``g``) once."""
+        sample_seed = self._sample_seed(sample)
+        stride = _words(self.chunk)
+        for index, p, grad in entries:
+            words = self._packed_words(p.numel(), sample_seed, index, p.device)
+            if weight is None:
+                _kernel("shift", p.device)(p.view(-1), words, scale, self.chunk, stride)
+            else:
+                _kernel("grad", p.device)(
+                    p.view(-1), grad.view(-1), words, scale, _on(weight, p.device, strict=True),
+                    self.chunk, stride, not first,
+                )
 
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
@@ -569,33 +721,51 @@ class SPSA(GradEstimator):
     def _estimate_one(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
     ) -> Tensor | float:
-        """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor."""
+        """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor.
+
+        The fast entries (:meth:`_fast_entries`) keep nothing in ``p.grad`` until the end:
+        ``θ += cΔ`` and ``θ −= 2cΔ`` are one pass each, and the restore ``θ += cΔ`` writes
+        ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass.
+        """
         c = self.perturbation
-        self._fill_directions_(entries)
-        buckets = self._buckets(entries)
+        fast_indices = self._fast_entries(entries)
+        fast = [entry for entry in entries if entry[0] in fast_indices]
+        rest = [entry for entry in entries if entry[0] not in fast_indices]
+        self._fill_directions_(rest)
+        buckets = self._buckets(rest) if rest else []
         if self.distribution == "rademacher":  # bits b → signs 2b − 1, exactly
             for _, _, grads in buckets:
                 torch._foreach_mul_(grads, 2.0)
                 torch._foreach_sub_(grads, 1.0)
 
-        def shift(scale: float) -> None:
+        def shift(scale: float, generic: bool = True, packed: bool = True) -> None:
             with torch.no_grad():
-                for _, params, grads in buckets:
-                    torch._foreach_add_(params, grads, alpha=scale)
+                if generic:
+                    for _, params, grads in buckets:
+                        torch._foreach_add_(params, grads, alpha=scale)
+                if fast and packed:
+                    self._fused_pass_(fast, 0, scale)
 
-        offset = 0.0  # the multiple of cΔ currently added to θ
+        # the multiple of cΔ currently added to θ (the generic and the fast entries)
+        offset = fast_offset = 0.0
         try:
             shift(c)
-            offset = 1.0
+            offset = fast_offset = 1.0
             f_plus = self._evaluate(closure)
             shift(-2.0 * c)
-            offset = -1.0
+            offset = fast_offset = -1.0
             f_minus = self._evaluate(closure)
+            f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
+            scale = (f_plus - f_minus) / (2.0 * c)
+            if fast:  # restore and write the gradient in one pass
+                with torch.no_grad():
+                    self._fused_pass_(fast, 0, c, weight=scale, first=True)
+            fast_offset = 0.0
+            shift(c, packed=False)
+            offset = 0.0
         finally:
-            if offset:
-                shift(-offset * c)
-        f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
-        scale = (f_plus - f_minus) / (2.0 * c)
+            if offset or fast_offset:
+                shift(-offset * c, generic=bool(offset), packed=bool(fast_offset))
         for device, _, grads in buckets:
             torch._foreach_mul_(grads, _on(scale, device))
         return (f_plus + f_minus) / 2.0
@@ -603,27 +773,40 @@ class SPSA(GradEstimator):
     def _estimate_many(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
     ) -> Tensor | float:
-        """``samples > 1``: ``Δ_s`` regenerated block by block; ``g`` accumulates."""
+        """``samples > 1``: ``Δ_s`` regenerated block by block; ``g`` accumulates.
+
+        The fast entries (:meth:`_fast_entries`) take the packed one-pass kernels.
+        """
         c, n = self.perturbation, self.samples
+        fast_indices = self._fast_entries(entries)
+        fast = [entry for entry in entries if entry[0] in fast_indices]
+        rest = [entry for entry in entries if entry[0] not in fast_indices]
+
+        def apply(sample: int, scale: float, weight: Any = None, first: bool = False) -> None:
+            if rest:
+                self._apply_direction_(rest, sample, scale, weight, first)
+            if fast:
+                self._fused_pass_(fast, sample, scale, weight, first)
+
         total: Tensor | float = 0.0
         with torch.no_grad():
             for sample in range(n):
                 offset = 0.0
                 try:
-                    self._apply_direction_(entries, sample, c)
+                    apply(sample, c)
                     offset = 1.0
                     f_plus = self._evaluate(closure)
-                    self._apply_direction_(entries, sample, -2.0 * c)
+                    apply(sample, -2.0 * c)
                     offset = -1.0
                     f_minus = self._evaluate(closure)
                     f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
                     weight = (f_plus - f_minus) / (2.0 * c * n)
                     offset = 0.0
                     # restore θ and accumulate g from the same regenerated blocks
-                    self._apply_direction_(entries, sample, c, weight, first=sample == 0)
+                    apply(sample, c, weight, first=sample == 0)
                 except BaseException:
                     if offset:
-                        self._apply_direction_(entries, sample, -offset * c)
+                        apply(sample, -offset * c)
                     raise
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
@@ -777,7 +960,7 @@ class SPSA(GradEstimator):
         return (
             f"SPSA(perturbation={self.perturbation}, samples={self.samples}, "
             f"distribution={self.distribution!r}, seed={self.seed}, chunk={self.chunk}, "
-            f"exact_restore={self.exact_restore})"
+            f"exact_restore={self.exact_restore}, fused={self.fused})"
         )
 
 
@@ -836,11 +1019,12 @@ def _check_process_group(group: Any) -> None:
         )
 
 
-def _on(scale: Tensor | float, device: torch.device) -> Tensor | float:
-    """``scale`` usable with tensors on ``device`` without a device→host read."""
+def _on(scale: Tensor | float, device: torch.device, strict: bool = False) -> Tensor | float:
+    """``scale`` usable with tensors on ``device`` without a device→host read (``strict``:
+    a tensor is moved to ``device`` even when it is a CPU scalar, for compiled kernels)."""
     if not isinstance(scale, Tensor) or scale.device == device:
         return scale
-    if scale.device.type == "cpu" and scale.dim() == 0:
+    if scale.device.type == "cpu" and scale.dim() == 0 and not strict:
         return scale  # a CPU scalar is accepted by ops on any device
     return scale.to(device, non_blocking=True)
 
