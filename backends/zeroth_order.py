@@ -98,37 +98,31 @@ def _unpack_bits_(out: Tensor, words: Tensor) -> Tensor:
     return flat.copy_(bits.view(-1)[: flat.numel()])
 
 
-def _positive(n: int, words: Tensor, chunk: int, stride: int, device: torch.device) -> Tensor:
-    """``Δ_e > 0`` for the ``n`` elements of a parameter whose blocks of ``chunk`` elements
-    have their packed words at ``words[j·stride :]`` (``stride = ceil(chunk / 64)``).
+def _delta(words: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Δ`` (±1 in ``dtype``) of ``64·len(words)`` elements, shape ``(len(words), 2, 32)``.
 
-    Inside a compiled kernel the index, the gather and the bit test fuse into the pass over
-    the parameter: no temporary of parameter size.
+    Each int64 word is read as its two int32 halves (low half first: the little-endian
+    layout), so that bit ``e mod 64`` of word ``e // 64`` is bit ``e mod 32`` of half
+    ``(e mod 64) // 32``: inductor vectorises 32-bit shifts on CPU, not 64-bit ones (a
+    64-bit form ran 30 times slower). Inside a compiled kernel nothing of parameter size is
+    materialised.
     """
-    index = torch.arange(n, device=device)
-    block = index // chunk
-    within = index - block * chunk
-    word = words[block * stride + within // WORD_BITS]
-    return ((word >> (within % WORD_BITS)) & 1) != 0
+    halves = words.view(torch.int32).view(-1, 2, 1)
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return (((halves >> shifts) & 1) * 2 - 1).to(dtype)
 
 
-def _signs(positive: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.where(positive, 1.0, -1.0).to(dtype)  # ±1: exact in every float dtype
-
-
-def _shift_kernel(p: Tensor, words: Tensor, scale: float, chunk: int, stride: int) -> None:
-    """``θ ← θ + scale·Δ`` (flat ``θ``): the same arithmetic as the eager path."""
-    delta = _signs(_positive(p.numel(), words, chunk, stride, p.device), p.dtype)
-    p.copy_(p + delta * scale)
+def _shift_kernel(p: Tensor, words: Tensor, scale: float) -> None:
+    """``θ ← θ + scale·Δ`` for ``θ`` viewed as ``(len(words), 2, 32)``: the eager arithmetic."""
+    p.copy_(p + _delta(words, p.dtype) * scale)
 
 
 def _shift_grad_kernel(
-    p: Tensor, g: Tensor, words: Tensor, scale: float, weight: Tensor | float, chunk: int,
-    stride: int, accumulate: bool,
+    p: Tensor, g: Tensor, words: Tensor, scale: float, weight: Tensor | float, accumulate: bool
 ) -> None:
     """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` (``accumulate``: ``g ← g + weight·Δ``) in
     one pass over ``θ`` and ``g``; ``weight·Δ`` rounds as the eager ``Δ·weight`` does."""
-    delta = _signs(_positive(p.numel(), words, chunk, stride, p.device), p.dtype)
+    delta = _delta(words, p.dtype)
     p.copy_(p + delta * scale)
     step = delta * weight
     g.copy_(g + step if accumulate else step)
@@ -422,23 +416,22 @@ class SPSA(GradEstimator):
         return out.mul_(2.0).sub_(1.0) if signs else out
 
     def _packed_words(self, n: int, sample_seed: int, index: int, device: torch.device) -> Tensor:
-        """The packed signs of parameter ``index`` (``n`` elements): block ``j``'s words at
-        ``[j·stride, …)``, ``stride = ceil(chunk / 64)``; the same bits :meth:`_draw_` unpacks."""
-        stride = _words(self.chunk)
-        blocks = (n + self.chunk - 1) // self.chunk
-        words = torch.empty(blocks * stride, dtype=torch.int64, device=device)
+        """The packed signs of parameter ``index`` (``n`` elements, ``chunk`` a multiple of
+        64): block ``j``'s words at ``[j·chunk/64, …)``, so that element ``e`` of the
+        parameter is bit ``e mod 64`` of word ``e // 64``; the bits :meth:`_draw_` unpacks."""
+        stride = self.chunk // WORD_BITS
+        words = torch.empty(_words(n), dtype=torch.int64, device=device)
         generator = self._generator(device)
-        for block in range(blocks):
+        for block in range(0, (n + self.chunk - 1) // self.chunk):
             generator.manual_seed(_block_seed(sample_seed, index, block))
-            size = _words(min(self.chunk, n - block * self.chunk))
-            words[block * stride : block * stride + size].random_(
+            words[block * stride : (block + 1) * stride].random_(
                 -(2**63), None, generator=generator
             )
         return words
 
     def _fast_entries(self, entries: Sequence[tuple[int, Tensor, Tensor]]) -> set[int]:
         """Indices of the parameters the packed one-pass kernels perturb (see ``fused``)."""
-        if self.distribution != "rademacher":
+        if self.distribution != "rademacher" or self.chunk % WORD_BITS:
             return set()
         fast = set()
         for index, p, grad in entries:
@@ -465,18 +458,28 @@ class SPSA(GradEstimator):
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
         entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
-        kernel reads and writes ``θ`` (and writes ``g``) once."""
+        kernel reads and writes ``θ`` (and writes ``g``) once. The last ``numel mod 64``
+        elements (a partial word) are updated eagerly, with the same arithmetic."""
         sample_seed = self._sample_seed(sample)
-        stride = _words(self.chunk)
         for index, p, grad in entries:
             words = self._packed_words(p.numel(), sample_seed, index, p.device)
+            full = p.numel() // WORD_BITS
+            flat, g_flat = p.view(-1), grad.view(-1)
+            body, tail = flat[: full * WORD_BITS], flat[full * WORD_BITS :]
+            g_body, g_tail = g_flat[: full * WORD_BITS], g_flat[full * WORD_BITS :]
             if weight is None:
-                _kernel("shift", p.device)(p.view(-1), words, scale, self.chunk, stride)
+                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], scale)
             else:
                 _kernel("grad", p.device)(
-                    p.view(-1), grad.view(-1), words, scale, _on(weight, p.device, strict=True),
-                    self.chunk, stride, not first,
+                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], scale,
+                    _on(weight, p.device, strict=True), not first,
                 )
+            if tail.numel():
+                delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)
+                tail.add_(delta, alpha=scale)
+                if weight is not None:
+                    delta.mul_(_on(weight, p.device))
+                    g_tail.copy_(delta) if first else g_tail.add_(delta)
 
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
