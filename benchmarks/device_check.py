@@ -54,7 +54,9 @@ def _suites() -> list[str]:
     return ordered + [name for name in present if name not in ordered]
 
 
-def plan(out: Path, budget: float, python: str = sys.executable) -> list[tuple[str, list[str], float]]:
+def plan(
+    out: Path, budget: float, python: str = sys.executable
+) -> list[tuple[str, list[str], float]]:
     """``(log name, command, seconds)`` for each step, in order."""
     if budget < 60:
         raise ValueError(f"--budget must be at least 60 seconds, got {budget}")

@@ -6,12 +6,10 @@ harness builds fresh parameters on the run's device, gives them fixed random gra
 ``step()`` (median over repeats after warm-up) and reports, per byte of parameters:
 
 * ``state B/param B``: the bytes of tensors the optimizer keeps as state;
-* ``step alloc B/param B``: the bytes allocated inside one ``step()`` (after warm-up). On
-  CPU they are counted by :class:`AllocationCounter` (a ``TorchDispatchMode``: the sizes of
-  the storages that ops create, summed — a temporary freed and allocated again counts twice,
-  views and in-place results count nothing); on CUDA it is
-  ``torch.cuda.max_memory_allocated()`` during the step minus the allocated bytes before it
-  (the step's peak above its start).
+* ``step peak B/param B``: the peak bytes allocated inside one ``step()`` (after warm-up)
+  above what was allocated before it (:func:`step_allocations`: the profiler's memory
+  events on CPU, ``torch.cuda.max_memory_allocated()`` on CUDA). Views and in-place results
+  count nothing.
 
 Timing: ``time.perf_counter`` on CPU; CUDA events around each step on CUDA. With
 ``interleave=True`` every row of a (suite, model) is built and warmed up first, then the
@@ -33,8 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 Factory = Callable[[list[torch.Tensor]], Optimizer]
 
@@ -97,47 +93,32 @@ def model_params(name: str, device: str | torch.device = "cpu") -> list[torch.Te
     return params
 
 
-def _storage_key(t: torch.Tensor) -> tuple[torch.device, int]:
-    return (t.device, t.untyped_storage().data_ptr())
+def _peak_from_profile(events: Iterable[Any]) -> int:
+    """The peak of the running sum of allocations (+) and frees (−), in time order.
 
-
-class AllocationCounter(TorchDispatchMode):
-    """Counts the bytes that the ops run under it allocate.
-
-    An op allocates when an output's storage is none of its inputs' storages: views
-    (``view``, slicing, ``t()``) and in-place or ``out=`` results share an input's storage
-    and count nothing; a new storage counts its full size once per op. ``bytes`` is the sum
-    over the ops (not a peak: a temporary freed and allocated again counts twice); ``sizes``
-    lists each allocation's bytes. Only ops that pass through the dispatcher are seen
-    (compiled kernels' own buffers are, as they are allocated by ATen ops).
+    Each op's *self* memory (its own allocations and frees, not its children's) is used,
+    so nested ops are not counted twice.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-        self.sizes: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {
-            _storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            key = _storage_key(t)
-            if key in inputs:
-                continue
-            inputs.add(key)  # an op returning one new storage twice counts it once
-            size = t.untyped_storage().nbytes()
-            self.bytes += size
-            self.sizes.append(size)
-        return out
+    changes = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, change in changes:
+        current += change
+        peak = max(peak, current)
+    return peak
 
 
 def step_allocations(step: Callable[[], Any], device: torch.device) -> int:
-    """Bytes allocated by one call of ``step`` (see the module docstring)."""
+    """Peak bytes allocated during one call of ``step`` above what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: ``torch.profiler`` with
+    ``profile_memory=True`` (the allocator reports every allocation and free, compiled
+    kernels' buffers included); a ``TorchDispatchMode`` counter cannot be used, as
+    ``torch.compile`` refuses to run under one ("non-infra torch dispatch mode present") and
+    the compiled rows would then fail or run uncompiled. Views and in-place results allocate
+    nothing; a temporary freed before the next one is allocated does not add to the peak.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -145,9 +126,11 @@ def step_allocations(step: Callable[[], Any], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return max(torch.cuda.max_memory_allocated(device) - start, 0)
-    with AllocationCounter() as counter:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
-    return counter.bytes
+    return _peak_from_profile(profiler.events())
 
 
 def state_tensors(optimizer: object, seen: set[int] | None = None) -> Iterable[torch.Tensor]:
@@ -283,7 +266,7 @@ def run_suite(
             continue
         print(f"\n## {suite.name} — model {model} ({device.type})")
         header = (f"{'optimizer':<46} {'median ms':>10} {'x baseline':>11} "
-                  f"{'state B/param B':>16} {'step alloc B/param B':>21}")
+                  f"{'state B/param B':>16} {'step peak B/param B':>21}")
         print(header)
         print("-" * len(header))
         runnable = []
