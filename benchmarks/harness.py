@@ -93,17 +93,17 @@ def model_params(name: str, device: str | torch.device = "cpu") -> list[torch.Te
     return params
 
 
-def _peak_from_profile(events: Iterable[Any]) -> int:
-    """The peak of the running sum of allocations (+) and frees (−), in time order.
-
-    Each op's *self* memory (its own allocations and frees, not its children's) is used,
-    so nested ops are not counted twice.
-    """
-    changes = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage
+def _peak_from_profile(profiler: Any) -> int:
+    """The peak of the running sum of the allocator's records, in time order: ``+n`` for an
+    allocation, ``−n`` for a free (the raw ``[memory]`` records; the per-op memory columns
+    would misplace frees made inside an enclosing region such as ``Optimizer.step``)."""
+    records = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]"
     )
     current = peak = 0
-    for _, change in changes:
+    for _, change in records:
         current += change
         peak = max(peak, current)
     return peak
@@ -130,7 +130,7 @@ def step_allocations(step: Callable[[], Any], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
-    return _peak_from_profile(profiler.events())
+    return _peak_from_profile(profiler)
 
 
 def state_tensors(optimizer: object, seen: set[int] | None = None) -> Iterable[torch.Tensor]:
