@@ -167,20 +167,42 @@ class SPSA(GradEstimator):
 
     **Memory.** The parameters are perturbed in place — ``θ += cΔ``, evaluate, ``θ −= 2cΔ``,
     evaluate, ``θ += cΔ`` — and nothing of parameter size is stored. With ``samples=1``
-    ``Δ`` is drawn straight into ``p.grad`` and scaled there: no temporary at all beyond the
-    gradients themselves. With ``samples > 1`` the gradient accumulates, so ``Δ_s`` is
-    regenerated (three times per sample) into scratch of at most ``chunk`` elements per
-    (device, dtype): parameters up to ``chunk`` elements are packed into it together,
-    larger ones go through it block by block (a non-contiguous parameter needs a scratch of
-    its own size); tests/backends/test_zeroth_order.py records every allocation of a step.
+    ``Δ`` is drawn straight into ``p.grad`` and scaled there: no floating-point temporary
+    beyond the gradients themselves (drawing a Rademacher block uses integer scratch of one
+    byte per element of the block: its packed words and their unpacked bits). With
+    ``samples > 1`` the gradient accumulates, so ``Δ_s`` is regenerated (three times per
+    sample) into scratch of at most ``chunk`` elements per (device, dtype): parameters up to
+    ``chunk`` elements are packed into it together, larger ones go through it block by block
+    (a non-contiguous parameter needs a scratch of its own size);
+    tests/backends/test_zeroth_order.py records every allocation of a step.
+
+    **Packed one-pass kernels** (``fused``). Rademacher parameters of at least
+    ``FUSED_MIN_NUMEL`` (65536) elements, contiguous, float32/float64, not FSDP2 shards
+    (and ``chunk`` a multiple of 64) are perturbed by a compiled kernel that unpacks the
+    signs from the packed words inside the pass: ``θ ± cΔ`` is one read and one write of
+    ``θ``, and the restore writes ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass (seven array
+    passes per sample instead of sixteen, and no write of ``Δ`` into ``p.grad``). The
+    only allocation is the packed words of one parameter (``numel/8`` bytes, 1/32 of a
+    float32 parameter), drawn again for each pass rather than kept. The results are bit for
+    bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
+    on CUDA only; on CPU the first step compiles two kernels (seconds to tens of seconds),
+    ``fused=True`` opts in. On ``meta`` and while an outer ``torch.compile`` traces the
+    step the same kernel functions run uncompiled.
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
     from a ``torch.Generator`` on the parameter's device seeded with a SplitMix64 hash of
-    ``(seed, step, sample, i, j)``. The whole random state is two Python integers,
-    ``seed`` and ``step`` (:meth:`state_dict`); the explored optimizer saves it under
-    ``explore_estimator``, so a resumed run draws the same directions. Seeding a generator is
-    host-side; no device value is ever read.
+    ``(seed, step, sample, i, j)``. Rademacher signs are packed: a block of ``m`` elements
+    draws ``⌈m/64⌉`` int64 words over the full 64-bit range (``random_(-2**63, None)``) and
+    element ``e`` of the block is ``Δ_e = 2·b − 1`` with ``b`` bit ``e mod 64`` (least
+    significant first) of word ``e // 64``. (Before this packing each element was one draw
+    of ``random_(0, 2)``: the same seeds, a different stream. A checkpoint saved before
+    loads unchanged — the state is still ``seed`` and ``step`` — but the directions drawn
+    after resuming differ from those the old code would have drawn; Gaussian directions
+    are unchanged.) The whole random state is two Python integers, ``seed`` and ``step``
+    (:meth:`state_dict`); the explored optimizer saves it under ``explore_estimator``, so a
+    resumed run draws the same directions, on either path (``fused`` or not). Seeding a
+    generator is host-side; no device value is ever read.
 
     **Round-off.** For float32/float64 parameters the in-place restore is not exact: after
     one sample ``|θ' − θ| ≤ u·(3|θ| + 2c|Δ|)`` elementwise to first order (``u`` the unit
@@ -242,6 +264,9 @@ class SPSA(GradEstimator):
             walk. ``None`` (default): on when any trainable parameter is bf16/fp16. Turn it
             on for float32/64 models whose skipped steps (``explore(...,
             skip_nonfinite=True)``, GradScaler) must leave the parameters bit-identical.
+        fused: the packed one-pass kernels for large Rademacher parameters (see above);
+            ``None`` (default): on CUDA only; ``True`` also on CPU; ``False``: never.
+            Results are identical either way.
     """
 
     requires_closure = True
