@@ -1,5 +1,5 @@
 """``python -m benchmarks [--suite NAME ...] [--model NAME ...] [--device cuda]``: print the
-ratio tables (time, state memory and the bytes one step allocates, per row).
+ratio tables (time, state memory and the peak bytes one step allocates, per row).
 
 ``--dry-run`` prints the plan (suites, models, rows), checks that every suite imports and
 that its rows name known models, and runs one step of each suite's baseline row on a tiny

@@ -87,7 +87,9 @@ def _run(command: list[str], seconds: float, log: io.TextIOBase) -> int:
         output = expired.stdout if isinstance(expired.stdout, str) else (
             (expired.stdout or b"").decode(errors="replace"))
         code = 124
-    log.write(output)
+    # the profiler's start/stop trace lines (kineto, one pair per CPU memory count) are noise
+    log.write("".join(line for line in output.splitlines(keepends=True)
+                      if not line.startswith("USDT:")))
     log.write(f"\n[exit {code} after {time.monotonic() - start:.0f} s]\n")
     log.flush()
     return code

@@ -7,7 +7,10 @@ The baseline row is one forward pass (``no_grad``) of the benchmark model on a b
 over the parameters per sample), drawing ``Δ``, scaling the gradient, the replacement and
 the base update. ``exact_restore=True`` (the path bf16/fp16 models take by default)
 perturbs from a saved copy and regenerates ``Δ`` three times. A backprop step (forward +
-backward + E(SGD)) is shown for comparison.
+backward + E(SGD)) is shown for comparison. The ``SPSA fused`` rows take the packed
+one-pass kernels (``SPSA(fused=True)``: three passes over the parameters per sample, the
+gradient written in the last) and E's fast path (``fused=True``); they compile on their
+first (warm-up) step.
 ``state B/param B`` counts optimizer state only (the gradients SPSA writes are not state).
 """
 
