@@ -151,3 +151,31 @@ def test_packed_path_runs_on_meta_with_the_uncompiled_kernels():
         loss = spsa.estimate(lambda: sum(p.sum() for p in params), [{"params": params}])
         assert loss.device.type == "meta"
         assert all(p.grad.device.type == "meta" for p in params)
+
+
+def test_a_raising_closure_leaves_the_packed_parameters_restored():
+    """The closure raises on its second evaluation (θ at θ − cΔ): the packed path undoes its
+    perturbation before the error propagates, to the walk's documented round-off.
+    Mutation caught: the fast entries left out of the restore on error."""
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(300, 257, generator=generator, dtype=torch.float64)
+    for samples in (1, 2):
+        p = start.clone().requires_grad_()
+        calls = []
+
+        def closure(p=p, calls=calls):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return p.sum()
+
+        spsa = SPSA(perturbation=1e-3, samples=samples, seed=0, fused=True)
+        try:
+            spsa.estimate(closure, [{"params": [p]}])
+        except RuntimeError as error:
+            assert "boom" in str(error)
+        else:
+            raise AssertionError("the closure's error did not propagate")
+        # the documented drift bound of the in-place walk, u·(3|θ| + 2c) per sample
+        bound = 2.0**-53 * (3 * start.abs() + 2e-3) * (1 + 1e-5)
+        assert ((p.detach() - start).abs() <= bound).all()
