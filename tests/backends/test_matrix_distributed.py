@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptor import E
-from backends import Muon, Shampoo, _owners, matrix
+from backends import Muon, Shampoo, _owners, matrix, second_order
 from tests.distributed import gloo_group, rank_share
 
 STEPS = 4
@@ -118,6 +118,20 @@ def _params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _matrix_state(optimizer) -> list[dict[str, object]]:
+    """Each matrix's Shampoo statistics and roots (plain tensors), or the type of Muon's
+    momentum buffer."""
+    base = getattr(optimizer, "base", optimizer)
+    out = []
+    for p in _params(optimizer):
+        state = base.state[p]
+        if "momentum_buffer" in state:
+            out.append({"momentum_buffer": type(state["momentum_buffer"]).__name__})
+        elif "left" in state:
+            out.append({k: state[k].clone() for k in second_order.MATRIX_KEYS})
+    return out
+
+
 class _Record:
     """Counts what a step computes and sends: Newton–Schulz inputs ``(m, n)`` (one per
     matrix, batches unrolled), the shapes of parameters whose roots are refreshed, and the
@@ -166,6 +180,12 @@ class _Record:
             dist.all_to_all_single = a2a
 
 
+# (optimizer, how): sharded state dicts are what DCP saves; "full" gathers to rank 0 and
+# broadcasts (Shampoo's replicated statistics must be the same on every rank for both)
+CHECKPOINTS = [("muon", "dcp"), ("muon", "full"), ("e-muon", "dcp"), ("shampoo", "dcp"),
+               ("shampoo", "full"), ("shampoo", "sharded")]
+
+
 def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
     """FSDP2: 2 steps, save, load into a fresh model and optimizer, 2 more steps on both."""
     import torch.distributed.checkpoint as dcp
@@ -176,33 +196,32 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
     )
 
     results = {}
-    for name in ("muon", "e-muon", "shampoo"):
-        for how in ("sharded", "full", "dcp"):
-            model = _wrap(_model(), "fsdp2")
-            optimizer = OPTIMIZERS[name](model.parameters())
-            _train(model, optimizer, range(2), rank)
-            resumed_model = _wrap(_model(), "fsdp2")
-            resumed = OPTIMIZERS[name](resumed_model.parameters())
-            resumed_model.load_state_dict(model.state_dict())
-            if how == "dcp":
-                path = os.path.join(out_dir, f"ckpt-{name}")
-                dcp.save({"optim": get_optimizer_state_dict(model, optimizer)},
-                         checkpoint_id=path)
-                target = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
-                dcp.load(target, checkpoint_id=path)
-                set_optimizer_state_dict(resumed_model, resumed, target["optim"])
-            else:
-                options = StateDictOptions(full_state_dict=how == "full")
-                saved = get_optimizer_state_dict(model, optimizer, options=options)
-                if how == "full":
-                    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-                set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
-            _train(model, optimizer, range(2, 4), rank)
-            _train(resumed_model, resumed, range(2, 4), rank)
-            results[f"{name}-{how}"] = all(
-                torch.equal(_full(a), _full(b))
-                for a, b in zip(model.parameters(), resumed_model.parameters())
-            )
+    for name, how in CHECKPOINTS:
+        model = _wrap(_model(), "fsdp2")
+        optimizer = OPTIMIZERS[name](model.parameters())
+        _train(model, optimizer, range(2), rank)
+        resumed_model = _wrap(_model(), "fsdp2")
+        resumed = OPTIMIZERS[name](resumed_model.parameters())
+        resumed_model.load_state_dict(model.state_dict())
+        if how == "dcp":
+            path = os.path.join(out_dir, f"ckpt-{name}")
+            dcp.save({"optim": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=path)
+            target = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+            dcp.load(target, checkpoint_id=path)
+            set_optimizer_state_dict(resumed_model, resumed, target["optim"])
+        else:
+            options = StateDictOptions(full_state_dict=how == "full")
+            saved = get_optimizer_state_dict(model, optimizer, options=options)
+            if how == "full":
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+        _train(model, optimizer, range(2, 4), rank)
+        _train(resumed_model, resumed, range(2, 4), rank)
+        results[f"{name}-{how}"] = all(
+            torch.equal(_full(a), _full(b))
+            for a, b in zip(model.parameters(), resumed_model.parameters())
+        )
     return results
 
 
@@ -229,6 +248,7 @@ def _worker(rank: int, out_dir: str) -> None:
                     results[f"{key}-local"] = [
                         tuple(p.to_local().shape) for p in _params(optimizer)
                     ]
+                    results[f"{key}-state"] = _matrix_state(optimizer)
             results["checkpoints"] = _checkpoints(rank, out_dir)
         finally:
             record.uninstall()
@@ -376,6 +396,25 @@ def test_shampoo_bytes_per_step(ranks):
         assert sum(rank["shampoo-fsdp2-sent"]) == STEPS * gather + 2 * roots
 
 
+def test_fsdp2_state_placement(ranks):
+    """Muon's momentum stays a DTensor (sharded: DCP saves each rank's rows). Shampoo's
+    statistics and roots are replicated: bit-identical on both ranks (DCP saves one copy)
+    and equal to the single process's (float64, rtol 1e-9 as above)."""
+    for rank in ranks:
+        assert rank["muon-fsdp2-state"] == [{"momentum_buffer": "DTensor"}] * 5
+    model = _model()
+    optimizer = OPTIMIZERS["shampoo"](model.parameters())
+    _train(model, optimizer, range(STEPS), None)
+    want = _matrix_state(optimizer)
+    assert len(want) == 5
+    for a, b in zip(ranks[0]["shampoo-fsdp2-state"], ranks[1]["shampoo-fsdp2-state"]):
+        for key in second_order.MATRIX_KEYS:
+            assert torch.equal(a[key], b[key]), key
+    for got, expected in zip(ranks[0]["shampoo-fsdp2-state"], want):
+        for key in second_order.MATRIX_KEYS:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-9, atol=1e-12)
+
+
 def test_fsdp2_checkpoints_resume_bit_exactly(ranks):
     """Sharded and full optimizer state dicts and DCP save/load, each followed by 2 steps:
     the resumed FSDP2 run equals the uninterrupted one bit for bit on every rank (the same
@@ -383,7 +422,7 @@ def test_fsdp2_checkpoints_resume_bit_exactly(ranks):
     for rank in ranks:
         failed = sorted(k for k, ok in rank["checkpoints"].items() if not ok)
         assert not failed, failed
-        assert len(rank["checkpoints"]) == 9
+        assert len(rank["checkpoints"]) == len(CHECKPOINTS)
 
 
 # -- the owners module, in process ---------------------------------------------------------
