@@ -17,6 +17,10 @@ Muon's Newton–Schulz iteration and Shampoo's inverse roots need whole matrices
    each rank exactly its rows of every result.
 5. Each rank writes its own rows (element-wise work never leaves the local shard).
 
+Shampoo (``backends/_shampoo_fsdp.py``) keeps replicated statistics and uses the other two
+moves: :meth:`Plan.to_everyone` (every rank's rows of every matrix to every rank) and
+:meth:`Plan.to_all` (each owner's results to every rank).
+
 Bytes moved per step, for matrices of ``N`` elements in all, ``b`` bytes per element and
 ``W`` ranks (uniform shards, balanced owners): step 2 sends the ``(W-1)/W`` of every matrix
 that its owner does not hold, ``N·b·(W-1)/W`` over all ranks, and step 4 sends the same
@@ -50,6 +54,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from adaptor.shards import is_dtensor
 
 __all__ = ["Plan", "assign", "matrix_rows", "muon_cost", "row_slices", "shard_group"]
 
@@ -95,8 +101,6 @@ def shard_group(t: Tensor) -> Any | None:
     Raises ``TypeError`` for placements other than ``Shard(0)`` on one mesh dimension (and
     ``Replicate()`` on the others).
     """
-    from adaptor.shards import is_dtensor
-
     if not is_dtensor(t):
         return None
     sharded = [(d, pl) for d, pl in enumerate(t.placements) if not pl.is_replicate()]
