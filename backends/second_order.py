@@ -595,9 +595,11 @@ class Shampoo(Optimizer):
                     self, group, process_group, keys, indices, grads, momentum, directions,
                     refresh, active, correction2, layouts, beta2, mask,
                 )
-            matrices = sharded.get(None, [])
-            refresh = [i for i in refresh if i in matrices]
-            active = [i for i in active if i in matrices]
+            if len(sharded) > 1 or None not in sharded:  # the whole matrices remain below
+                whole = set(sharded.get(None, []))
+                matrices = [i for i in matrices if i in whole]
+                refresh = [i for i in refresh if i in whole]
+                active = [i for i in active if i in whole]
         if matrices:
             self._update_statistics(
                 [keys[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2, mask
