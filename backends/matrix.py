@@ -351,6 +351,8 @@ class Muon(Optimizer):
                         raise RuntimeError(
                             f"Muon does not support sparse gradients (param group {index})"
                         )
+                    if _uses_muon(group, p):  # DTensor placements we cannot gather: TypeError
+                        _owners.shard_group(p)
                     grads.append(p.grad)
         if not grads:
             return loss

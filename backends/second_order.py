@@ -486,6 +486,8 @@ class Shampoo(Optimizer):
                     raise TypeError(
                         f"Shampoo does not support complex parameters (param group {index})"
                     )
+                if self._is_matrix(p):  # DTensor placements we cannot gather: TypeError
+                    _shampoo_fsdp.split([p], [0])
                 state = self.state.get(p)
                 if state and self._is_matrix(p):
                     self._check_matrix_state(group, p, state, f"a parameter of group {index}")

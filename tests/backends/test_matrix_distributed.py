@@ -256,6 +256,32 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
     return results
 
 
+def _unsupported_placement() -> dict[str, object]:
+    """A matrix sharded by columns (``Shard(1)``, tensor-parallel style): each optimizer
+    raises ``TypeError`` before anything moves."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out: dict[str, object] = {}
+    for name in ("muon", "shampoo"):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6, dtype=torch.float64),
+                                                 mesh, [Shard(1)]))
+        p.grad = distribute_tensor(torch.ones(4, 6, dtype=torch.float64), mesh, [Shard(1)])
+        before = p.detach().to_local().clone()
+        optimizer = OPTIMIZERS[name]([p])
+        try:
+            optimizer.step()
+            out[name] = "no error"
+        except TypeError as error:
+            out[name] = str(error)
+        out[f"{name}-unchanged"] = torch.equal(p.detach().to_local(), before) and not any(
+            optimizer.state.values()
+        )
+    return out
+
+
 def _worker(rank: int, out_dir: str) -> None:
     with gloo_group(rank, WORLD, out_dir):
         record = _Record()
@@ -282,6 +308,7 @@ def _worker(rank: int, out_dir: str) -> None:
                     ]
                     results[f"{key}-state"] = _matrix_state(optimizer)
             results["checkpoints"] = _checkpoints(rank, out_dir)
+            results["placements"] = _unsupported_placement()
         finally:
             record.uninstall()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -500,3 +527,11 @@ def test_assign_is_a_balanced_partition():
 def test_muon_cost():
     assert _owners.muon_cost(4, 6) == 4 * 6 * 4
     assert _owners.muon_cost(6, 4) == 6 * 4 * 4
+
+
+def test_unsupported_placements_raise_before_anything_moves(ranks):
+    for rank in ranks:
+        for name in ("muon", "shampoo"):
+            assert "Shard(0) over one mesh dimension" in rank["placements"][name]
+            assert "Shard(dim=1)" in rank["placements"][name]
+            assert rank["placements"][f"{name}-unchanged"] is True
