@@ -109,7 +109,15 @@ def _share_roots(
     opt: Any, group: dict[str, Any], plan: _owners.Plan, keys: list[Tensor],
     indices: list[int], refreshed: list[int], corrections: list[Tensor], mask: Any,
 ) -> None:
-    """Owners recompute their matrices' roots; every rank then copies them in."""
+    """Owners recompute their matrices' roots; every rank then copies them in.
+
+    What is shared: every per-matrix state tensor that a refresh writes, i.e. Shampoo's
+    ``MATRIX_KEYS`` except the statistics ``left``/``right`` (which every rank updates
+    itself), all in one alltoallv.
+    """
+    from backends.second_order import MATRIX_KEYS  # here: second_order imports this module
+
+    shared_keys = [k for k in MATRIX_KEYS if k not in ("left", "right")]
     mine = [j for j in refreshed if plan.owners[j] == plan.rank]
     if mine:
         opt._refresh_roots(
@@ -118,13 +126,12 @@ def _share_roots(
         )
     states = [opt.state[keys[i]] for i in indices]
     numels = [
-        states[j]["left_root"].numel() + states[j]["right_root"].numel() if j in refreshed
-        else 0
+        sum(states[j][k].numel() for k in shared_keys) if j in refreshed else 0
         for j in range(len(indices))
     ]
-    like = states[refreshed[0]]["left_root"]
+    like = states[refreshed[0]][shared_keys[0]]
     owned = {
-        j: torch.cat([states[j]["left_root"].reshape(-1), states[j]["right_root"].reshape(-1)])
+        j: torch.cat([states[j][k].reshape(-1).to(like.dtype) for k in shared_keys])
         if j in refreshed else like.new_empty(0)
         for j in plan.owned
     }
@@ -132,7 +139,6 @@ def _share_roots(
     for j in refreshed:
         if plan.owners[j] == plan.rank:
             continue
-        left, right = states[j]["left_root"], states[j]["right_root"]
-        new_left, new_right = shared[j].split([left.numel(), right.numel()])
-        left.copy_(new_left.view_as(left))
-        right.copy_(new_right.view_as(right))
+        targets = [states[j][k] for k in shared_keys]
+        for target, new in zip(targets, shared[j].split([t.numel() for t in targets])):
+            target.copy_(new.view(target.shape))
