@@ -244,6 +244,14 @@ class Muon(Optimizer):
     (``(1 − ηλ)`` is never rounded to bfloat16 first). GradScaler: ``scaler.step(opt)``
     passes ``grad_scale``/``found_inf`` to :meth:`step`, which unscales on the device and
     skips where ``found_inf`` (``_step_supports_amp_scaling``), with no host read.
+
+    Distributed: under DDP every rank orthogonalises every matrix (whole parameters). Under
+    FSDP2 (DTensor parameters, ``Shard(0)``) momentum, weight decay and AdamW run on each
+    rank's rows (state stays DTensor), and each matrix is orthogonalised by one owner rank:
+    ``U`` goes to its owner in ``ns_dtype`` and the owner sends each rank its rows of
+    ``NS_k(U)`` (two ``all_to_all_single`` per group and dtype, ``2·N·(W−1)/W`` elements of
+    ``ns_dtype`` per step over all ranks; see :mod:`backends._owners`). The numbers are a
+    single process's on the full batch.
     """
 
     def __init__(
