@@ -508,8 +508,16 @@ class ExploredOptimizer(Optimizer):
 
         ``closure`` is evaluated by the estimator (for :class:`Autograd`: under
         ``enable_grad``, and it must call ``backward``). Returns the estimator's loss.
+
+        An estimator that needs a closure (SPSA) raises ``ValueError`` without one, except
+        for the dry step ``torch.distributed.checkpoint`` makes to create the state of an
+        optimizer that has none (every ``lr`` 0, zero gradients): that one creates the
+        state without calling the estimator (:meth:`_init_state`), so
+        ``get/set_optimizer_state_dict`` work on a fresh ``explore(SPSA(...), base)``.
         """
         if closure is None and getattr(self.estimator, "requires_closure", False):
+            if self._is_state_init_call():
+                return self._init_state()
             raise ValueError(
                 f"{type(self.estimator).__name__} needs a closure: pass "
                 "step(closure) with a closure that returns the loss"
@@ -521,6 +529,9 @@ class ExploredOptimizer(Optimizer):
         ]
         loss = self.estimator.estimate(closure, self.param_groups)
         self._check_grads()
+        groups = self.param_groups
+        if groups and ESTIMATOR_KEY in groups[0]:
+            del groups[0][ESTIMATOR_KEY]  # left by the dry step (_init_state) for a load
         grads = [p.grad for group in self.param_groups for p in self._params_with_grad(group)]
         with torch.no_grad():
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
@@ -549,6 +560,54 @@ class ExploredOptimizer(Optimizer):
             else:
                 self._step_base_restoring(skip)
         return loss
+
+    def _is_state_init_call(self) -> bool:
+        """Whether a closure-less ``step()`` is the dry step that creates empty state.
+
+        ``torch.distributed.checkpoint.state_dict`` (``_init_optim_state``, run by
+        ``get_optimizer_state_dict`` and ``set_optimizer_state_dict``) steps an optimizer
+        that has no state once, with zero gradients on every trainable parameter, every
+        group's ``lr`` set to 0 and ``closure=None``, so that the state exists to load
+        into. Recognised by exactly that: no state (neither the adaptor's nor the base's),
+        a gradient on every parameter that requires one, and ``lr == 0`` in every group (a
+        number, or a CPU tensor as torch makes it). Host-side checks only: no device read.
+        """
+        if self.state:
+            return False
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.device.type != "cpu" or lr.numel() != 1 or lr.item() != 0:
+                    return False
+            elif not isinstance(lr, (int, float)) or lr != 0:
+                return False
+            for p in group["params"]:
+                if p.requires_grad and p.grad is None:
+                    return False
+        return True
+
+    def _init_state(self) -> None:
+        """The dry step without the estimator (see :meth:`_is_state_init_call`).
+
+        The estimator is not called (no closure to evaluate; SPSA neither perturbs the
+        parameters nor advances its step); the zero gradients torch set go through the
+        replacement (``c = 0``: ``c ← ((β+αs)·0 − s²·0)/(1+αs) = 0``, ``g̃ = 0``) and the
+        base's step with ``lr = 0``, which creates the base's state as torch assumes of any
+        optimizer. The estimator's state is put in the first live group under
+        ``explore_estimator``: torch's flattened load (``flatten_optimizer_state_dict``)
+        rebuilds the groups from the live groups' keys, and this is how SPSA's seed and
+        step come back; the load takes the key out again.
+        """
+        estimator_state = self.estimator.state_dict()
+        if estimator_state and self.param_groups:
+            self.param_groups[0][ESTIMATOR_KEY] = dict(estimator_state)
+        hparams = [
+            self._set_group_defaults(group, f"param group {i}")
+            for i, group in enumerate(self.param_groups)
+        ]
+        with torch.no_grad():
+            self._replace(hparams)
+        self._step_base()
 
     @contextlib.contextmanager
     def _grads_hidden(self, exclude: set[int]) -> Iterator[None]:
@@ -906,6 +965,7 @@ class ExploredOptimizer(Optimizer):
             self.estimator.load_state_dict(previous_estimator_state)
             raise
         for index, group in enumerate(self.param_groups):  # a base-only state dict: no α/β
+            group.pop(ESTIMATOR_KEY, None)  # the dry step's copy (_init_state), if any
             self._set_group_defaults(group, f"param group {index}")
         # The adaptor's state is replaced, never merged: a plain base state dict restarts
         # every buffer from c_1 = 0 (a buffer kept from before would not match the base).

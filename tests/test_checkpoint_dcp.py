@@ -6,8 +6,8 @@ saving (the default sharded-style dict, ``full_state_dict=True``,
 ``flatten_optimizer_state_dict=True``, and ``dcp.save`` → ``dcp.load`` through files), a
 run trained 2 steps, saved, loaded into a fresh model and optimizer (different initial
 weights, then the model's weights copied) and continued for 2 steps must equal the
-uninterrupted run bit for bit. Known failures are strict xfails with their cause. The FSDP2
-(two-process) counterpart is in ``tests/backends/test_first_order_distributed.py``.
+uninterrupted run bit for bit, always into a fresh optimizer (no step before the load). The
+FSDP2 (two-process) counterpart is in ``tests/backends/test_first_order_distributed.py``.
 """
 
 from __future__ import annotations
@@ -57,20 +57,6 @@ OPTIMIZERS = {
 OPTIMIZERS["e-spsa-sgd-own-estimator-entry"] = OPTIMIZERS["e-spsa-sgd"]
 MODES = ("default", "full", "dcp", "flat")
 
-# Known failures, each for a reason outside the backends (see the notes):
-_FLAT_DROPS_BASE_STATE = (
-    "flatten_optimizer_state_dict=True: torch rebuilds each parameter's entry from the keys "
-    "of optimizer.state[p], which for E holds only the adaptor's buffer: the base's state "
-    "(Lamb's moments, SGD's momentum) is silently dropped"
-)
-XFAIL = {
-    ("e-lamb", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-lamb-state-dtype", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-spsa-sgd", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-spsa-sgd-own-estimator-entry", "flat"): _FLAT_DROPS_BASE_STATE,
-}
-
-
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
     store = tmp_path_factory.mktemp("dcp_store") / "store"
@@ -110,13 +96,10 @@ def _resume(name: str, mode: str, tmp_path):
 
     model, optimizer = _build(name, seed=0)
     _train(name, model, optimizer, range(2))
+    # A fresh optimizer: torch's get/set_optimizer_state_dict first make a dry step
+    # (``_init_optim_state``: closure=None, zero gradients, lr 0) to create the state they
+    # load into; E(SPSA) creates it without calling the estimator.
     resumed_model, resumed = _build(name, seed=1)
-    if name.startswith("e-spsa"):
-        # torch's get/set_optimizer_state_dict first call optimizer.step(closure=None) on an
-        # optimizer with empty state and no gradients (``_init_optim_state``: a dry step that
-        # creates the state DCP loads into), which SPSA refuses (it needs a closure). One
-        # real step before loading creates the state; the load replaces all of it.
-        _train(name, resumed_model, resumed, range(1))
     resumed_model.load_state_dict(model.state_dict())
     options = StateDictOptions(
         full_state_dict=mode == "full", flatten_optimizer_state_dict=mode == "flat"
@@ -145,15 +128,8 @@ def _resume(name: str, mode: str, tmp_path):
     return model, resumed_model
 
 
-CASES = [
-    pytest.param(name, mode, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[name, mode])]
-                 if (name, mode) in XFAIL else [])
-    for name in OPTIMIZERS
-    for mode in MODES
-]
-
-
-@pytest.mark.parametrize(("name", "mode"), CASES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resume_is_bit_exact(process_group, tmp_path, name, mode):
     """Bit-exact resume. ``e-spsa-sgd-own-estimator-entry``: SPSA's seed and step saved
     beside the optimizer's dict (``optimizer.estimator.state_dict()``) and loaded back with
