@@ -222,7 +222,8 @@ def _worker(rank: int, out_dir: str, names: list[str]) -> None:
                         fits.append(_measure_one(name, wrap, width, hidden, rank))
                     results[f"{name}|{wrap}"] = fits
                 except Exception as error:  # reported as "not yet"
-                    results[f"{name}|{wrap}"] = f"{type(error).__name__}: {error}"[:300]
+                    message = (str(error).strip().splitlines() or [""])[0]
+                    results[f"{name}|{wrap}"] = f"{type(error).__name__}: {message}"[:200]
                 dist.barrier()
         if rank == 0:
             with open(os.path.join(out_dir, "result.json"), "w") as handle:
