@@ -280,7 +280,7 @@ def test_flattened_load_into_a_fresh_spsa_optimizer_restores_the_estimator(proce
         for key in ("explore_buffer", "momentum_buffer"):
             assert torch.equal(optimizer.state[p][key], resumed.state[q][key])
         # loaded where each key belongs: the base's momentum in the base, the buffer in E
-        assert "momentum_buffer" in resumed.base.state[q]
+        assert resumed.state[q]["momentum_buffer"] is resumed.base.state[q]["momentum_buffer"]
         assert "explore_buffer" not in resumed.base.state[q]
 
 
