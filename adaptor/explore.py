@@ -944,6 +944,21 @@ class ExploredOptimizer(Optimizer):
         estimator_state = state_dict.get(ESTIMATOR_KEY)
         if estimator_state is None:  # through DCP: the copy in the first group
             estimator_state = saved_groups[0].get(ESTIMATOR_KEY, {}) if saved_groups else {}
+        if not estimator_state and own_state and self.estimator.state_dict():
+            # An explored optimizer's state dict (it has the buffers) without the estimator's
+            # state, which E's state_dict() always writes: torch's flattened load into an
+            # optimizer that already had state rebuilds the groups from the live groups'
+            # keys and leaves it out (a fresh optimizer gets it, see _init_state).
+            warnings.warn(
+                f"the state dict has the adaptor's buffers but no state for the estimator "
+                f"{type(self.estimator).__name__} (torch.distributed.checkpoint's "
+                "flatten_optimizer_state_dict=True drops it when loading into an optimizer "
+                "that already has state: load into a fresh optimizer, or save "
+                "optimizer.estimator.state_dict() beside it); the estimator keeps its "
+                "current state",
+                UserWarning,
+                stacklevel=2,
+            )
         # The base sees integer indices whatever ids the saved groups use, and not the
         # estimator's copy (it would stay in the live groups).
         base_groups, start = [], 0

@@ -295,3 +295,28 @@ def test_the_dry_steps_estimator_copy_leaves_the_groups_at_the_first_step(proces
     _train("e-spsa", model, optimizer, range(1))
     assert "explore_estimator" not in optimizer.param_groups[0]
     assert optimizer.state_dict()["param_groups"][0]["explore_estimator"]["step"] == 1
+
+
+def test_flattened_load_into_a_trained_spsa_optimizer_warns_that_the_estimator_stays(
+    process_group,
+):
+    """Into an optimizer that already has state torch makes no dry step, so the live groups
+    have no ``explore_estimator`` key and the flattened load cannot bring SPSA's seed and
+    step back: a warning says so (and what to do); everything else loads."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, optimizer = _fresh_spsa()
+    _train("e-spsa", model, optimizer, range(3))
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=options))
+    resumed_model, resumed = _fresh_spsa(seed=4)
+    _train("e-spsa", resumed_model, resumed, range(1))
+    with pytest.warns(UserWarning, match="no state for the estimator SPSA"):
+        set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+    assert resumed.estimator.state_dict() == {"seed": 11, "step": 1}
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(optimizer.state[p]["explore_buffer"], resumed.state[q]["explore_buffer"])
