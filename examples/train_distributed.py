@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                                                 or done == args.steps):
             save(model, optimizer, args.checkpoint_dir, done)
         if rank == 0 and (done % 10 == 0 or done == args.steps):
-            print(f"step {done:4d}  loss (rank 0's share) {float(loss):.4f}", flush=True)
+            print(f"step {done:4d}  loss (rank 0's share) {float(loss.detach()):.4f}", flush=True)
 
     with torch.no_grad():  # the whole data set, evaluated on every rank
         final = loss_fn(model(x_all), y_all)
