@@ -347,7 +347,9 @@ class ExploredOptimizer(Optimizer):
 
     After ``step()`` each ``p.grad`` holds ``g̃`` (the replacement is in place). Parameters
     whose ``grad`` is ``None`` are skipped and their state is untouched. The adaptor keeps
-    exactly one buffer per parameter, ``state[p]["explore_buffer"]``.
+    exactly one buffer per parameter, ``state[p]["explore_buffer"]``; ``state[p]`` also
+    shows the base's state of ``p`` (``state[p]["exp_avg"]``: a merged view, see
+    :class:`ExploredState`), as ``torch.distributed.checkpoint`` expects of an optimizer.
 
     Args:
         grad_estimator: how ``g_k`` is obtained (:class:`Autograd`, ``backends.SPSA``, ...).
