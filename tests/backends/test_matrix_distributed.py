@@ -59,7 +59,11 @@ OPTIMIZERS = {
 # Float64 everywhere except "muon-default": float32 parameters and Muon's defaults, so
 # Newton–Schulz runs, and its input and output travel, in bfloat16.
 OPTIMIZERS["muon-default"] = lambda ps: Muon(ps, lr=0.02, adamw_lr=0.01)
-DTYPES = {"muon-default": torch.float32}
+# bfloat16 parameters: float32 state and arithmetic, Kahan-compensated writes (the
+# compensation buffers are DTensors too), one rounding per write
+OPTIMIZERS["muon-bf16-kahan"] = lambda ps: Muon(ps, lr=0.02, adamw_lr=0.01, kahan=True,
+                                                weight_decay=0.1)
+DTYPES = {"muon-default": torch.float32, "muon-bf16-kahan": torch.bfloat16}
 
 
 def _with_plain_matrix(params):
@@ -351,6 +355,14 @@ def test_matches_one_process_on_the_full_batch(ranks, name, wrapper):
     # that step's update of size lr·s ≈ 0.02 by ≲ 1e-4; a shard orthogonalised alone moves
     # the parameters by ~1e-2.
     tol = dict(rtol=1e-9, atol=1e-12) if name not in DTYPES else dict(rtol=0, atol=2e-4)
+    if DTYPES.get(name) == torch.bfloat16:
+        # FSDP2 and DDP average the two halves' bfloat16 gradients in bfloat16 (one more
+        # rounding than the single process's mean over the whole batch), which bf16
+        # Newton–Schulz and bf16 writes carry on: measured 5.9e-3 after 4 steps, DDP and
+        # FSDP2 alike (|θ| < 1, bfloat16 ulp ≤ 2⁻⁸ ≈ 3.9e-3), while every parameter moves
+        # by ≥ 3.3e-2. This case guards the low-precision path on shards (float32 state,
+        # DTensor Kahan buffers), not the last ulps.
+        tol = dict(rtol=0, atol=1.5e-2)
     for rank in ranks:
         got = rank[f"{name}-{wrapper}"]
         assert len(got) == len(want)
