@@ -5,10 +5,11 @@ Muon's Newton–Schulz iteration and Shampoo's inverse roots need whole matrices
 ``c = ⌈m/W⌉`` rows per rank, the last ranks shorter or empty). The strategy:
 
 1. **Owners.** Every matrix is assigned to exactly one rank of its shard group, greedily by
-   cost (largest first, each to the least loaded rank; ties go to the lowest rank, then to
-   the earlier matrix): deterministic, computed from shapes only, hence identical on every
-   rank without communication. The cost of an ``m×n`` matrix is ``m·n·min(m, n)`` (the flops
-   of one Newton–Schulz matmul chain; Shampoo passes its own, the cube of each statistic).
+   cost (largest first, each to the least loaded rank; among equal costs the earlier matrix
+   first, among equal loads the lowest rank): deterministic, computed from shapes only, hence
+   identical on every rank without communication. The cost of an ``m×n`` matrix is
+   ``m·n·min(m, n)`` (the flops of one Newton–Schulz matmul chain); Shampoo passes its own,
+   ``Σ r³ + c³`` over the blocks (their roots).
 2. **To the owner** (:meth:`Plan.to_owners`): one ``all_to_all_single`` (alltoallv, supported
    by gloo and NCCL) in which each rank sends its rows of every matrix to that matrix's owner
    only; the owner stacks the pieces in rank order (the rows ``[r·c, r·c + size_r)``).
@@ -35,8 +36,9 @@ Compare:
   search directions of its blocks, and the directions are all-gathered (every rank needs all
   of them, since DDP keeps whole parameters): ``N·b·(W-1)/W`` per rank. Its FSDP mode instead
   preconditions each rank's *local shard* as its own blocks (no communication, but the
-  blocks, hence the numbers, depend on the world size). Ours keeps whole-matrix numerics
-  (the same numbers as one process) at ``2/W`` of the all-gather's volume per rank.
+  blocks, hence the numbers, depend on the world size). Our Shampoo keeps whole-matrix
+  numerics (the same numbers as one process) and replicated, DCP-safe statistics, at the
+  price of ``3·N·b·(W-1)/W`` received per rank and step (see ``backends/_shampoo_fsdp.py``).
 
 Placements: a DTensor ``Shard(0)`` over one mesh dimension (FSDP2), any others ``Replicate()``
 (HSDP: the replicas of a shard group each do the same work, which keeps them identical).
