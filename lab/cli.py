@@ -64,6 +64,20 @@ def _float_arg(what: str, *, positive: bool = False, nonnegative: bool = False):
     return parse
 
 
+def _task_arg(text: str) -> str:
+    """``--task``: a built-in name, ``mnist1d@N`` or ``module:function`` (imported here, so a
+    bad plug-in is reported before anything runs)."""
+    from lab.tasks import check_task
+
+    try:
+        return check_task(text)
+    except (ValueError, TypeError, ImportError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_task_arg.__name__ = "task"
+
+
 def _add_common(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"output folder (default: runs/{command})"
@@ -81,9 +95,15 @@ def _add_training(parser: argparse.ArgumentParser, *, batch: int, epochs: int, s
     from lab.tasks import MODELS, TASKS
     from lab.train import REFERENCE_BATCH, SCALINGS, SCHEDULES
 
-    parser.add_argument("--task", default="digits",
-                        help=f"{' or '.join(TASKS)} (default: digits, scikit-learn's bundled set)")
-    parser.add_argument("--model", default="mlp", help=f"{' or '.join(MODELS)} (default: mlp)")
+    parser.add_argument("--task", type=_task_arg, default="digits",
+                        help=f"{', '.join(TASKS)} (default: digits, scikit-learn's bundled "
+                             "set); mnist1d@N for N samples (default 5000: 4000 train, 1000 "
+                             "test, generated locally); or a plug-in module:function (or "
+                             "file.py:function) whose function(seed) returns a lab.tasks.Task, "
+                             "e.g. examples/custom_task.py:make_task")
+    parser.add_argument("--model", default="mlp",
+                        help=f"{' or '.join(MODELS)} (default: mlp); mnist1d: its paper's MLP "
+                             "and 1-D CNN; a plug-in task may name its own models")
     parser.add_argument("--batch-size", type=_int_arg("batch size", 1), default=batch,
                         help=f"mini-batch size; >= the training set means full batch "
                              f"(default: {batch})")
