@@ -573,6 +573,7 @@ def plot_equal_loss(
     """Left: the full-batch training loss of every run with the thresholds; middle and right:
     λ_max and tr H at each threshold (mean ± std over seeds), training progressing rightwards."""
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_loss, ax_eig, ax_tr) = plt.subplots(1, 3, figsize=(13, 4))
     names = list(dict.fromkeys(labels))
@@ -583,6 +584,9 @@ def plot_equal_loss(
     for tau in dict.fromkeys(r["threshold"] for r in rows):
         ax_loss.axhline(tau, color="grey", lw=0.7, ls=":")
     ax_loss.set_yscale("log")
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax_loss.tick_params(axis="y", which="both", labelsize=7)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("full-batch training loss")
     ax_loss.legend(fontsize=7)
@@ -596,7 +600,10 @@ def plot_equal_loss(
                         yerr=[r[f"{key}_std"] for r in mine], marker="o", capsize=3,
                         color=colors[label], label=label)
         ax.set_xscale("log")
-        if ax.get_lines():
+        taus = sorted({r["threshold"] for r in rows if r["reached"]})
+        if taus:
+            ax.minorticks_off()
+            ax.set_xticks(taus, [f"{t:.3g}" for t in taus], fontsize=7)
             ax.invert_xaxis()
         ax.set_xlabel("training-loss threshold (first crossing)")
         ax.set_ylabel(what)
