@@ -3,6 +3,7 @@ against float64 references typed here, the choice of equal-loss checkpoints, end
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -23,21 +24,24 @@ from lab.flatness import (
     model_hessian,
     top_eigenvalue,
 )
+from lab.tasks import load_task
+from lab.train import TrainConfig, train
 
 # f(w, M) = ½ θᵀAθ + bᵀθ over θ = (w, vec M), w ∈ R², M ∈ R^{2×2} (row-major), with
-# A = blockdiag([[2, 1], [1, 2]], [[5, 2], [2, 1]], [[-1, 0], [0, 0.5]]):
-# eigenvalues 3, 1, 3 ± 2√2, −1, 0.5, so λ_max = 3 + 2√2, tr A = 4 + 6 − 0.5 = 9.5.
+# A = blockdiag([[2, 1], [1, 2]], [[5, 2], [2, 1]], [[-7, 0], [0, 0.5]]):
+# eigenvalues 3, 1, 3 ± 2√2, −7, 0.5, so λ_max = 3 + 2√2 (the largest algebraic one; −7 has
+# the largest magnitude), tr A = 4 + 6 − 6.5 = 3.5.
 A = torch.tensor([
     [2.0, 1.0, 0.0, 0.0, 0.0, 0.0],
     [1.0, 2.0, 0.0, 0.0, 0.0, 0.0],
     [0.0, 0.0, 5.0, 2.0, 0.0, 0.0],
     [0.0, 0.0, 2.0, 1.0, 0.0, 0.0],
-    [0.0, 0.0, 0.0, 0.0, -1.0, 0.0],
+    [0.0, 0.0, 0.0, 0.0, -7.0, 0.0],
     [0.0, 0.0, 0.0, 0.0, 0.0, 0.5],
 ], dtype=torch.float64)
 B = torch.tensor([0.3, -1.0, 2.0, 0.0, 0.5, -0.25], dtype=torch.float64)
 LAMBDA_MAX = 3 + 2 * math.sqrt(2)
-TRACE = 9.5
+TRACE = 3.5
 # Var(zᵀAz) for Rademacher z: 2 Σ_{i≠j} A_ij² = 2·(1 + 1 + 4 + 4) = 20.
 HUTCHINSON_STD = math.sqrt(20.0)
 
@@ -213,6 +217,22 @@ def test_flatness_at_equal_loss_end_to_end(tmp_path, capsys):
         assert int(row["step"]) == epoch  # full batch: one step an epoch
         assert float(row["top_eig"]) > 0 and math.isfinite(float(row["trace"]))
         assert row["trace_exact"] == "False"
+    # λ_max at each checkpoint, recomputed independently: the same run again, its model kept
+    # at each checkpoint's epoch, and Lanczos on double-backprop products (theory.flatness).
+    from theory.flatness import model_top_eigenvalue
+
+    kept = {}
+    config = TrainConfig(task="mnist1d@200", model="mlp", epochs=6, batch_size=10**6,
+                         warmup_epochs=0, alpha=0.0, beta=0.99)
+    train("e-adamw", config, 0, epoch_hook=lambda epoch, model: kept.setdefault(
+        epoch, copy.deepcopy(model)))
+    task = load_task("mnist1d@200", 0)
+    base_rows = [row for row in rows if float(row["alpha"]) == 0.0]
+    assert len({row["epoch"] for row in base_rows}) == 2  # two different checkpoints
+    for row in base_rows:
+        expected = model_top_eigenvalue(kept[int(row["epoch"])], F.cross_entropy,
+                                        task.x_train, task.y_train, iters=100, tol=1e-8)
+        assert float(row["top_eig"]) == pytest.approx(expected, rel=1e-3)
     assert (out / "equal_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "at equal training loss" in captured.out
     assert "Hutchinson with 3 Rademacher probes (15210 parameters)" in captured.out
