@@ -584,8 +584,9 @@ def plot_equal_loss(
     for tau in dict.fromkeys(r["threshold"] for r in rows):
         ax_loss.axhline(tau, color="grey", lw=0.7, ls=":")
     ax_loss.set_yscale("log")
+    ax_loss.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_loss.tick_params(axis="y", which="both", labelsize=7)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("full-batch training loss")
