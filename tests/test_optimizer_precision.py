@@ -331,8 +331,13 @@ def _library_state(optimizer, *, adaptor_only=False):
     torch_base = base is not None and (
         adaptor_only or type(base).__module__.startswith("torch.")
     )
+    # E.state[p] shows the base's entries beside E's own (torch's flattened DCP format needs
+    # them there): E's own keys are those its base does not hold.
     own_keys = {
-        key for state in optimizer.state.values() if isinstance(state, dict) for key in state
+        key
+        for p, state in optimizer.state.items()
+        for key in state
+        if base is None or key not in base.state.get(p, {})
     }
     found = []
     for index, entry in optimizer.state_dict()["state"].items():
