@@ -138,11 +138,12 @@ SHAPES = [(7, 5), (5,), (3, 2, 2, 2), (7, 5), (4, 3), ()]
         dict(block=16, grafting="adam", every=1, start=1),
         dict(block=4, grafting="adam", betas=(0.8, 1.0), grafting_beta2=0.95),
         dict(block=3, grafting="adagrad", betas=(0.5, 1.0)),
+        dict(block=4, grafting="none", betas=(0.7, 1.0)),
         dict(block=4, grafting="sgd", betas=(0.7, 0.9), after=True),
         dict(block=16, grafting="adam", betas=(0.6, 1.0), grafting_beta2=0.9, after=True),
     ],
     ids=["blocked-adam", "blocked-none-maximize", "whole-every-step", "summed-adam",
-         "summed-adagrad", "sgd-momentum-after", "summed-adam-momentum-after"],
+         "summed-adagrad", "summed-none", "sgd-momentum-after", "summed-adam-momentum-after"],
 )
 def test_matches_float64_reference(options):
     options = {"every": 2, "start": 3, "betas": (0.8, 0.95), **options}

@@ -143,6 +143,24 @@ def test_rank_deficient_early_gradients_never_make_a_parameter_nonfinite(method)
                 assert torch.isfinite(optimizer.state[p][key]).all(), (method, step, key)
 
 
+def test_a_failed_recomputation_keeps_the_previous_root_unless_told_otherwise():
+    """Newton at matrix_eps = 1e-8 on a rank-1 float32 statistic fails (the guard's
+    ‖M − I‖ test): with keep_root_on_failure (default) the roots stay the previous ones (the
+    identity they start as) bit for bit; without it they are the last finite iterate."""
+    roots = {}
+    for keep in (True, False):
+        p = torch.zeros(16, 16, requires_grad=True)
+        optimizer = Shampoo([p], matrix_eps=1e-8, precondition_frequency=1,
+                            start_preconditioning_step=1, root_method="newton",
+                            keep_root_on_failure=keep)
+        u = torch.randn(16, 1, generator=torch.Generator().manual_seed(0))
+        p.grad = u @ u.T
+        optimizer.step()
+        roots[keep] = optimizer.state[p]["left_root"]
+    assert torch.equal(roots[True], torch.eye(16)[None])
+    assert torch.isfinite(roots[False]).all() and not torch.equal(roots[False], roots[True])
+
+
 # -- eigenbasis reuse ---------------------------------------------------------------------
 
 
