@@ -141,10 +141,10 @@ def _refresh_basis(matrix: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     refresh on a 1e-2 drift, against 0.08 % sorted). Starting from the eigenvectors of a
     nearby statistic, ``Q`` tracks the slowly drifting eigenbasis.
     """
-    quotients = (basis * (matrix @ basis)).sum(-2)
-    order = quotients.argsort(dim=-1, descending=True)
-    basis = basis.gather(-1, order.unsqueeze(-2).expand_as(basis))
-    q, _ = torch.linalg.qr(matrix @ basis)
+    product = matrix @ basis
+    quotients = (basis * product).sum(-2)
+    order = quotients.argsort(dim=-1, descending=True).unsqueeze(-2).expand_as(basis)
+    q, _ = torch.linalg.qr(product.gather(-1, order))  # A·Q_σ: the product's columns, sorted
     eigenvalues = (q * (matrix @ q)).sum(-2)
     return eigenvalues, q
 
@@ -554,10 +554,11 @@ class Shampoo(Optimizer):
     here, so the sum is chosen for the direction it gives. β₁ = 0.5: Adam's 0.9 averages
     over ~10 steps of a trajectory that, preconditioned, converges in ~20, and costs 2.5-3×
     the steps; 0.5 keeps some averaging of gradient noise for stochastic training and
-    costs about what none does (β = (0, 1), Adam grafting: 13 / 21 / 10). Adam grafting (β_g = ``grafting_beta2`` = 0.999) rather than AdaGrad's
-    slightly faster one here: it keeps Adam's learning-rate scale for users moving from
-    Adam/AdamW (1-D parameters and the steps before the start take Adam's step), and
-    AdaGrad's ever-shrinking step needs a retuned schedule.
+    costs about what none does (β = (0, 1), Adam grafting: 13 / 21 / 10). Adam grafting
+    (β_g = ``grafting_beta2`` = 0.999) rather than AdaGrad's, slightly faster here: it keeps
+    Adam's learning-rate scale for users moving from Adam/AdamW (1-D parameters and the
+    steps before the start take Adam's step), and AdaGrad's ever-shrinking step needs a
+    retuned schedule.
 
     Args:
         params: parameters or param groups (every argument below may be set per group).
