@@ -1,18 +1,21 @@
-r"""Second-order backend: Shampoo, Kronecker-factored preconditioning with Adam grafting.
+r"""Second-order backend: Shampoo, Kronecker-factored preconditioning with grafting.
 
 For a parameter whose gradient is viewed as a matrix ``G`` (``m × n``; a tensor of ``ndim > 2``
 such as a conv weight is flattened to ``shape[0] × prod(shape[1:])``), Shampoo keeps two
 statistics and preconditions with their inverse fourth roots::
 
-    L ← β₂·L + (1-β₂)·G Gᵀ              R ← β₂·R + (1-β₂)·Gᵀ G
+    L ← L + G Gᵀ,  R ← R + Gᵀ G                            (β₂ = 1, the default: sums)
+    L ← β₂·L + (1-β₂)·G Gᵀ,  R ← β₂·R + (1-β₂)·Gᵀ G        (β₂ < 1: L̂ = L/(1-β₂ᵗ))
     D = L̂^{-1/4} · M̂ · R̂^{-1/4}         M̂ = m/(1-β₁ᵗ), m ← β₁·m + (1-β₁)·G
 
-with ``L̂ = L/(1-β₂ᵗ)`` (likewise ``R̂``). Matrices with a side larger than
-``max_preconditioner_dim`` are split into near-equal blocks of at most that size (as in
-distributed_shampoo); each block has its own ``L`` and ``R``. 0-d and 1-D parameters (biases,
-norms) are preconditioned diagonally: their update is Adam's.
+with ``D`` rescaled per block to the norm of the grafted method's step. Matrices with a side
+larger than ``max_preconditioner_dim`` are split into near-equal blocks of at most that size
+(as in distributed_shampoo); each block has its own ``L`` and ``R``. 0-d and 1-D parameters
+(biases, norms) take the grafted method's step.
 
-Everything runs on the parameters' device; ``step()`` reads no tensor value on the host.
+Everything runs on the parameters' device. ``step()`` reads no tensor value on the host,
+except on CUDA with ``root_method="eigh"``: torch's eigh synchronises there anyway, and the
+float64 retry decision reads one flag right after it (see :func:`matrix_inverse_root`).
 """
 
 from __future__ import annotations
