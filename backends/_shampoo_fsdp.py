@@ -64,16 +64,20 @@ def directions_(
     momentum: list[Tensor],
     directions: list[Tensor],
     refresh: list[int],
+    full: Any,
     active: list[int],
-    corrections: list[Tensor],
+    steps: list[Tensor],
     layouts: dict,
     beta2: float,
     mask: Any,
 ) -> None:
     """Shampoo's matrix work for FSDP2 parameters ``keys[i]``, ``i in indices``.
 
-    ``grads``, ``momentum`` (``m̂``) and ``directions`` (Adam's ``A``) hold the local rows,
-    in the compute dtype. Updates the replicated statistics and roots, and replaces
+    ``grads``, ``momentum`` (the filtered gradient ``m̂``, or the gradient itself with
+    ``momentum_position="after"``) and ``directions`` (the grafted method's ``A``) hold the
+    local rows, in the compute dtype; ``refresh``/``full`` (indices whose roots are
+    recomputed, by a full decomposition for those in ``full``) and ``steps`` as Shampoo's
+    schedule gives them. Updates the replicated statistics and roots, and replaces
     ``directions[i]`` of the active matrices by this rank's rows of Shampoo's direction.
     """
     shapes = [(keys[i].shape[0], math.prod(keys[i].shape[1:])) for i in indices]
@@ -91,7 +95,7 @@ def directions_(
     )
     refreshed = [j for j, i in enumerate(indices) if i in refresh]
     if refreshed:  # the same list on every rank (the schedule counts step() calls)
-        _share_roots(opt, group, plan, keys, indices, refreshed, corrections, mask)
+        _share_roots(opt, group, plan, keys, indices, refreshed, steps, full, mask)
     moving = [i for i in indices if i in active]
     if moving:
         out = opt._precondition(
@@ -107,24 +111,31 @@ def directions_(
 
 def _share_roots(
     opt: Any, group: dict[str, Any], plan: _owners.Plan, keys: list[Tensor],
-    indices: list[int], refreshed: list[int], corrections: list[Tensor], mask: Any,
+    indices: list[int], refreshed: list[int], steps: list[Tensor], full: Any, mask: Any,
 ) -> None:
     """Owners recompute their matrices' roots; every rank then copies them in.
 
     What is shared: every per-matrix state tensor that a refresh writes, i.e. Shampoo's
     ``MATRIX_KEYS`` except the statistics ``left``/``right`` (which every rank updates
-    itself), all in one alltoallv.
+    itself), and the kept eigenvectors ``BASIS_KEYS`` with ``reuse_eigenbasis``, all in one
+    alltoallv.
     """
-    from backends.second_order import MATRIX_KEYS  # here: second_order imports this module
+    # here: second_order imports this module
+    from backends.second_order import BASIS_KEYS, MATRIX_KEYS
 
+    states = [opt.state[keys[i]] for i in indices]
     shared_keys = [k for k in MATRIX_KEYS if k not in ("left", "right")]
+    if group["reuse_eigenbasis"] > 0:
+        for j in refreshed:  # state from before the option was set: bases on every rank
+            if BASIS_KEYS[0] not in states[j]:
+                opt._init_bases(states[j])
+        shared_keys += list(BASIS_KEYS)
     mine = [j for j in refreshed if plan.owners[j] == plan.rank]
     if mine:
         opt._refresh_roots(
-            group, [keys[indices[j]] for j in mine], [corrections[indices[j]] for j in mine],
-            mask,
+            group, [keys[indices[j]] for j in mine], [steps[indices[j]] for j in mine],
+            [indices[j] in full for j in mine], mask,
         )
-    states = [opt.state[keys[i]] for i in indices]
     numels = [
         sum(states[j][k].numel() for k in shared_keys) if j in refreshed else 0
         for j in range(len(indices))

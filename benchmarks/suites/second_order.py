@@ -6,8 +6,11 @@ matrices of ``mlp16m`` become 64 blocks each), inverse roots recomputed every 10
 default ``--warmup 5 --repeats 30`` contain 3 recomputations for each). The table's median
 is a steady step; the notes give the amortised cost per step, ``steady + recompute/k``, for
 ``k = 10`` (these settings) and ``k = 100`` (a common production setting), from the same
-timed steps. The peer is ``pytorch_optimizer.ScalableShampoo`` (blocked, RMSprop grafting:
-its closest to Adam grafting); its unblocked ``Shampoo`` recomputes 2048² roots by SVD.
+timed steps. The peers are ``pytorch_optimizer.ScalableShampoo`` (blocked, RMSprop grafting:
+its closest to Adam grafting) and its unblocked ``Shampoo`` (summed statistics, roots by SVD
+every k steps; 2048² SVDs on ``mlp16m``, so it runs on the small models only).
+``reuse_eigenbasis=10``: a full eigh every 10th recomputation, one QR power iteration on the
+kept eigenvectors at the others (the timed recomputations are all QR refreshes).
 
 Precision rows: bfloat16 parameters (and gradients) with float32 moments and statistics
 (``state_dtype=None``), with and without ``kahan=True`` (state bytes per byte of the float32
@@ -31,7 +34,15 @@ from benchmarks.harness import Row, Suite
 BLOCK = 256
 EVERY = 10
 START = 5
-MODELS = {8: "mlp16m", 200: "small200"}  # by number of parameter tensors
+def _model_name(params: list[torch.Tensor]) -> str:
+    """The harness model a parameter list comes from (by tensor count and first shape)."""
+    if len(params) == 8:
+        return "mlp16m"
+    if len(params) == 200:
+        return "many64" if tuple(params[0].shape) == (64, 64) and params[1].dim() == 2 else (
+            "small200"
+        )
+    return f"{len(params)} tensors"
 
 
 def _adamw(params):
@@ -61,6 +72,12 @@ def _bf16(make):
 
 def _ours_explored(params):
     return E(_ours(params), alpha=-5.0, beta=0.99)
+
+
+def _peer_unblocked(params):
+    from pytorch_optimizer import Shampoo as PeerShampoo
+
+    return PeerShampoo(params, lr=1e-3, preconditioning_compute_steps=EVERY)
 
 
 def _peer(params):
@@ -103,7 +120,7 @@ class _Recorder:
             start = time.perf_counter()
             optimizer.step()
             seconds = time.perf_counter() - start
-            model = MODELS.get(len(params), f"{len(params)} tensors")
+            model = _model_name(params)
             self.times.setdefault((model, name), []).append((refresh, seconds))
 
         return Row(name, make, step, models)
@@ -132,8 +149,19 @@ _RECORDER = _Recorder()
 SUITE = Suite(
     name="second_order: Shampoo",
     baseline=Row("torch AdamW(foreach=True)", _adamw),
+    models=("mlp16m", "small200", "many64"),
     rows=[
         _RECORDER.row(f"ours Shampoo (blocks {BLOCK}, k={EVERY})", _ours, _ours_refreshes),
+        # eigenbasis reuse: the full eigh falls in the warm-up (step 5), so the timed
+        # recomputations (steps 15, 25, 35) are QR refreshes; see the notes for amortising
+        _RECORDER.row(
+            "ours Shampoo reuse_eigenbasis=10",
+            lambda params: _ours(params, reuse_eigenbasis=10), _ours_refreshes,
+        ),
+        _RECORDER.row(
+            "ours Shampoo root_method='newton'",
+            lambda params: _ours(params, root_method="newton"), _ours_refreshes,
+        ),
         _RECORDER.row("ours E(Shampoo)", _ours_explored, _ours_refreshes),
         _RECORDER.row(
             "ours Shampoo skip_nonfinite=True",
@@ -146,7 +174,13 @@ SUITE = Suite(
         ),
         # On mlp16m the peer's step ran for more than 12 minutes here: small200 only.
         _RECORDER.row(
-            f"pytorch-optimizer ScalableShampoo ({BLOCK})", _peer, _peer_refreshes, ("small200",)
+            f"pytorch-optimizer ScalableShampoo ({BLOCK})", _peer, _peer_refreshes,
+            ("small200", "many64"),
+        ),
+        # unblocked, roots by SVD every k steps; 2048² SVDs on mlp16m: small models only
+        _RECORDER.row(
+            f"pytorch-optimizer Shampoo (k={EVERY})", _peer_unblocked, _peer_refreshes,
+            ("small200", "many64"),
         ),
     ],
     notes=_RECORDER,  # type: ignore[arg-type]  # an iterable of lines computed after the rows

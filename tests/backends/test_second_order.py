@@ -35,13 +35,18 @@ def _ref_splits(size: int, block: int) -> list[slice]:
 
 
 class ReferenceShampoo:
-    """Shampoo with Adam grafting, one parameter at a time, one block at a time, in numpy."""
+    """Shampoo with grafting, one parameter at a time, one block at a time, in numpy.
+
+    ``b2 = 1``: summed statistics, no bias correction of the factors. ``gb2``: Adam
+    grafting's β₂. ``after``: momentum on the update direction instead of the gradient.
+    """
 
     def __init__(self, shapes, *, lr, betas, eps, matrix_eps, weight_decay, every, start,
-                 block, grafting="adam", maximize=False):
+                 block, grafting="adam", maximize=False, grafting_beta2=None, after=False):
         self.hp = dict(lr=lr, b1=betas[0], b2=betas[1], eps=eps, meps=matrix_eps,
                        wd=weight_decay, every=every, start=start, block=block,
-                       grafting=grafting, maximize=maximize)
+                       grafting=grafting, maximize=maximize, after=after,
+                       gb2=betas[1] if grafting_beta2 is None else grafting_beta2)
         self.t = 0
         self.m = [np.zeros(s) for s in shapes]
         self.v = [np.zeros(s) for s in shapes]
@@ -68,33 +73,50 @@ class ReferenceShampoo:
         for i, (p, g) in enumerate(zip(params, grads)):
             g = -g if h["maximize"] else g
             p = p * (1 - h["lr"] * h["wd"])
-            self.m[i] = h["b1"] * self.m[i] + (1 - h["b1"]) * g
-            self.v[i] = h["b2"] * self.v[i] + (1 - h["b2"]) * g * g
-            c1, c2 = 1 - h["b1"] ** t, 1 - h["b2"] ** t
-            mhat = self.m[i] / c1
-            adam = mhat / (np.sqrt(self.v[i] / c2) + h["eps"])
-            direction = adam
+            c1 = 1 - h["b1"] ** t
+            if h["grafting"] == "adagrad":
+                self.v[i] = self.v[i] + g * g
+                denominator = np.sqrt(self.v[i]) + h["eps"]
+            else:  # adam, and none where a grafted step is taken
+                self.v[i] = h["gb2"] * self.v[i] + (1 - h["gb2"]) * g * g
+                denominator = np.sqrt(self.v[i] / (1 - h["gb2"] ** t)) + h["eps"]
+            if h["after"]:
+                filtered = g
+            else:
+                self.m[i] = h["b1"] * self.m[i] + (1 - h["b1"]) * g
+                filtered = self.m[i] / c1
+            graft = filtered if h["grafting"] == "sgd" else filtered / denominator
+            direction = graft
+            # the factors' bias correction: none for summed statistics (β₂ = 1)
+            c2 = 1.0 if h["b2"] == 1.0 else 1 - h["b2"] ** t
             if self.stats[i] is not None:
                 shape = p.shape
                 g2 = g.reshape(shape[0], -1)
-                m2 = mhat.reshape(shape[0], -1)
-                a2 = adam.reshape(shape[0], -1)
+                m2 = filtered.reshape(shape[0], -1)
+                a2 = graft.reshape(shape[0], -1)
                 d2 = np.zeros_like(g2)
                 for b in self.stats[i].values():
                     gb = g2[b["r"], b["c"]]
-                    b["L"] = h["b2"] * b["L"] + (1 - h["b2"]) * gb @ gb.T
-                    b["R"] = h["b2"] * b["R"] + (1 - h["b2"]) * gb.T @ gb
+                    if h["b2"] == 1.0:
+                        b["L"] = b["L"] + gb @ gb.T
+                        b["R"] = b["R"] + gb.T @ gb
+                    else:
+                        b["L"] = h["b2"] * b["L"] + (1 - h["b2"]) * gb @ gb.T
+                        b["R"] = h["b2"] * b["R"] + (1 - h["b2"]) * gb.T @ gb
                     if t >= h["start"] and (t - h["start"]) % h["every"] == 0:
                         b["Lroot"] = _ref_inverse_root(b["L"] / c2, h["meps"])
                         b["Rroot"] = _ref_inverse_root(b["R"] / c2, h["meps"])
                     if t >= h["start"]:
                         pb = b["Lroot"] @ m2[b["r"], b["c"]] @ b["Rroot"]
-                        if h["grafting"] == "adam":
+                        if h["grafting"] != "none":
                             pb = pb * np.linalg.norm(a2[b["r"], b["c"]]) / np.linalg.norm(pb)
                     else:
                         pb = a2[b["r"], b["c"]]
                     d2[b["r"], b["c"]] = pb
                 direction = d2.reshape(shape)
+            if h["after"]:
+                self.m[i] = h["b1"] * self.m[i] + (1 - h["b1"]) * direction
+                direction = self.m[i] / c1
             out.append(np.asarray(p - h["lr"] * direction))
         return out
 
@@ -114,21 +136,33 @@ SHAPES = [(7, 5), (5,), (3, 2, 2, 2), (7, 5), (4, 3), ()]
         dict(block=4, grafting="adam"),
         dict(block=3, grafting="none", maximize=True),
         dict(block=16, grafting="adam", every=1, start=1),
+        dict(block=4, grafting="adam", betas=(0.8, 1.0), grafting_beta2=0.95),
+        dict(block=3, grafting="adagrad", betas=(0.5, 1.0)),
+        dict(block=4, grafting="none", betas=(0.7, 1.0)),
+        dict(block=4, grafting="sgd", betas=(0.7, 0.9), after=True),
+        dict(block=16, grafting="adam", betas=(0.6, 1.0), grafting_beta2=0.9, after=True),
     ],
-    ids=["blocked-adam", "blocked-none-maximize", "whole-every-step"],
+    ids=["blocked-adam", "blocked-none-maximize", "whole-every-step", "summed-adam",
+         "summed-adagrad", "summed-none", "sgd-momentum-after", "summed-adam-momentum-after"],
 )
 def test_matches_float64_reference(options):
-    options = {"every": 2, "start": 3, **options}
-    hp = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-8, matrix_eps=1e-4, weight_decay=0.1)
+    options = {"every": 2, "start": 3, "betas": (0.8, 0.95), **options}
+    hp = dict(lr=3e-2, eps=1e-8, matrix_eps=1e-4, weight_decay=0.1)
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_()
               for s in SHAPES]
+    grafting_beta2 = options.get("grafting_beta2", options["betas"][1])
     optimizer = Shampoo(
-        params, **hp, precondition_frequency=options["every"],
+        params, **hp, betas=options["betas"], precondition_frequency=options["every"],
         start_preconditioning_step=options["start"], max_preconditioner_dim=options["block"],
         grafting=options["grafting"], maximize=options.get("maximize", False),
+        grafting_beta2=grafting_beta2 if grafting_beta2 < 1 else 0.999,
+        momentum_position="after" if options.get("after") else "before",
     )
-    reference = ReferenceShampoo(SHAPES, **hp, **options)
+    reference = ReferenceShampoo(
+        SHAPES, **hp, **{**options, "grafting_beta2": grafting_beta2 if grafting_beta2 < 1
+                         else 0.999}
+    )
     ref_params = [p.detach().numpy().copy() for p in params]
     for step in range(8):
         for p in params:
@@ -149,7 +183,8 @@ def test_before_start_and_for_vectors_it_is_adamw():
     ours = [torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_()
             for s in shapes]
     twins = [p.detach().clone().requires_grad_() for p in ours]
-    shampoo = Shampoo(ours, lr=1e-2, weight_decay=0.1, start_preconditioning_step=6)
+    shampoo = Shampoo(ours, lr=1e-2, weight_decay=0.1, start_preconditioning_step=6,
+                      betas=(0.9, 1.0), grafting_beta2=0.999)
     adamw = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
     for step in range(8):
         for p, q in zip(ours, twins):
@@ -501,7 +536,7 @@ def _count(sd):
 
 
 def _group_value(sd):
-    sd["param_groups"][0]["betas"] = (0.9, 1.0)
+    sd["param_groups"][0]["betas"] = (0.9, 1.5)
 
 
 BAD = [
@@ -515,7 +550,7 @@ BAD = [
     _case("too-many", _too_many, r"state for parameter index 4, but its param groups list 4"),
     _case("count", _count, r"param group 0 has 5 parameters, the optimizer's has 4"),
     _case("group-value", _group_value, r"^Shampoo \(state_dict param group 0\): invalid "
-          r"betas\[1\]=1.0, must satisfy 0 <= betas\[1\] < 1$"),
+          r"betas\[1\]=1.5, must satisfy 0 <= betas\[1\] <= 1$"),
 ]
 
 

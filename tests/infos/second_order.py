@@ -24,11 +24,30 @@ def _shampoo_newton(params, **overrides):
     return Shampoo(params, **{**_SETTINGS, "root_method": "newton", **overrides})
 
 
+def _variant(**options):
+    """``_shampoo`` with ``options`` (the generic tests' overrides still win)."""
+
+    def build(params, **overrides):
+        return _shampoo(params, **{**options, **overrides})
+
+    return build
+
+
 _SHAMPOO_INVALID = (
     (lambda params: _shampoo(params, lr=-1.0), ValueError,
      r"^Shampoo: invalid lr=-1.0, must satisfy 0 <= lr < inf$"),
-    (lambda params: _shampoo(params, betas=(0.9, 1.0)), ValueError,
-     r"invalid betas\[1\]=1.0, must satisfy 0 <= betas\[1\] < 1"),
+    (lambda params: _shampoo(params, betas=(0.9, 1.01)), ValueError,
+     r"invalid betas\[1\]=1.01, must satisfy 0 <= betas\[1\] <= 1$"),
+    (lambda params: _shampoo(params, betas=(1.0, 1.0)), ValueError,
+     r"invalid betas\[0\]=1.0, must satisfy 0 <= betas\[0\] < 1"),
+    (lambda params: _shampoo(params, grafting_beta2=1.0), ValueError,
+     r"invalid grafting_beta2=1.0, must satisfy 0 <= grafting_beta2 < 1"),
+    (lambda params: _shampoo(params, reuse_eigenbasis=-1), ValueError,
+     r"invalid reuse_eigenbasis=-1, must be an int with 0 <= reuse_eigenbasis$"),
+    (lambda params: _shampoo(params, momentum_position="inside"), ValueError,
+     r"invalid momentum_position='inside', must be one of 'before', 'after'"),
+    (lambda params: _shampoo(params, keep_root_on_failure=None), TypeError,
+     r"keep_root_on_failure must be True or False"),
     (lambda params: _shampoo(params, betas=(-0.1, 0.9)), ValueError,
      r"invalid betas\[0\]=-0.1, must satisfy 0 <= betas\[0\] < 1"),
     (lambda params: _shampoo(params, betas=(0.9,)), ValueError,
@@ -60,8 +79,8 @@ _SHAMPOO_INVALID = (
         ValueError,
         r"invalid max_preconditioner_dim=0, must be an int with 1 <= max_preconditioner_dim$",
     ),
-    (lambda params: _shampoo(params, grafting="sgd"), ValueError,
-     r"invalid grafting='sgd', must be one of 'adam', 'none'"),
+    (lambda params: _shampoo(params, grafting="lamb"), ValueError,
+     r"invalid grafting='lamb', must be one of 'adam', 'adagrad', 'sgd', 'none'"),
     (lambda params: _shampoo(params, root_method="svd"), ValueError,
      r"invalid root_method='svd', must be one of 'eigh', 'newton'"),
     (lambda params: _shampoo(params, maximize=1), TypeError, r"maximize must be True or False"),
@@ -141,6 +160,19 @@ INFOS = [
             (lambda params: _shampoo(params, state_dtype="bf16"), TypeError,
              r"state_dtype must be None or a floating torch.dtype"),
         ),
+    ),
+    # issue 13's options, two entries so that the compile test adds two compilations only
+    OptimizerInfo(  # EMA statistics (bias-corrected), AdaGrad grafting, momentum after the
+        # preconditioner, eigenbasis reuse (full eigh every 2nd recomputation, QR between)
+        name="Shampoo-ema-adagrad-after-eigenbasis",
+        build=_variant(betas=(0.9, 0.99), grafting="adagrad", momentum_position="after",
+                       reuse_eigenbasis=2),
+        supports_complex=False,
+    ),
+    OptimizerInfo(  # SGD grafting, Newton roots, no keeping of the previous root on failure
+        name="Shampoo-sgd-newton-no-keep",
+        build=_variant(grafting="sgd", root_method="newton", keep_root_on_failure=False),
+        supports_complex=False,
     ),
     _explored(_shampoo, "E(Shampoo)"),
     _explored(_shampoo, "E(Shampoo)-exploit", alpha=0.5, beta=0.01),
