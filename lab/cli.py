@@ -236,10 +236,11 @@ def _add_sweep(sub) -> None:
                                           f"lr ({both('val_fraction')})")
     sweep.add_argument("--data-seed", type=_int_arg("data seed", 0), default=None,
                        help="the train/test split and the validation split (default: 0)")
-    sweep.add_argument("--alphas", type=_list_arg("alphas", _float_arg("alpha")), default=None,
-                       help="α values of the explored side, each its own variant (default: the "
-                            "paper's preset per batch size: 0.5 below 1024, -5 from 1024)")
-    sweep.add_argument("--betas", type=_list_arg("betas", _float_arg("beta")), default=None,
+    sweep.add_argument("--alphas", type=_float_arg("alpha"), nargs="+", default=None,
+                       help="α values of the explored side, space-separated (--alphas -5 "
+                            "0.5), each its own variant (default: the paper's preset per "
+                            "batch size: 0.5 below 1024, -5 from 1024)")
+    sweep.add_argument("--betas", type=_float_arg("beta"), nargs="+", default=None,
                        help="β values (default: the preset per batch size: 0.01 below 1024, "
                             "0.99 from 1024)")
     sweep.add_argument("--weight-decay", type=_float_arg("weight decay", nonnegative=True),
@@ -274,8 +275,10 @@ def _sweep_config(args: argparse.Namespace):
         "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "schedule": args.schedule,
         "lr_factors": args.lr_factors, "lr_scaling": args.lr_scaling, "seeds": args.seeds,
         "first_seed": args.first_seed, "tune_seeds": args.tune_seeds,
-        "val_fraction": args.val_fraction, "data_seed": args.data_seed, "alphas": args.alphas,
-        "betas": args.betas, "weight_decay": args.weight_decay,
+        "val_fraction": args.val_fraction, "data_seed": args.data_seed,
+        "alphas": None if args.alphas is None else tuple(args.alphas),
+        "betas": None if args.betas is None else tuple(args.betas),
+        "weight_decay": args.weight_decay,
         "confidence": args.confidence, "device": args.device, "workers": args.workers,
     }
     if args.pairs is not None:

@@ -120,10 +120,13 @@ def paired_difference(
         return PairedComparison(interval, math.nan, math.nan, math.nan)
     if n < 2:
         return PairedComparison(interval, math.nan, math.nan, math.nan)
-    if np.all(diff == 0.0):
+    # Rounding: 100·a − 100·b of "the same" accuracies differ in the last bits; treat
+    # differences within 1e-9 of the data's scale as equal (seeds tie on discrete accuracies).
+    tol = 1e-9 * max(1.0, float(np.abs(a).max()), float(np.abs(b).max()))
+    if np.all(np.abs(diff) <= tol):
         return PairedComparison(interval, 0.0, 1.0, 1.0)
     wilcoxon = _scipy_stats.wilcoxon(diff, zero_method="wilcox", alternative="two-sided")
-    if np.all(diff == diff[0]):
+    if float(np.ptp(diff)) <= tol:
         return PairedComparison(interval, math.copysign(math.inf, diff[0]), math.nan,
                                 float(wilcoxon.pvalue))
     test = _scipy_stats.ttest_rel(a, b)

@@ -396,16 +396,24 @@ def run_jobs(
     if config.workers == 1 or len(jobs) <= 1:
         on_device = {phase: _to_device(task, config.device) for phase, task in tasks.items()}
         records = []
-        for job in jobs:
-            bar.set_description(f"{job.phase} {job.batch} {job.label} lr {job.lr:.3g} s{job.seed}")
+        # These models are tiny: more intra-op threads than cores (or than this process's
+        # share of a busy machine) makes every step tens of times slower, not faster.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            for job in jobs:
+                bar.set_description(f"{job.phase} {job.batch} {job.label} lr {job.lr:.3g} "
+                                    f"s{job.seed}")
 
-            def on_epoch(epoch: int, loss: float) -> None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                def on_epoch(epoch: int, loss: float) -> None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-            record = run_job(config, job, on_device[job.phase], on_epoch)
-            bar.update(config.epochs - _epochs_done(record, config))
-            records.append(record)
+                record = run_job(config, job, on_device[job.phase], on_epoch)
+                bar.update(config.epochs - _epochs_done(record, config))
+                records.append(record)
+        finally:
+            torch.set_num_threads(threads)
         return records
     import multiprocessing
 
