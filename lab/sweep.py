@@ -63,14 +63,14 @@ class SweepConfig:
 
     task: str = "mnist1d"
     model: str = "mlp"
-    batch_sizes: tuple[int, ...] = (64, 256, 1024, FULL)
+    batch_sizes: tuple[int, ...] = (128, 512, 1024, FULL)
     pairs: tuple[tuple[str, str], ...] = DEFAULT_PAIRS
-    epochs: int = 60
-    warmup_epochs: float = 3.0
+    epochs: int = 100
+    warmup_epochs: float = 5.0
     schedule: str = "cosine"
     lr_scaling: str = "sqrt"
     lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
-    seeds: int = 5
+    seeds: int = 6  # 6 pairs: the smallest n at which a two-sided Wilcoxon p can be < 0.05
     first_seed: int = 0
     tune_seeds: int = 1
     val_fraction: float = 0.2
@@ -126,7 +126,7 @@ class SweepConfig:
 
 
 DEFAULT = SweepConfig()
-QUICK = SweepConfig(batch_sizes=(128, FULL), epochs=15, warmup_epochs=1.0,
+QUICK = SweepConfig(batch_sizes=(128, 1024, FULL), epochs=20, warmup_epochs=2.0,
                     lr_factors=(0.5, 2.0), seeds=3)
 
 
@@ -376,25 +376,34 @@ def run_job(
     return record
 
 
-_WORKER: dict[str, Any] = {}
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
-def _worker_init(config: SweepConfig, tasks: dict[str, Task]) -> None:
-    torch.set_num_threads(config.threads)
-    _WORKER["config"] = config
-    _WORKER["tasks"] = {phase: _to_device(task, config.device) for phase, task in tasks.items()}
+def _worker_run(config: SweepConfig, job: Job, task: Task) -> dict[str, Any]:
+    return run_job(config, job, _to_device(task, config.device))
 
 
-def _worker_run(job: Job) -> dict[str, Any]:
-    return run_job(_WORKER["config"], job, _WORKER["tasks"][job.phase])
+def open_pool(config: SweepConfig) -> ProcessPoolExecutor | None:
+    """``config.workers`` spawned processes (``None`` for 1: run inline). A script that
+    calls :func:`run_sweep` with workers > 1 needs the ``if __name__ == "__main__":`` guard."""
+    if config.workers == 1:
+        return None
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
+    return ProcessPoolExecutor(max_workers=config.workers, mp_context=context,
+                               initializer=_worker_init, initargs=(config.threads,))
 
 
 def run_jobs(
-    config: SweepConfig, jobs: Sequence[Job], tasks: dict[str, Task], bar: Any
+    config: SweepConfig, jobs: Sequence[Job], task: Task, bar: Any,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[dict[str, Any]]:
-    """Every job, in order; ``config.workers`` processes (spawned) or inline for 1."""
-    if config.workers == 1 or len(jobs) <= 1:
-        on_device = {phase: _to_device(task, config.device) for phase, task in tasks.items()}
+    """Every job on ``task``, in order: inline, or on ``pool`` (each job gets its own copy of
+    the task, so a worker holds nothing but what its job was given)."""
+    if pool is None:
+        on_device = _to_device(task, config.device)
         records = []
         # These models are tiny: more intra-op threads than cores (or than this process's
         # share of a busy machine) makes every step tens of times slower, not faster.
@@ -409,24 +418,19 @@ def run_jobs(
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-                record = run_job(config, job, on_device[job.phase], on_epoch)
+                record = run_job(config, job, on_device, on_epoch)
                 bar.update(config.epochs - _epochs_done(record, config))
                 records.append(record)
         finally:
             torch.set_num_threads(threads)
         return records
-    import multiprocessing
-
     results: list[dict[str, Any] | None] = [None] * len(jobs)
-    context = multiprocessing.get_context("spawn")  # fork after torch's threads start can hang
-    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context,
-                             initializer=_worker_init, initargs=(config, tasks)) as pool:
-        futures = {pool.submit(_worker_run, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            i = futures[future]
-            results[i] = future.result()
-            bar.set_description(f"{jobs[i].phase} {jobs[i].batch} {jobs[i].label}")
-            bar.update(config.epochs)
+    futures = {pool.submit(_worker_run, config, job, task): i for i, job in enumerate(jobs)}
+    for future in as_completed(futures):
+        i = futures[future]
+        results[i] = future.result()
+        bar.set_description(f"{jobs[i].phase} {jobs[i].batch} {jobs[i].label}")
+        bar.update(config.epochs)
     return [r for r in results if r is not None]
 
 
@@ -455,7 +459,8 @@ def tune_jobs(config: SweepConfig, plans: Sequence[BatchPlan]) -> list[Job]:
 
 
 def select_learning_rates(
-    config: SweepConfig, fit_task: Task, plans: Sequence[BatchPlan], bar: Any
+    config: SweepConfig, fit_task: Task, plans: Sequence[BatchPlan], bar: Any,
+    pool: ProcessPoolExecutor | None = None,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
     """The lr of every (batch size, variant), chosen on the validation split.
 
@@ -465,7 +470,7 @@ def select_learning_rates(
     and the tuning runs.
     """
     jobs = tune_jobs(config, plans)
-    records = run_jobs(config, jobs, {"tune": fit_task}, bar)
+    records = run_jobs(config, jobs, fit_task, bar, pool)
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
     for plan in plans:
         chosen[plan.key] = {}
@@ -478,7 +483,8 @@ def select_learning_rates(
                 scores.append({"lr": lr, "val_acc": acc, "val_loss": loss})
             # best accuracy; ties: lower loss, then the smaller lr
             best = max(scores, key=lambda s: (s["val_acc"], -s["val_loss"], -s["lr"]))
-            at_edge = len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
+            # with 3+ lrs, a best lr at either end suggests widening the grid
+            at_edge = len(lrs) > 2 and best["lr"] in (lrs[0], lrs[-1])
             chosen[plan.key][label] = {"lr": best["lr"], "scores": scores, "at_edge": at_edge}
     return chosen, records
 
@@ -648,10 +654,15 @@ def run_sweep(
     n_tune = len(tune_jobs(config, plans))
     n_final = sum(len(p.variants) for p in plans) * config.seeds
     started = time.perf_counter()
-    with tqdm(total=(n_tune + n_final) * config.epochs, disable=quiet, file=sys.stderr,
-              unit="epoch", dynamic_ncols=True) as bar:
-        chosen, tune_records = select_learning_rates(config, fit_task, plans, bar)
-        final_records = run_jobs(config, final_jobs(config, plans, chosen), {"final": task}, bar)
+    pool = open_pool(config)
+    try:
+        with tqdm(total=(n_tune + n_final) * config.epochs, disable=quiet, file=sys.stderr,
+                  unit="epoch", dynamic_ncols=True) as bar:
+            chosen, tune_records = select_learning_rates(config, fit_task, plans, bar, pool)
+            final_records = run_jobs(config, final_jobs(config, plans, chosen), task, bar, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     total = time.perf_counter() - started
     check_pairing(final_records, plans)
 
