@@ -88,6 +88,7 @@ from adaptor.replacement import (
     replacement_coefficients,
 )
 from backends._common import step_dtype
+from backends._state import name_dtypes
 from backends._validation import (
     check_betas,
     check_choice,
@@ -97,7 +98,7 @@ from backends._validation import (
     check_optional_positive,
     check_pair,
     check_positive,
-    check_state_dtype,
+    check_precision,
 )
 from backends._validation import dtype_from_name as _dtype_from_name
 
@@ -478,10 +479,7 @@ class _FirstOrder(Optimizer):
         return skip_count(self)
 
     def _validate_precision(self, group: dict[str, Any]) -> None:
-        owner = self._owner
-        check_state_dtype(owner, group["state_dtype"])
-        check_flag(owner, "kahan", group["kahan"])
-        check_flag(owner, "skip_nonfinite", group["skip_nonfinite"])
+        check_precision(self._owner, group)
 
     def _upgrade_group(self, group: dict[str, Any]) -> None:
         """Rewrite a loaded group saved by an earlier version (nothing to do by default)."""
@@ -571,11 +569,7 @@ class _FirstOrder(Optimizer):
         """torch's state dict, with a group's ``state_dtype`` saved by name (``"float32"``):
         ``torch.distributed.checkpoint`` refuses ``torch.dtype`` values
         (``full_state_dict=True`` raises "Unexpected value type <class 'torch.dtype'>")."""
-        state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:  # torch's groups here are new dicts
-            if isinstance(group.get("state_dtype"), torch.dtype):
-                group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
-        return state_dict
+        return name_dtypes(super().state_dict(), ("state_dtype",))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, after checking that the state fits (``ValueError`` naming the
