@@ -413,14 +413,18 @@ def run_jobs(
             for job in jobs:
                 bar.set_description(f"{job.phase} {job.batch} {job.label} lr {job.lr:.3g} "
                                     f"s{job.seed}")
+                per_epoch = steps_per_epoch(job, task)
+                counted = [0]
 
-                def on_epoch(epoch: int, loss: float) -> None:
-                    bar.update(1)
+                def on_epoch(epoch: int, loss: float, per_epoch=per_epoch,
+                             counted=counted) -> None:
+                    bar.update(per_epoch)
+                    counted[0] += per_epoch
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-                record = run_job(config, job, on_device, on_epoch)
-                bar.update(config.epochs - _epochs_done(record, config))
-                records.append(record)
+                records.append(run_job(config, job, on_device, on_epoch))
+                # a diverged run stops early: the bar still advances by its whole budget
+                bar.update(config.epochs * per_epoch - counted[0])
         finally:
             torch.set_num_threads(threads)
         return records
@@ -430,13 +434,13 @@ def run_jobs(
         i = futures[future]
         results[i] = future.result()
         bar.set_description(f"{jobs[i].phase} {jobs[i].batch} {jobs[i].label}")
-        bar.update(config.epochs)
+        bar.update(config.epochs * steps_per_epoch(jobs[i], task))
     return [r for r in results if r is not None]
 
 
-def _epochs_done(record: dict[str, Any], config: SweepConfig) -> int:
-    # a diverged run stops early; the bar still advances by the whole budget
-    return config.epochs if not record["diverged"] else 0
+def steps_per_epoch(job: Job, task: Task) -> int:
+    """As in ``lab.train``: ``⌊n / B⌋`` batches of exactly ``B`` (one at full batch)."""
+    return max(1, int(task.x_train.shape[0]) // job.batch_size)
 
 
 def _score(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
@@ -651,13 +655,17 @@ def run_sweep(
     text = describe(config, n_train, n_fit, n_test)
     print(f"explore sweep: {text}", file=stream)
 
-    n_tune = len(tune_jobs(config, plans))
-    n_final = sum(len(p.variants) for p in plans) * config.seeds
+    # progress in optimizer steps: the cost of a run, whatever its batch size
+    steps = config.epochs * (
+        sum(steps_per_epoch(job, fit_task) for job in tune_jobs(config, plans))
+        + sum(steps_per_epoch(Job("final", p.key, p.final_batch, "", "", 1.0, None, None, 0),
+                              task) * len(p.variants) * config.seeds for p in plans)
+    )
     started = time.perf_counter()
     pool = open_pool(config)
     try:
-        with tqdm(total=(n_tune + n_final) * config.epochs, disable=quiet, file=sys.stderr,
-                  unit="epoch", dynamic_ncols=True) as bar:
+        with tqdm(total=steps, disable=quiet, file=sys.stderr, unit="step",
+                  dynamic_ncols=True) as bar:
             chosen, tune_records = select_learning_rates(config, fit_task, plans, bar, pool)
             final_records = run_jobs(config, final_jobs(config, plans, chosen), task, bar, pool)
     finally:
