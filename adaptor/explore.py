@@ -15,7 +15,7 @@ import copy
 import inspect
 import warnings
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -180,6 +180,158 @@ def _check_not_differentiable(group: dict[str, Any], where: str) -> None:
         )
 
 
+class _StateEntry(MutableMapping):
+    """One parameter's state as ``E.state[p]`` shows it: the adaptor's keys over the base's.
+
+    Reads look in the adaptor's own entry first (``explore_buffer``, its
+    ``nonfinite_skips``), then in ``base.state[p]``; so a key both keep (a base of this
+    library with ``skip_nonfinite`` counts its own ``nonfinite_skips``) reads as the
+    adaptor's. A write goes to the entry that holds the key already; a new key goes to the
+    adaptor's own entry (as before the merge, hooks that write ``state[p]["note"]`` write
+    there). Iterating lists the adaptor's keys, then the base's others: this is what
+    ``torch.distributed.checkpoint`` reads when it rebuilds a flattened state dict
+    (``_unflatten_optim_state_dict`` keeps only the keys of ``optimizer.state[p]``).
+    ``copy``/``pickle`` of an entry give a plain ``dict``.
+    """
+
+    __slots__ = ("_param", "_state")
+
+    def __init__(self, state: ExploredState, param: Tensor) -> None:
+        self._state = state
+        self._param = param
+
+    def _own(self) -> dict[Any, Any] | None:
+        return self._state._own.get(self._param)
+
+    def _base(self) -> dict[Any, Any] | None:
+        entry = self._state._base.state.get(self._param)
+        return entry if isinstance(entry, dict) else None
+
+    def __getitem__(self, key: Any) -> Any:
+        own = self._own()
+        if own is not None and key in own:
+            return own[key]
+        base = self._base()
+        if base is not None and key in base:
+            return base[key]
+        raise KeyError(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        own = self._own()
+        base = self._base()
+        if (own is None or key not in own) and key not in _OWN_KEYS and (
+            base is not None and key in base
+        ):
+            base[key] = value
+        else:
+            self._state._own[self._param][key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        own = self._own()
+        if own is not None and key in own:
+            del own[key]
+            return
+        base = self._base()
+        if base is not None and key in base:
+            del base[key]
+            return
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        own, base = self._own(), self._base()
+        return (own is not None and key in own) or (base is not None and key in base)
+
+    def __iter__(self) -> Iterator[Any]:
+        own = self._own() or {}
+        yield from list(own)
+        yield from [key for key in (self._base() or {}) if key not in own]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self),))
+
+
+class ExploredState(MutableMapping):
+    """``E.state``: per parameter, the adaptor's own state merged with the base's.
+
+    ``state[p]`` (any tensor key, created on first write as torch's ``defaultdict``) is a
+    :class:`_StateEntry` view over ``E``'s own entry (``explore_buffer``,
+    ``nonfinite_skips``) and ``base.state[p]``; other keys (what hooks store, e.g.
+    ``state["test"] = 1``) are the adaptor's own. Iteration and ``len`` cover every
+    parameter that has state in either, so ``if optimizer.state`` is true once the base
+    has state (``torch.distributed.checkpoint`` then skips its dry-run step). Assigning
+    ``state[p] = mapping`` makes the merged entry equal ``mapping`` (each key written to
+    its owner, keys left out removed from both). ``state_dict()``/``load_state_dict()``
+    keep torch's layout: this is only how the live state is seen.
+    """
+
+    __slots__ = ("_base", "_own")
+
+    def __init__(self, own: defaultdict[Any, Any], base: Optimizer) -> None:
+        self._own = own
+        self._base = base
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, Tensor):
+            return _StateEntry(self, key)
+        return self._own[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not (isinstance(key, Tensor) and isinstance(value, Mapping)):
+            self._own[key] = value
+            return
+        value = dict(value)  # it may be a view of this very entry
+        base = self._base.state.get(key)
+        base = base if isinstance(base, dict) else None
+        to_base = {
+            k: v for k, v in value.items()
+            if base is not None and k in base and k not in _OWN_KEYS
+        }
+        if base is not None:
+            for k in [k for k in base if k not in to_base]:
+                del base[k]
+            base.update(to_base)
+        self._own[key] = {k: v for k, v in value.items() if k not in to_base}
+
+    def __delitem__(self, key: Any) -> None:
+        found = key in self._own
+        self._own.pop(key, None)
+        if isinstance(key, Tensor) and isinstance(self._base.state.get(key), dict):
+            del self._base.state[key]
+            found = True
+        if not found:
+            raise KeyError(key)
+
+    def _base_params(self) -> list[Any]:
+        return [
+            key for key, entry in self._base.state.items()
+            if isinstance(key, Tensor) and isinstance(entry, dict) and key not in self._own
+        ]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._own:
+            return True
+        return isinstance(key, Tensor) and isinstance(self._base.state.get(key), dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from list(self._own)
+        yield from self._base_params()
+
+    def __len__(self) -> int:
+        return len(self._own) + len(self._base_params())
+
+    def __repr__(self) -> str:
+        return repr({key: self[key] for key in self})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, ({key: self[key] for key in self},))
+
+
 class ExploredOptimizer(Optimizer):
     r"""A ``torch.optim.Optimizer`` that explores: the base optimizer fed ``g̃ = g + α·a``.
 
@@ -195,7 +347,9 @@ class ExploredOptimizer(Optimizer):
 
     After ``step()`` each ``p.grad`` holds ``g̃`` (the replacement is in place). Parameters
     whose ``grad`` is ``None`` are skipped and their state is untouched. The adaptor keeps
-    exactly one buffer per parameter, ``state[p]["explore_buffer"]``.
+    exactly one buffer per parameter, ``state[p]["explore_buffer"]``; ``state[p]`` also
+    shows the base's state of ``p`` (``state[p]["exp_avg"]``: a merged view, see
+    :class:`ExploredState`), as ``torch.distributed.checkpoint`` expects of an optimizer.
 
     Args:
         grad_estimator: how ``g_k`` is obtained (:class:`Autograd`, ``backends.SPSA``, ...).
@@ -289,6 +443,24 @@ class ExploredOptimizer(Optimizer):
         super().__init__(base_update.param_groups, defaults)
         self._initializing = False
 
+    # -- the state: the adaptor's own, seen merged with the base's --------------------------
+
+    @property  # type: ignore[override]
+    def state(self) -> ExploredState:
+        """Per parameter, the adaptor's buffer merged with the base's state (a view, see
+        :class:`ExploredState`): ``state[p]["explore_buffer"]`` and ``state[p]["exp_avg"]``."""
+        return self._state_view
+
+    @state.setter
+    def state(self, value: Mapping[Any, Any]) -> None:
+        # Optimizer.__init__ assigns defaultdict(dict); the adaptor keeps its own entries
+        # there and shows them through the view.
+        if isinstance(value, ExploredState):
+            value = value._own
+        own = value if isinstance(value, defaultdict) else defaultdict(dict, value)
+        self.__dict__["_own_state"] = own
+        self.__dict__["_state_view"] = ExploredState(own, self.base)
+
     # -- the base's param groups, shared -------------------------------------------------
 
     @property  # type: ignore[override]
@@ -338,8 +510,16 @@ class ExploredOptimizer(Optimizer):
 
         ``closure`` is evaluated by the estimator (for :class:`Autograd`: under
         ``enable_grad``, and it must call ``backward``). Returns the estimator's loss.
+
+        An estimator that needs a closure (SPSA) raises ``ValueError`` without one, except
+        for the dry step ``torch.distributed.checkpoint`` makes to create the state of an
+        optimizer that has none (every ``lr`` 0, zero gradients): that one creates the
+        state without calling the estimator (:meth:`_init_state`), so
+        ``get/set_optimizer_state_dict`` work on a fresh ``explore(SPSA(...), base)``.
         """
         if closure is None and getattr(self.estimator, "requires_closure", False):
+            if self._is_state_init_call():
+                return self._init_state()
             raise ValueError(
                 f"{type(self.estimator).__name__} needs a closure: pass "
                 "step(closure) with a closure that returns the loss"
@@ -351,6 +531,9 @@ class ExploredOptimizer(Optimizer):
         ]
         loss = self.estimator.estimate(closure, self.param_groups)
         self._check_grads()
+        groups = self.param_groups
+        if groups and ESTIMATOR_KEY in groups[0]:
+            del groups[0][ESTIMATOR_KEY]  # left by the dry step (_init_state) for a load
         grads = [p.grad for group in self.param_groups for p in self._params_with_grad(group)]
         with torch.no_grad():
             # Unscales for GradScaler; the flag (1.0 = skip) is None when nothing can skip.
@@ -379,6 +562,54 @@ class ExploredOptimizer(Optimizer):
             else:
                 self._step_base_restoring(skip)
         return loss
+
+    def _is_state_init_call(self) -> bool:
+        """Whether a closure-less ``step()`` is the dry step that creates empty state.
+
+        ``torch.distributed.checkpoint.state_dict`` (``_init_optim_state``, run by
+        ``get_optimizer_state_dict`` and ``set_optimizer_state_dict``) steps an optimizer
+        that has no state once, with zero gradients on every trainable parameter, every
+        group's ``lr`` set to 0 and ``closure=None``, so that the state exists to load
+        into. Recognised by exactly that: no state (neither the adaptor's nor the base's),
+        a gradient on every parameter that requires one, and ``lr == 0`` in every group (a
+        number, or a CPU tensor as torch makes it). Host-side checks only: no device read.
+        """
+        if self.state:
+            return False
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.device.type != "cpu" or lr.numel() != 1 or lr.item() != 0:
+                    return False
+            elif not isinstance(lr, (int, float)) or lr != 0:
+                return False
+            for p in group["params"]:
+                if p.requires_grad and p.grad is None:
+                    return False
+        return True
+
+    def _init_state(self) -> None:
+        """The dry step without the estimator (see :meth:`_is_state_init_call`).
+
+        The estimator is not called (no closure to evaluate; SPSA neither perturbs the
+        parameters nor advances its step); the zero gradients torch set go through the
+        replacement (``c = 0``: ``c ← ((β+αs)·0 − s²·0)/(1+αs) = 0``, ``g̃ = 0``) and the
+        base's step with ``lr = 0``, which creates the base's state as torch assumes of any
+        optimizer. The estimator's state is put in the first live group under
+        ``explore_estimator``: torch's flattened load (``flatten_optimizer_state_dict``)
+        rebuilds the groups from the live groups' keys, and this is how SPSA's seed and
+        step come back; the load takes the key out again.
+        """
+        estimator_state = self.estimator.state_dict()
+        if estimator_state and self.param_groups:
+            self.param_groups[0][ESTIMATOR_KEY] = dict(estimator_state)
+        hparams = [
+            self._set_group_defaults(group, f"param group {i}")
+            for i, group in enumerate(self.param_groups)
+        ]
+        with torch.no_grad():
+            self._replace(hparams)
+        self._step_base()
 
     @contextlib.contextmanager
     def _grads_hidden(self, exclude: set[int]) -> Iterator[None]:
@@ -467,7 +698,7 @@ class ExploredOptimizer(Optimizer):
         counters: dict[torch.device, list[Tensor]] = {}
         for group in self.param_groups:
             for p in self._params_with_grad(group):
-                state = self.state[p]
+                state = self._own_state[p]
                 counter = state.get(SKIPS_KEY)
                 if counter is None:
                     counter = state[SKIPS_KEY] = torch.zeros(
@@ -547,7 +778,7 @@ class ExploredOptimizer(Optimizer):
             for p in self._params_with_grad(group):
                 if id(p) in exclude:  # the fast path replaces it inside its kernel
                     continue
-                state = self.state[p]
+                state = self._own_state[p]
                 buffer = state.get(BUFFER_KEY)
                 if buffer is None:
                     # c_1 = 0 (g_0 = a_0 = 0): allocated once, on the parameter's device.
@@ -607,7 +838,7 @@ class ExploredOptimizer(Optimizer):
             index_of.setdefault(id(p), index)
         # Everything in the adaptor's own state travels, as torch's state_dict() does: the
         # buffers and skip counters, and whatever a pre-hook put there (any key, any value).
-        for key, value in self.state.items():
+        for key, value in self._own_state.items():
             if isinstance(key, Tensor):
                 index = index_of.get(id(key))
                 if index is None:
@@ -715,6 +946,21 @@ class ExploredOptimizer(Optimizer):
         estimator_state = state_dict.get(ESTIMATOR_KEY)
         if estimator_state is None:  # through DCP: the copy in the first group
             estimator_state = saved_groups[0].get(ESTIMATOR_KEY, {}) if saved_groups else {}
+        if not estimator_state and own_state and self.estimator.state_dict():
+            # An explored optimizer's state dict (it has the buffers) without the estimator's
+            # state, which E's state_dict() always writes: torch's flattened load into an
+            # optimizer that already had state rebuilds the groups from the live groups'
+            # keys and leaves it out (a fresh optimizer gets it, see _init_state).
+            warnings.warn(
+                f"the state dict has the adaptor's buffers but no state for the estimator "
+                f"{type(self.estimator).__name__} (torch.distributed.checkpoint's "
+                "flatten_optimizer_state_dict=True drops it when loading into an optimizer "
+                "that already has state: load into a fresh optimizer, or save "
+                "optimizer.estimator.state_dict() beside it); the estimator keeps its "
+                "current state",
+                UserWarning,
+                stacklevel=2,
+            )
         # The base sees integer indices whatever ids the saved groups use, and not the
         # estimator's copy (it would stay in the live groups).
         base_groups, start = [], 0
@@ -736,16 +982,18 @@ class ExploredOptimizer(Optimizer):
             self.estimator.load_state_dict(previous_estimator_state)
             raise
         for index, group in enumerate(self.param_groups):  # a base-only state dict: no α/β
+            group.pop(ESTIMATOR_KEY, None)  # the dry step's copy (_init_state), if any
             self._set_group_defaults(group, f"param group {index}")
         # The adaptor's state is replaced, never merged: a plain base state dict restarts
         # every buffer from c_1 = 0 (a buffer kept from before would not match the base).
-        self.state.clear()
-        self.state.update(unowned)
+        live = self._own_state
+        live.clear()
+        live.update(unowned)
         for index, own in own_state.items():
             p = params[index]
             for key, value in own.items():
                 dtype = self._buffer_dtype(p) if key == BUFFER_KEY else value.dtype
-                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                live[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -849,13 +1097,19 @@ class ExploredOptimizer(Optimizer):
     )
 
     def __getstate__(self) -> dict[str, Any]:
-        return {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
+        # "state" is the adaptor's own entries (a defaultdict, as before the merged view):
+        # the view is rebuilt over the copied base.
+        state = {name: self.__dict__[name] for name in self._PICKLED if name in self.__dict__}
+        state["state"] = self._own_state
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickled/copied optimizer; hooks start empty, as torch's Optimizer does."""
         state = dict(state)
         state.pop("param_groups", None)  # the base's (a property here)
+        own = state.pop("state", None)
         self.__dict__.update(state)
+        self.state = own if own is not None else defaultdict(dict)
         self._initializing = False
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())

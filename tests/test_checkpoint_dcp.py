@@ -6,8 +6,8 @@ saving (the default sharded-style dict, ``full_state_dict=True``,
 ``flatten_optimizer_state_dict=True``, and ``dcp.save`` → ``dcp.load`` through files), a
 run trained 2 steps, saved, loaded into a fresh model and optimizer (different initial
 weights, then the model's weights copied) and continued for 2 steps must equal the
-uninterrupted run bit for bit. Known failures are strict xfails with their cause. The FSDP2
-(two-process) counterpart is in ``tests/backends/test_first_order_distributed.py``.
+uninterrupted run bit for bit, always into a fresh optimizer (no step before the load). The
+FSDP2 (two-process) counterpart is in ``tests/backends/test_first_order_distributed.py``.
 """
 
 from __future__ import annotations
@@ -57,20 +57,6 @@ OPTIMIZERS = {
 OPTIMIZERS["e-spsa-sgd-own-estimator-entry"] = OPTIMIZERS["e-spsa-sgd"]
 MODES = ("default", "full", "dcp", "flat")
 
-# Known failures, each for a reason outside the backends (see the notes):
-_FLAT_DROPS_BASE_STATE = (
-    "flatten_optimizer_state_dict=True: torch rebuilds each parameter's entry from the keys "
-    "of optimizer.state[p], which for E holds only the adaptor's buffer: the base's state "
-    "(Lamb's moments, SGD's momentum) is silently dropped"
-)
-XFAIL = {
-    ("e-lamb", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-lamb-state-dtype", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-spsa-sgd", "flat"): _FLAT_DROPS_BASE_STATE,
-    ("e-spsa-sgd-own-estimator-entry", "flat"): _FLAT_DROPS_BASE_STATE,
-}
-
-
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
     store = tmp_path_factory.mktemp("dcp_store") / "store"
@@ -110,13 +96,10 @@ def _resume(name: str, mode: str, tmp_path):
 
     model, optimizer = _build(name, seed=0)
     _train(name, model, optimizer, range(2))
+    # A fresh optimizer: torch's get/set_optimizer_state_dict first make a dry step
+    # (``_init_optim_state``: closure=None, zero gradients, lr 0) to create the state they
+    # load into; E(SPSA) creates it without calling the estimator.
     resumed_model, resumed = _build(name, seed=1)
-    if name.startswith("e-spsa"):
-        # torch's get/set_optimizer_state_dict first call optimizer.step(closure=None) on an
-        # optimizer with empty state and no gradients (``_init_optim_state``: a dry step that
-        # creates the state DCP loads into), which SPSA refuses (it needs a closure). One
-        # real step before loading creates the state; the load replaces all of it.
-        _train(name, resumed_model, resumed, range(1))
     resumed_model.load_state_dict(model.state_dict())
     options = StateDictOptions(
         full_state_dict=mode == "full", flatten_optimizer_state_dict=mode == "flat"
@@ -145,15 +128,8 @@ def _resume(name: str, mode: str, tmp_path):
     return model, resumed_model
 
 
-CASES = [
-    pytest.param(name, mode, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[name, mode])]
-                 if (name, mode) in XFAIL else [])
-    for name in OPTIMIZERS
-    for mode in MODES
-]
-
-
-@pytest.mark.parametrize(("name", "mode"), CASES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_resume_is_bit_exact(process_group, tmp_path, name, mode):
     """Bit-exact resume. ``e-spsa-sgd-own-estimator-entry``: SPSA's seed and step saved
     beside the optimizer's dict (``optimizer.estimator.state_dict()``) and loaded back with
@@ -218,3 +194,129 @@ def _with_dtypes(saved):
             if isinstance(group.get(key), str):
                 group[key] = getattr(torch, group[key])
     return saved
+
+
+def _fresh_spsa(seed: int = 3):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    optimizer = explore(
+        SPSA(perturbation=1e-3, seed=11), torch.optim.SGD(model.parameters(), lr=0.05,
+                                                        momentum=0.9, weight_decay=0.1),
+        alpha=0.5, beta=0.01,
+    )
+    return model, optimizer
+
+
+def test_the_dry_step_on_a_fresh_spsa_optimizer_creates_state_without_stepping(process_group):
+    """``get_optimizer_state_dict`` on a fresh E(SPSA) runs torch's dry step (closure=None,
+    zero gradients, lr 0): the state exists afterwards (E's buffer c = 0 and SGD's first
+    momentum buf = g̃ + λθ = λθ for every parameter: what torch's dry step makes of any SGD;
+    the load replaces it), the parameters and the gradients are as before
+    (untouched, ``None``), the estimator was not called (SPSA's step is still 0) and the
+    learning rate is back."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, optimizer = _fresh_spsa()
+    before = [p.detach().clone() for p in model.parameters()]
+    saved = get_optimizer_state_dict(model, optimizer)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b) and p.grad is None
+    assert optimizer.estimator.state_dict() == {"seed": 11, "step": 0}
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    for name, p in model.named_parameters():
+        entry = optimizer.state[p]
+        assert set(entry) == {"explore_buffer", "momentum_buffer"}
+        assert torch.equal(entry["explore_buffer"], torch.zeros_like(p))
+        torch.testing.assert_close(entry["momentum_buffer"], 0.1 * p.detach(), rtol=0, atol=0)
+        assert set(saved["state"][name]) == {"explore_buffer", "momentum_buffer"}
+    assert saved["param_groups"][0]["explore_estimator"] == {"seed": 11, "step": 0}
+
+
+def test_a_closure_less_step_that_is_not_the_dry_step_still_raises(process_group):
+    """Only torch's dry step is taken for one: without a closure, an E(SPSA) step with a
+    non-zero lr, with a gradient missing, or with state already there raises as before,
+    and changes nothing."""
+    for case in ("lr", "grad", "state"):
+        model, optimizer = _fresh_spsa()
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        if case == "lr":
+            optimizer.param_groups[0]["lr"] = 0.05
+        else:
+            optimizer.param_groups[0]["lr"] = 0.0
+        if case == "grad":
+            params[0].grad = None
+        if case == "state":
+            optimizer.state[params[0]]["explore_buffer"] = torch.zeros_like(params[0])
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(ValueError, match="SPSA needs a closure"):
+            optimizer.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert not optimizer.base.state, case
+        assert optimizer.estimator.state_dict()["step"] == 0
+
+
+def test_flattened_load_into_a_fresh_spsa_optimizer_restores_the_estimator(process_group):
+    """The estimator's seed and step come back through ``flatten_optimizer_state_dict``
+    (torch rebuilds the groups from the live groups' keys: the dry step puts
+    ``explore_estimator`` there, the load takes it out again)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, optimizer = _fresh_spsa()
+    _train("e-spsa", model, optimizer, range(3))
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=options))
+    assert saved["param_groups.0.weight.explore_estimator"] == {"seed": 11, "step": 3}
+    resumed_model, resumed = _fresh_spsa(seed=4)
+    set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+    assert resumed.estimator.state_dict() == {"seed": 11, "step": 3}
+    assert all("explore_estimator" not in group for group in resumed.param_groups)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        for key in ("explore_buffer", "momentum_buffer"):
+            assert torch.equal(optimizer.state[p][key], resumed.state[q][key])
+        # loaded where each key belongs: the base's momentum in the base, the buffer in E
+        assert resumed.state[q]["momentum_buffer"] is resumed.base.state[q]["momentum_buffer"]
+        assert "explore_buffer" not in resumed.base.state[q]
+
+
+def test_the_dry_steps_estimator_copy_leaves_the_groups_at_the_first_step(process_group):
+    """A fresh E(SPSA) that was only saved (dry step), then trained: the copy the dry step
+    put in the first group goes away at the first real step (it would be stale)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, optimizer = _fresh_spsa()
+    get_optimizer_state_dict(model, optimizer)
+    assert "explore_estimator" in optimizer.param_groups[0]
+    _train("e-spsa", model, optimizer, range(1))
+    assert "explore_estimator" not in optimizer.param_groups[0]
+    assert optimizer.state_dict()["param_groups"][0]["explore_estimator"]["step"] == 1
+
+
+def test_flattened_load_into_a_trained_spsa_optimizer_warns_that_the_estimator_stays(
+    process_group,
+):
+    """Into an optimizer that already has state torch makes no dry step, so the live groups
+    have no ``explore_estimator`` key and the flattened load cannot bring SPSA's seed and
+    step back: a warning says so (and what to do); everything else loads."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, optimizer = _fresh_spsa()
+    _train("e-spsa", model, optimizer, range(3))
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=options))
+    resumed_model, resumed = _fresh_spsa(seed=4)
+    _train("e-spsa", resumed_model, resumed, range(1))
+    with pytest.warns(UserWarning, match="no state for the estimator SPSA"):
+        set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+    assert resumed.estimator.state_dict() == {"seed": 11, "step": 1}
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(optimizer.state[p]["explore_buffer"], resumed.state[q]["explore_buffer"])
