@@ -584,6 +584,13 @@ def _pm(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _pm_g(mean: float, half: float) -> str:
+    """Training losses span 1e-5 (memorised) to 2: three significant digits, not decimals."""
+    if math.isnan(half):
+        return f"{mean:.3g}"
+    return f"{mean:.3g} ± {half:.2g}"
+
+
 def _p(value: float) -> str:
     if math.isnan(value):
         return "-"
@@ -608,9 +615,9 @@ def format_table(rows: Sequence[dict[str, Any]], confidence: float) -> str:
             _pm(r["explored_acc_pct_mean"], r["explored_acc_pct_half"], 2),
             _pm(r["diff_acc_pct_mean"], r["diff_acc_pct_half"], 2),
             _p(r["diff_acc_pct_p"]), _p(r["diff_acc_pct_wilcoxon_p"]),
-            _pm(r["base_train_loss_mean"], r["base_train_loss_half"], 4),
-            _pm(r["explored_train_loss_mean"], r["explored_train_loss_half"], 4),
-            _pm(r["diff_train_loss_mean"], r["diff_train_loss_half"], 4) + div,
+            _pm_g(r["base_train_loss_mean"], r["base_train_loss_half"]),
+            _pm_g(r["explored_train_loss_mean"], r["explored_train_loss_half"]),
+            _pm_g(r["diff_train_loss_mean"], r["diff_train_loss_half"]) + div,
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
