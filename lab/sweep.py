@@ -347,13 +347,19 @@ def run_job(
     a flat record with digests of the initial weights and of the batch order."""
     init_digest = hashlib.sha256()
     order_digest = hashlib.sha256()
+    first_order = hashlib.sha256()
+    epochs_ordered = [0]
 
     def on_start(model: torch.nn.Module) -> None:
         for tensor in model.state_dict().values():
             init_digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
     def on_order(order: torch.Tensor) -> None:
-        order_digest.update(order.cpu().numpy().tobytes())
+        data = order.cpu().numpy().tobytes()
+        order_digest.update(data)
+        if epochs_ordered[0] == 0:
+            first_order.update(data)
+        epochs_ordered[0] += 1
 
     result = train(job.name, _train_config(config, job), job.seed, task=task, on_epoch=on_epoch,
                    on_start=on_start, on_order=on_order)
@@ -371,7 +377,9 @@ def run_job(
         steps=result.steps,
         wall_time=result.wall_time,
         init_digest=init_digest.hexdigest()[:16],
-        order_digest=order_digest.hexdigest()[:16],
+        order_digest=order_digest.hexdigest()[:16],  # every epoch's permutation
+        first_order_digest=first_order.hexdigest()[:16],
+        order_epochs=epochs_ordered[0],  # fewer than the epochs if the run diverged
     )
     record[f"{split}_acc"] = result.test_acc
     record[f"{split}_loss"] = result.test_loss
@@ -506,7 +514,8 @@ def final_jobs(config: SweepConfig, plans: Sequence[BatchPlan],
 
 
 def check_pairing(records: Sequence[dict[str, Any]], plans: Sequence[BatchPlan]) -> None:
-    """Both sides of every pair share, seed by seed, the initial weights and the batch order."""
+    """Both sides of every pair share, seed by seed, the initial weights and the batch order
+    (every epoch's; only the first epoch's when one side diverged and stopped early)."""
     by_key = {(r["batch"], r["label"], r["seed"]): r for r in records}
     for plan in plans:
         for base, explored in plan.pairs:
@@ -516,7 +525,9 @@ def check_pairing(records: Sequence[dict[str, Any]], plans: Sequence[BatchPlan])
                 other = by_key.get((batch, explored, seed))
                 if other is None:
                     raise RuntimeError(f"batch {batch}: no {explored} run with seed {seed}")
-                for what in ("init_digest", "order_digest"):
+                same_length = rec["order_epochs"] == other["order_epochs"]
+                for what in ("init_digest", "order_digest" if same_length else
+                             "first_order_digest"):
                     if rec[what] != other[what]:
                         raise RuntimeError(
                             f"batch {batch}, seed {seed}: {base} and {explored} do not share "
@@ -681,8 +692,9 @@ def run_sweep(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     total = time.perf_counter() - started
-    check_pairing(final_records, plans)
 
+    write_csv(out / "runs.csv", tune_records + final_records)
+    check_pairing(final_records, plans)  # after runs.csv, so a failure leaves the evidence
     rows = summarize(config, plans, chosen, final_records)
     print(format_table(rows, config.confidence), file=stream)
     edges = [f"{b} {label}" for b, by in chosen.items() for label, c in by.items()
@@ -692,7 +704,6 @@ def run_sweep(
               file=stream)
 
     write_csv(out / "table.csv", rows)
-    write_csv(out / "runs.csv", tune_records + final_records)
     payload = {
         "command": "sweep",
         "config": dataclasses.asdict(config),

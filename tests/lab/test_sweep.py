@@ -99,6 +99,16 @@ def test_pairs_share_initialisation_and_batch_order(tmp_path):
     plans = plan_sweep(TINY, 1437, 1149)
     with pytest.raises(RuntimeError, match="not paired"):
         sweep.check_pairing(broken, plans)
+    # One side diverged and stopped after epoch 1: only the first epoch's order is compared
+    # (the full default sweep hit this: e-sgd at its tuned lr diverged on one seed).
+    stopped = [dict(r) for r in final]
+    victim = next(r for r in stopped if r["label"] == "e-adamw" and r["seed"] == 1
+                  and r["batch"] == "512")
+    victim.update(order_epochs=1, order_digest="0" * 16, diverged=True)
+    sweep.check_pairing(stopped, plans)
+    victim["first_order_digest"] = by_seed[0]["first_order_digest"]
+    with pytest.raises(RuntimeError, match="first"):
+        sweep.check_pairing(stopped, plans)
 
 
 def test_alpha_zero_pair_gives_exactly_zero_difference(tmp_path):
@@ -208,3 +218,15 @@ def test_quick_preset_is_small():
     runs = len(q.batch_sizes) * 2 * len(q.pairs) * (len(q.lr_factors) * q.tune_seeds + q.seeds)
     assert runs * q.epochs <= 90 * 20
     assert 128 in q.batch_sizes  # the smallest batch sets the cost: 31 steps per epoch
+
+
+def test_diverged_runs_are_reported_not_fatal(tmp_path):
+    """An lr far too large: every run diverges (each side may stop at another epoch); the sweep
+    still finishes, and the table says so."""
+    config = dataclasses.replace(TINY, pairs=(("sgd", "e-sgd"),), batch_sizes=(256,),
+                                 lr_factors=(1e12,), epochs=4)
+    payload = run_sweep(config, tmp_path, quiet=True)
+    row = payload["table"][0]
+    assert row["base_diverged"] == 2 and row["explored_diverged"] == 2
+    assert all(r["order_epochs"] < 4 for r in payload["runs"] if r["phase"] == "final")
+    assert "diverged" in (tmp_path / "table.csv").read_text()
