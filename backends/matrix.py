@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adaptor import precision
+from adaptor import precision, shards
+from backends import _owners
 from backends._common import adam_bias_corrections, step_dtype
 from backends._state import (
     KAHAN_KEY,
@@ -243,6 +244,14 @@ class Muon(Optimizer):
     (``(1 − ηλ)`` is never rounded to bfloat16 first). GradScaler: ``scaler.step(opt)``
     passes ``grad_scale``/``found_inf`` to :meth:`step`, which unscales on the device and
     skips where ``found_inf`` (``_step_supports_amp_scaling``), with no host read.
+
+    Distributed: under DDP every rank orthogonalises every matrix (whole parameters). Under
+    FSDP2 (DTensor parameters, ``Shard(0)``) momentum, weight decay and AdamW run on each
+    rank's rows (state stays DTensor), and each matrix is orthogonalised by one owner rank:
+    ``U`` goes to its owner in ``ns_dtype`` and the owner sends each rank its rows of
+    ``NS_k(U)`` (two ``all_to_all_single`` per group and dtype, ``2·N·(W−1)/W`` elements of
+    ``ns_dtype`` per step over all ranks; see :mod:`backends._owners`). The numbers are a
+    single process's on the full batch.
     """
 
     def __init__(
@@ -350,12 +359,15 @@ class Muon(Optimizer):
                         raise RuntimeError(
                             f"Muon does not support sparse gradients (param group {index})"
                         )
+                    if _uses_muon(group, p):  # DTensor placements we cannot gather: TypeError
+                        _owners.shard_group(p)
                     grads.append(p.grad)
         if not grads:
             return loss
         skip_nonfinite = any(group["skip_nonfinite"] for group in self.param_groups)
         # GradScaler: unscale in place and fold in found_inf; None when nothing can skip.
-        skip = precision.prepare_step(self, grads, skip_nonfinite=skip_nonfinite)
+        # FSDP2: on the local shards, the flag then common to every rank of a shard group.
+        skip = shards.prepare_sharded_step(self, grads, skip_nonfinite=skip_nonfinite)
         for group in self.param_groups:
             self._muon_group(group, skip)
             self._adamw_group(group, skip)
@@ -409,8 +421,13 @@ class Muon(Optimizer):
             bucket[1].append(p.grad)
             bucket[2].append(buffer)
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-        for (_, param_dtype, state_dtype), (b_params, b_grads, b_buffers) in buckets.items():
-            comps = self._kahan_buffers(group, b_params)
+        for (_, param_dtype, state_dtype), bucket in buckets.items():
+            # FSDP2: everything element-wise runs on the DTensors' local rows (views that
+            # share their storage); only Newton–Schulz needs whole matrices (see _owners).
+            owners = [_owners.shard_group(p) for p in bucket[0]]
+            keys = bucket[0]
+            b_params, b_grads, b_buffers = ([shards.local(t) for t in lst] for lst in bucket)
+            comps = [shards.local(c) for c in self._kahan_buffers(group, keys)]
             written = [*b_params, *b_buffers, *comps]
             saved = self._guarded(skip, written)
             compute = _compute_dtype(param_dtype, state_dtype)
@@ -423,9 +440,22 @@ class Muon(Optimizer):
             low = param_dtype != compute
             if weight_decay != 0 and not low:
                 torch._foreach_mul_(b_params, 1.0 - lr * weight_decay)
+            low_compute = compute if low else None
+            by_group: dict[int, tuple[Any, list[int]]] = {}
+            for i, pg in enumerate(owners):
+                if pg is not None:
+                    by_group.setdefault(id(pg), (pg, []))[1].append(i)
+            for pg, indices in by_group.values():
+                self._sharded_update(
+                    group, pg, [_matrix_shape(keys[i]) for i in indices],
+                    [b_params[i] for i in indices], [grads[i] for i in indices],
+                    [work[i] for i in indices], [comps[i] for i in indices] if comps else [],
+                    low_compute,
+                )
             by_shape: dict[tuple[int, int], list[int]] = {}
             for i, p in enumerate(b_params):
-                by_shape.setdefault(_matrix_shape(p), []).append(i)
+                if owners[i] is None:
+                    by_shape.setdefault(_matrix_shape(p), []).append(i)
             for shape, indices in by_shape.items():
                 chunk = max(1, MAX_BATCH_NUMEL // max(1, shape[0] * shape[1]))
                 for start in range(0, len(indices), chunk):
@@ -437,9 +467,9 @@ class Muon(Optimizer):
                         [grads[i] for i in part],
                         [work[i] for i in part],
                         [comps[i] for i in part] if comps else [],
-                        compute if low else None,
+                        low_compute,
                     )
-            self._finish(skip, b_params, written, saved)
+            self._finish(skip, keys, written, saved)
 
     def _orthogonal_update(
         self,
@@ -457,48 +487,130 @@ class Muon(Optimizer):
         included, is formed in that dtype and written with one rounding (or compensated).
         """
         rows, cols = shape
+        updates = self._nesterov(group, grads, buffers)
+        sources = [u.reshape(rows, cols) for u in updates]
+        dtype = self._update_dtype(group, params[0].dtype, compute)
+        outputs = [o.to(dtype) for o in self._orthogonalize(group, shape, sources)]
+        if params[0].dim() != 2:
+            outputs = [o.reshape(p.shape) for o, p in zip(outputs, params)]
+        self._apply(group, shape, params, outputs, comps, compute)
+
+    @staticmethod
+    def _nesterov(
+        group: dict[str, Any], grads: Sequence[Tensor], buffers: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """``U = lerp(g, B, μ)`` (nesterov) or ``B`` itself (read only), element-wise."""
         if group["nesterov"]:
-            updates = torch._foreach_lerp(grads, buffers, group["momentum"])
-        else:
-            updates = list(buffers)  # read only: copied into the iteration's own buffer
+            return list(torch._foreach_lerp(grads, buffers, group["momentum"]))
+        return list(buffers)  # read only: copied into the iteration's own buffer
+
+    @staticmethod
+    def _update_dtype(
+        group: dict[str, Any], param_dtype: torch.dtype, compute: torch.dtype | None
+    ) -> torch.dtype:
+        """The dtype the orthogonalised update is added in."""
+        if compute is not None:
+            return compute
+        # The update is added in the parameter's dtype when that is at least as wide (an
+        # exact cast, and same-dtype foreach ops); otherwise in the iteration's dtype.
+        if torch.promote_types(param_dtype, group["ns_dtype"]) != param_dtype:
+            return group["ns_dtype"]
+        return param_dtype
+
+    @staticmethod
+    def _orthogonalize(
+        group: dict[str, Any], shape: tuple[int, int], sources: Sequence[Tensor]
+    ) -> list[Tensor]:
+        """``NS_k`` of whole ``rows × cols`` matrices (any dtype, never modified): results in
+        ``ns_dtype``, shaped ``rows × cols``; batched when ``batched`` and small enough."""
+        rows, cols = shape
         steps, coefficients, eps = group["ns_steps"], group["ns_coefficients"], group["eps"]
         transpose = rows > cols
         m, n = (cols, rows) if transpose else (rows, cols)
-        sources = [u.reshape(rows, cols) for u in updates]
         if transpose:
             sources = [s.mT for s in sources]
-        device, ns_dtype = params[0].device, group["ns_dtype"]
-        if compute is not None:
-            dtype = compute
-        else:
-            # The update is added in the parameter's dtype when that is at least as wide (an
-            # exact cast, and same-dtype foreach ops); otherwise in the iteration's dtype.
-            dtype = params[0].dtype
-            if torch.promote_types(dtype, ns_dtype) != dtype:
-                dtype = ns_dtype
-        if group["batched"] and len(params) > 1 and m * n <= MAX_BATCHED_MATRIX_NUMEL:
-            x = torch.empty((len(params), m, n), dtype=ns_dtype, device=device)
-            torch._foreach_copy_(list(x.unbind(0)), sources)
-            y = _newton_schulz_owned_(x, steps, coefficients, eps).to(dtype)
-            outputs = list((y.mT if transpose else y).unbind(0))
-        else:
-            outputs = []
-            for source in sources:
-                x = source.to(dtype=ns_dtype, memory_format=torch.contiguous_format, copy=True)
-                y = _newton_schulz_owned_(x, steps, coefficients, eps).to(dtype)
-                outputs.append(y.mT if transpose else y)
-        if params[0].dim() != 2:
-            outputs = [o.reshape(p.shape) for o, p in zip(outputs, params)]
-        scale = lr_adjustment(rows, cols, group["adjust_lr_fn"])
+        device, ns_dtype = sources[0].device, group["ns_dtype"]
+        if group["batched"] and len(sources) > 1 and m * n <= MAX_BATCHED_MATRIX_NUMEL:
+            x = torch.empty((len(sources), m, n), dtype=ns_dtype, device=device)
+            torch._foreach_copy_(list(x.unbind(0)), list(sources))
+            y = _newton_schulz_owned_(x, steps, coefficients, eps)
+            return list((y.mT if transpose else y).unbind(0))
+        outputs = []
+        for source in sources:
+            x = source.to(dtype=ns_dtype, memory_format=torch.contiguous_format, copy=True)
+            y = _newton_schulz_owned_(x, steps, coefficients, eps)
+            outputs.append(y.mT if transpose else y)
+        return outputs
+
+    @staticmethod
+    def _apply(
+        group: dict[str, Any],
+        shape: tuple[int, int],
+        params: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        comps: Sequence[Tensor],
+        compute: torch.dtype | None,
+    ) -> None:
+        """``θ ← θ − η·s(r, c)·O`` (weight decay already applied, except for low-precision
+        parameters, where it joins the one rounded write)."""
+        scale = lr_adjustment(shape[0], shape[1], group["adjust_lr_fn"])
         if compute is None:
-            torch._foreach_add_(list(params), outputs, alpha=-group["lr"] * scale)
+            torch._foreach_add_(list(params), list(outputs), alpha=-group["lr"] * scale)
             return
         # d = −η·s·O − ηλ·θ in the compute dtype, then one rounding into θ
-        deltas = torch._foreach_mul(outputs, -group["lr"] * scale)
+        deltas = torch._foreach_mul(list(outputs), -group["lr"] * scale)
         if group["weight_decay"] != 0:
             decay = -group["lr"] * group["weight_decay"]
             torch._foreach_add_(deltas, _as(params, compute), alpha=decay)
         _write_(params, deltas, comps)
+
+    def _sharded_update(
+        self,
+        group: dict[str, Any],
+        process_group: Any,
+        shapes: list[tuple[int, int]],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[Tensor],
+        comps: list[Tensor],
+        compute: torch.dtype | None,
+    ) -> None:
+        """The orthogonal update of FSDP2 matrices (``params`` etc.: the local rows).
+
+        ``U`` is formed on the local rows, cast to ``ns_dtype`` (the iteration's first step,
+        so the cast before sending is the one a single process makes) and sent to the
+        matrix's owner (:mod:`backends._owners`); the owner runs Newton–Schulz on the whole
+        matrices it owns, batched as on one process, and sends each rank its rows of the
+        result (in ``ns_dtype``, cast afterwards exactly as on one process). Bytes per step:
+        ``2·N·(W-1)/W`` elements of ``ns_dtype`` over all ranks (``N``: the matrices'
+        elements), two ``all_to_all_single`` calls per param group and dtype.
+        """
+        ns_dtype = group["ns_dtype"]
+        updates = self._nesterov(group, grads, buffers)
+        sources = [_owners.matrix_rows(u).to(ns_dtype) for u in updates]
+        plan = _owners.Plan(process_group, shapes, [_owners.muon_cost(*s) for s in shapes])
+        wholes = plan.to_owners(sources)
+        results: dict[int, Tensor] = {}
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i in plan.owned:
+            by_shape.setdefault(shapes[i], []).append(i)
+        for shape, indices in by_shape.items():
+            chunk = max(1, MAX_BATCH_NUMEL // max(1, shape[0] * shape[1]))
+            for start in range(0, len(indices), chunk):
+                part = indices[start : start + chunk]
+                outs = self._orthogonalize(group, shape, [wholes[i] for i in part])
+                results.update(zip(part, outs))
+        mine = plan.to_shards(results, like=sources[0])
+        dtype = self._update_dtype(group, params[0].dtype, compute)
+        by_shape = {}
+        for i, shape in enumerate(shapes):
+            by_shape.setdefault(shape, []).append(i)
+        for shape, indices in by_shape.items():
+            self._apply(
+                group, shape, [params[i] for i in indices],
+                [mine[i].to(dtype).reshape(params[i].shape) for i in indices],
+                [comps[i] for i in indices] if comps else [], compute,
+            )
 
     def _adamw_group(self, group: dict[str, Any], skip: Tensor | None) -> None:
         buckets: dict[tuple, tuple[list[Tensor], ...]] = {}
@@ -518,17 +630,18 @@ class Muon(Optimizer):
                     p, dtype=state_dtype, memory_format=torch.preserve_format
                 )
             key = (p.device, p.dtype, state["exp_avg"].dtype)
-            bucket = buckets.setdefault(key, ([], [], [], [], []))
+            bucket = buckets.setdefault(key, ([], [], [], [], [], []))
+            # FSDP2: element-wise on the local shards (views sharing the DTensors' storage)
             for lst, value in zip(
-                bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], p)
             ):
-                lst.append(value)
+                lst.append(shards.local(value) if lst is not bucket[-1] else value)
         lr = group["lr"] if group["adamw_lr"] is None else group["adamw_lr"]
         beta1, beta2 = group["adamw_betas"]
         weight_decay, eps = group["adamw_weight_decay"], group["adamw_eps"]
         for (_, param_dtype, state_dtype), bucket in buckets.items():
-            b_params, b_grads, b_m, b_v, b_steps = bucket
-            comps = self._kahan_buffers(group, b_params)
+            b_params, b_grads, b_m, b_v, b_steps, keys = bucket
+            comps = [shards.local(c) for c in self._kahan_buffers(group, keys)]
             written = [*b_params, *b_m, *b_v, *b_steps, *comps]
             saved = self._guarded(skip, written)
             compute = _compute_dtype(param_dtype, state_dtype)
@@ -560,7 +673,7 @@ class Muon(Optimizer):
                 if weight_decay != 0:
                     torch._foreach_add_(deltas, _as(b_params, compute), alpha=-lr * weight_decay)
                 _write_(b_params, deltas, comps)
-            self._finish(skip, b_params, written, saved)
+            self._finish(skip, keys, written, saved)
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adaptor import precision
+from adaptor import precision, shards
+from backends import _shampoo_fsdp
 from backends._common import adam_bias_corrections, step_dtype
 from backends._state import (
     KAHAN_KEY,
@@ -485,6 +486,8 @@ class Shampoo(Optimizer):
                     raise TypeError(
                         f"Shampoo does not support complex parameters (param group {index})"
                     )
+                if self._is_matrix(p):  # DTensor placements we cannot gather: TypeError
+                    _shampoo_fsdp.split([p], [0])
                 state = self.state.get(p)
                 if state and self._is_matrix(p):
                     self._check_matrix_state(group, p, state, f"a parameter of group {index}")
@@ -494,7 +497,8 @@ class Shampoo(Optimizer):
             return loss
         skip_nonfinite = any(group["skip_nonfinite"] for group in self.param_groups)
         # GradScaler: unscale in place and fold in found_inf; None when nothing can skip.
-        skip = precision.prepare_step(self, grads, skip_nonfinite=skip_nonfinite)
+        # FSDP2: on the local shards, the flag then common to every rank of a shard group.
+        skip = shards.prepare_sharded_step(self, grads, skip_nonfinite=skip_nonfinite)
         for group, params in work:
             for _, bucket in _bucket(params, lambda p: (p.device, p.dtype)).items():
                 self._step_bucket(group, bucket, skip)
@@ -527,27 +531,30 @@ class Shampoo(Optimizer):
         for p in params:
             self._init_state(group, p, layouts[p])
         states = [self.state[p] for p in params]
+        # FSDP2: element-wise work on the DTensors' local rows (views sharing their storage);
+        # ``keys`` (the parameters) index the state and give the whole shapes.
+        keys, params = params, [shards.local(p) for p in params]
         param_dtype = params[0].dtype
         compute = compute_dtype(param_dtype, states[0]["exp_avg"].dtype)
         low = param_dtype != compute
         comps = []
         if group["kahan"] and param_dtype in precision.LOW_PRECISION:
-            for p, s in zip(params, states):
+            for p, s in zip(keys, states):
                 if KAHAN_KEY not in s:
                     s[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                comps.append(s[KAHAN_KEY])
+                comps.append(shards.local(s[KAHAN_KEY]))
 
         steps = [s["step"] for s in states]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        matrices = [i for i, p in enumerate(params) if layouts[p] is not None]
+        exp_avgs = [shards.local(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [shards.local(s["exp_avg_sq"]) for s in states]
+        matrices = [i for i, p in enumerate(keys) if layouts[p] is not None]
         refresh, active = _advance_schedule(states, matrices, start, every)
         # A skip flag (a 0-d device tensor) masks every write: the gradients are zeroed and
         # each decay/weight becomes exactly 1/0 where the flag is set, so parameters and state
         # keep their bits without a snapshot (see _Mask).
         mask = None if skip is None else _Mask(skip, params[0].device)
 
-        grads = as_dtype([p.grad for p in params], compute)
+        grads = as_dtype([shards.local(p.grad) for p in keys], compute)
         if mask is not None:
             # A skipped step's gradients may hold NaN/Inf: zero them on the device (eigh
             # never sees a non-finite statistic, and 0·g terms vanish).
@@ -581,17 +588,32 @@ class Shampoo(Optimizer):
         directions = list(torch._foreach_div(momentum, denominator))
 
         if matrices:
+            # FSDP2 matrices: whole-matrix work spread over the ranks (backends/_shampoo_fsdp)
+            sharded = _shampoo_fsdp.split(keys, matrices)
+            for process_group, indices in sharded.items():
+                if process_group is None:
+                    continue
+                _shampoo_fsdp.directions_(
+                    self, group, process_group, keys, indices, grads, momentum, directions,
+                    refresh, active, correction2, layouts, beta2, mask,
+                )
+            if len(sharded) > 1 or None not in sharded:  # the whole matrices remain below
+                whole = set(sharded.get(None, []))
+                matrices = [i for i in matrices if i in whole]
+                refresh = [i for i in refresh if i in whole]
+                active = [i for i in active if i in whole]
+        if matrices:
             self._update_statistics(
-                [params[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2, mask
+                [keys[i] for i in matrices], [grads[i] for i in matrices], layouts, beta2, mask
             )
             if refresh:
                 self._refresh_roots(
-                    group, [params[i] for i in refresh], [correction2[i] for i in refresh], mask
+                    group, [keys[i] for i in refresh], [correction2[i] for i in refresh], mask
                 )
             if active:
                 shampoo = self._precondition(
                     group,
-                    [params[i] for i in active],
+                    [keys[i] for i in active],
                     [momentum[i] for i in active],
                     [directions[i] for i in active],
                     layouts,
@@ -612,7 +634,7 @@ class Shampoo(Optimizer):
                 torch._foreach_add_(deltas, torch._foreach_mul(as_dtype(params, compute), decay))
             write_params_(params, deltas, comps, None if mask is None else mask.drop)
         if skip is not None:
-            count_skips_(self.state, params, skip)
+            count_skips_(self.state, keys, skip)
 
     def _update_statistics(
         self, params: list[Tensor], grads: list[Tensor], layouts: dict, beta2: float,

@@ -33,8 +33,18 @@ gathered in the forward and again in the backward, gradients reduce-scattered)
 ``3·(N−1)/N·4P``. Latency terms (``α·log N`` or ``α·(N−1)`` per collective) are not
 modelled: these are volumes.
 
-Optimizers that fail under a wrapper (Muon and Shampoo under FSDP2 are being made to work)
-print ``n/a (not yet)``. Adding an optimizer is one line in :data:`OPTIMIZERS`.
+**Payloads that shrink with N.** One collective's payload does not depend on ``N`` for every
+optimizer here but one: Muon under FSDP2 sends each rank's rows of every matrix to the matrix's
+owner and the owner's results back in rows (two ``all_to_all_single``), so its input holds
+``1/N`` of the matrices' elements, twice: ``S(N) = (2/N)·S(2)`` and ``2·S(2)·(N−1)/N²`` bytes
+per rank (:data:`SHRINKS_WITH_RANKS`; the formula is checked on 2 ranks by
+``tests/backends/test_matrix_distributed.py``). Shampoo's exchange under FSDP2 sends a rank's
+rows of ``G``, ``m̂`` and ``A`` to every rank (constant in ``N``); its roots, sent by the owner
+at refresh steps (every step here, ``precondition_frequency=1``), scale with
+``Σ r² + c²`` over the blocks, not with ``P``, so its projection is an approximation.
+
+Optimizers that fail under a wrapper print ``n/a (not yet)``. Adding an optimizer is one line
+in :data:`OPTIMIZERS`.
 """
 
 from __future__ import annotations
@@ -78,6 +88,11 @@ RANKS = (8, 64, 1024)
 # the three tiny MLPs the payloads are fitted on: (width, hidden layers)
 FIT_SHAPES = ((16, 1), (32, 1), (16, 2))
 NOT_YET = "n/a (not yet)"
+# (optimizer, wrap) -> collective kinds whose payload is measured at WORLD ranks and scales
+# as WORLD/N (see the module docstring)
+SHRINKS_WITH_RANKS: dict[tuple[str, str], frozenset[str]] = {
+    ("Muon", "fsdp2"): frozenset({"all_to_all"}),
+}
 
 _c10d = torch.ops.c10d
 _funcol = torch.ops._c10d_functional
@@ -274,11 +289,14 @@ def _solve3(rows: list[list[Fraction]], values: list[Fraction]) -> list[Fraction
 
 
 def sent_per_rank(coefficients: dict[str, tuple[Fraction, ...]], params: int, tensors: int,
-                  ranks: int) -> float:
-    """Bytes one rank sends per step at ``ranks`` ranks (ring formulas above)."""
+                  ranks: int, shrinking: frozenset[str] = frozenset()) -> float:
+    """Bytes one rank sends per step at ``ranks`` ranks (ring formulas above); the payloads
+    of the ``shrinking`` kinds, fitted at ``WORLD`` ranks, scale as ``WORLD/ranks``."""
     total = Fraction(0)
     for kind, (a, c, d) in coefficients.items():
         payload = a * 4 * params + c * tensors + d
+        if kind in shrinking:
+            payload = payload * Fraction(WORLD, ranks)
         total += RING_FACTOR[kind](ranks) * max(payload, Fraction(0))
     return float(total)
 
@@ -330,7 +348,8 @@ def report(results: dict[str, Any]) -> str:
                     if (name, wrap) not in projected:
                         cells.append(NOT_YET)
                         continue
-                    sent = sent_per_rank(projected[name, wrap], p, t, n)
+                    sent = sent_per_rank(projected[name, wrap], p, t, n,
+                                         SHRINKS_WITH_RANKS.get((name, wrap), frozenset()))
                     ddp = 2 * (n - 1) / n * 4 * p
                     cells.append(f"{_human(sent)} (×{sent / ddp:.2g})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

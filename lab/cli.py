@@ -2,7 +2,7 @@
 
     explore demo                       Figure 1: SGD/Adam vs E-SGD/E-Adam on 2-D valleys
     explore compare [options]          optimizers × seeds on digits (real data) or synthetic
-    explore flatness [options]         α ∈ {-5, 0, 0.5}: top Hessian eigenvalue, test accuracy
+    explore flatness [options]         α ∈ {-5, 0, 0.5}: λ_max and tr H at equal training loss
     explore sweep [--quick] [options]  batch-size sweep, E vs its base, paired statistics
     explore optimizers                 the selectable optimizer names
 
@@ -65,6 +65,20 @@ def _float_arg(what: str, *, positive: bool = False, nonnegative: bool = False):
     return parse
 
 
+def _task_arg(text: str) -> str:
+    """``--task``: a built-in name, ``mnist1d@N`` or ``module:function`` (imported here, so a
+    bad plug-in is reported before anything runs)."""
+    from lab.tasks import check_task
+
+    try:
+        return check_task(text)
+    except (ValueError, TypeError, ImportError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_task_arg.__name__ = "task"
+
+
 def _add_common(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help=f"output folder (default: runs/{command})"
@@ -82,9 +96,15 @@ def _add_training(parser: argparse.ArgumentParser, *, batch: int, epochs: int, s
     from lab.tasks import MODELS, TASKS
     from lab.train import REFERENCE_BATCH, SCALINGS, SCHEDULES
 
-    parser.add_argument("--task", default="digits",
-                        help=f"{' or '.join(TASKS)} (default: digits, scikit-learn's bundled set)")
-    parser.add_argument("--model", default="mlp", help=f"{' or '.join(MODELS)} (default: mlp)")
+    parser.add_argument("--task", type=_task_arg, default="digits",
+                        help=f"{', '.join(TASKS)} (default: digits, scikit-learn's bundled "
+                             "set); mnist1d@N for N samples (default 5000: 4000 train, 1000 "
+                             "test, generated locally); or a plug-in module:function (or "
+                             "file.py:function) whose function(seed) returns a lab.tasks.Task, "
+                             "e.g. examples/custom_task.py:make_task")
+    parser.add_argument("--model", default="mlp",
+                        help=f"{' or '.join(MODELS)} (default: mlp); mnist1d: its paper's MLP "
+                             "and 1-D CNN; a plug-in task may name its own models")
     parser.add_argument("--batch-size", type=_int_arg("batch size", 1), default=batch,
                         help=f"mini-batch size; >= the training set means full batch "
                              f"(default: {batch})")
@@ -145,10 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="β of e-* optimizers and alto (default: preset(batch size))")
     _add_common(compare, "compare")
 
-    flat = sub.add_parser("flatness", help="α vs the top Hessian eigenvalue",
-                          description="Train E(optimizer) with each α and report the top "
-                                      "Hessian eigenvalue of the training loss and the test "
-                                      "accuracy (the paper's Figure 3 on a small scale).")
+    flat = sub.add_parser("flatness", help="α vs the curvature, at equal training loss",
+                          description="Train E(optimizer) with each α (α = 0: the base) and "
+                                      "compare the top Hessian eigenvalue and the Hessian "
+                                      "trace of the training loss at checkpoints of equal "
+                                      "training loss (the first epoch at or below each "
+                                      "threshold), and at the end (the paper's Figure 3 on a "
+                                      "small scale).")
     _add_training(flat, batch=1024, epochs=150, seeds=5, warmup=10.0)
     flat.add_argument("--optimizer", default="adamw",
                       help="the base optimizer to adapt (default: adamw); alto also works")
@@ -158,7 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one β for every α (default: the paper's pairing, β = 0.99 for "
                            "α <= 0 and β = 0.01 for α > 0)")
     flat.add_argument("--hessian-iters", type=_int_arg("hessian iterations", 1), default=50,
-                      help="iterations of the top-eigenvalue solver (default: 50)")
+                      help="restarts of the top-eigenvalue solver (Lanczos, scipy's eigsh; "
+                           "default: 50)")
+    flat.add_argument("--loss-thresholds", type=_float_arg("loss threshold", positive=True),
+                      nargs="+", default=None,
+                      help="full-batch training losses at which to compare the curvature "
+                           "(each run's first epoch at or below each; default: --thresholds "
+                           "values log-spaced from the initial loss to the lowest loss every "
+                           "run reached)")
+    flat.add_argument("--thresholds", type=_int_arg("thresholds", 1), default=4,
+                      help="number of automatic loss thresholds (default: 4)")
+    flat.add_argument("--trace-probes", type=_int_arg("trace probes", 1), default=32,
+                      help="Rademacher probes of Hutchinson's Hessian-trace estimate; exact "
+                           "trace when the model has at most this many parameters "
+                           "(default: 32)")
     _add_common(flat, "flatness")
 
     _add_sweep(sub)
@@ -202,7 +238,7 @@ def _add_sweep(sub) -> None:
     sweep.add_argument("--quick", action="store_true",
                        help="the small preset (under 3 minutes on 2 CPU cores); explicit "
                             "options still override it")
-    sweep.add_argument("--task", default=None,
+    sweep.add_argument("--task", type=_task_arg, default=None,
                        help=f"the task (default: {DEFAULT.task}); see `explore compare --help`")
     sweep.add_argument("--model", default=None, help=f"the model ({both('model')})")
     sweep.add_argument("--batch-sizes", type=_list_arg("batch sizes", _batch_item), default=None,
@@ -348,7 +384,9 @@ def _run(args: argparse.Namespace) -> int:
 
         config = _train_config(args)
         run_flatness(config, args.optimizer, args.alphas, args.beta, _seeds(args), _out(args),
-                     hessian_iters=args.hessian_iters, quiet=args.quiet)
+                     hessian_iters=args.hessian_iters, loss_thresholds=args.loss_thresholds,
+                     thresholds=args.thresholds, trace_probes=args.trace_probes,
+                     quiet=args.quiet)
         return 0
 
     if args.command == "sweep":

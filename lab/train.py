@@ -49,14 +49,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` for anything a run cannot use."""
-        from lab.tasks import MODELS, TASKS
+        from lab.tasks import check_task_model
 
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; available: {', '.join(TASKS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; available: {', '.join(MODELS)}")
-        if self.model == "cnn" and self.task != "digits":
-            raise ValueError(f"model 'cnn' needs an image task; {self.task!r} is not one")
+        check_task_model(self.task, self.model)
         _positive_int("batch size", self.batch_size)
         _positive_int("epochs", self.epochs)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -189,6 +184,7 @@ def train(
     model_hook: Callable[[nn.Module, Task], None] | None = None,
     on_start: Callable[[nn.Module], None] | None = None,
     on_order: Callable[[Tensor], None] | None = None,
+    epoch_hook: Callable[[int, nn.Module], None] | None = None,
 ) -> RunResult:
     """Train optimizer ``name`` on ``config.task`` with ``seed``; return metrics and curves.
 
@@ -197,6 +193,8 @@ def train(
     ``model_hook(model, task)`` sees the trained model (e.g. for a Hessian). ``on_start(model)``
     sees the initial model and ``on_order(permutation)`` each epoch's sample order (CPU tensor;
     not called at full batch): ``explore sweep`` checks with them that paired runs share both.
+    ``epoch_hook(epoch, model)`` sees the model at initialisation (epoch 0) and after every
+    epoch (e.g. to keep checkpoints).
     """
     config.validate()
     task = task if task is not None else load_task(config.task, seed)
@@ -244,6 +242,8 @@ def train(
     step = 0
     start = time.perf_counter()
     model.train()
+    if epoch_hook is not None:
+        epoch_hook(0, model)
     for epoch in range(1, config.epochs + 1):
         running = torch.zeros((), dtype=torch.float64, device=device)
         order = torch.randperm(n, generator=generator) if batch < n else None
@@ -270,6 +270,8 @@ def train(
         curves["test_acc"].append(test_acc_f)
         if on_epoch is not None:
             on_epoch(epoch, train_mean)
+        if epoch_hook is not None:
+            epoch_hook(epoch, model)
         if not math.isfinite(train_mean):
             diverged = True
             break

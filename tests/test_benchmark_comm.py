@@ -60,3 +60,18 @@ def test_ring_factors():
     assert comm.RING_FACTOR["all_reduce"](8) == Fraction(14, 8)
     assert comm.RING_FACTOR["all_gather"](8) == Fraction(7, 8)
     assert comm.RING_FACTOR["reduce_scatter"](1024) == Fraction(1023, 1024)
+
+
+def test_muon_fsdp2_exchange_shrinks_with_the_ranks():
+    """Muon under FSDP2 sends its 1/N of every matrix to the owners and gets its rows back:
+    per rank 2·E·b·(N−1)/N² bytes for E elements of b bytes. At 2 ranks the payload of the
+    two all-to-alls is S(2) = 2·E·b/2 = E·b, so at N ranks the rank sends 2·S(2)·(N−1)/N²."""
+    measured = 3000  # S(2) in bytes: E·b
+    coefficients = {"all_to_all": (Fraction(0), Fraction(0), Fraction(measured))}
+    for n in (2, 8, 64, 1024):
+        shrinking = comm.SHRINKS_WITH_RANKS[("Muon", "fsdp2")]
+        sent = comm.sent_per_rank(coefficients, 1, 1, n, shrinking)
+        assert sent == pytest.approx(2 * measured * (n - 1) / n**2, rel=1e-12)
+        # without the scaling the all-to-all would stay (N−1)/N·S(2)
+        assert comm.sent_per_rank(coefficients, 1, 1, n) == pytest.approx(
+            (n - 1) / n * measured, rel=1e-12)

@@ -7,7 +7,10 @@ The baseline row is one forward pass (``no_grad``) of the benchmark model on a b
 over the parameters per sample), drawing ``Δ``, scaling the gradient, the replacement and
 the base update. ``exact_restore=True`` (the path bf16/fp16 models take by default)
 perturbs from a saved copy and regenerates ``Δ`` three times. A backprop step (forward +
-backward + E(SGD)) is shown for comparison.
+backward + E(SGD)) is shown for comparison. The ``SPSA fused`` rows take the packed
+one-pass kernels (``SPSA(fused=True)``: three passes over the parameters per sample, the
+gradient written in the last) and E's fast path (``fused=True``); they compile on their
+first (warm-up) step.
 ``state B/param B`` counts optimizer state only (the gradients SPSA writes are not state).
 """
 
@@ -19,7 +22,7 @@ from torch.func import functional_call
 
 from adaptor import E, explore
 from backends.zeroth_order import SPSA
-from benchmarks.harness import Row, Suite, build_model
+from benchmarks.harness import DRY_RUN_MODEL, Row, Suite, build_model
 
 BATCH = 64
 _MODELS: dict[tuple, tuple[nn.Module, list[str], torch.Tensor]] = {}
@@ -30,16 +33,19 @@ def _shapes(params) -> tuple:
 
 
 def _model_for(params) -> tuple[nn.Module, list[str], torch.Tensor]:
-    """The harness model whose parameters these are, its parameter names and an input."""
-    key = _shapes(params)
+    """The harness model whose parameters these are (on their device), its parameter names
+    and an input."""
+    params = list(params)
+    device = params[0].device
+    key = (_shapes(params), device)
     if key not in _MODELS:
-        for name in ("mlp16m", "small200"):
+        for name in ("mlp16m", "small200", DRY_RUN_MODEL):
             module = build_model(name)
-            if _shapes(module.parameters()) == key:
+            if _shapes(module.parameters()) == key[0]:
                 names = [n for n, _ in module.named_parameters()]
                 width = module[0].in_features
                 inputs = torch.randn(BATCH, width, generator=torch.Generator().manual_seed(2))
-                _MODELS[key] = (module, names, inputs)
+                _MODELS[key] = (module.to(device), names, inputs.to(device))
                 break
         else:
             raise ValueError("parameters of an unknown benchmark model")
@@ -107,6 +113,17 @@ SUITE = Suite(
             step=_closure_step),
         Row("SPSA gaussian+E(SGD) (floor 2x)",
             lambda p: explore(SPSA(distribution="gaussian", seed=0), _sgd(p)),
+            step=_closure_step),
+        Row("SPSA fused + SGD, no adaptor (floor 2x)",
+            lambda p: SPSAThenBase(SPSA(seed=0, fused=True), _sgd(p)), step=_closure_step),
+        Row("SPSA fused+E(SGD) fused (floor 2x)",
+            lambda p: explore(SPSA(seed=0, fused=True), _sgd(p), fused=True),
+            step=_closure_step),
+        Row("SPSA fused+E(Adam) fused (floor 2x)",
+            lambda p: explore(SPSA(seed=0, fused=True), _adam(p), fused=True),
+            step=_closure_step),
+        Row("SPSA fused 4 samples+E(SGD) fused (floor 8x)",
+            lambda p: explore(SPSA(samples=4, seed=0, fused=True), _sgd(p), fused=True),
             step=_closure_step),
         Row("SPSA 4 samples+E(SGD) (floor 8x)",
             lambda p: explore(SPSA(samples=4, seed=0), _sgd(p)), step=_closure_step),

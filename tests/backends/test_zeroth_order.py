@@ -268,12 +268,15 @@ def test_spsa_adam_lowers_the_training_loss_of_a_small_mlp():
 
 class AllocationRecorder(TorchDispatchMode):
     """Records the element count of every new storage an op creates (views and in-place ops
-    return existing storages and are not counted). ``paused`` skips ops (the closure's)."""
+    return existing storages and are not counted) in ``new``, and in ``scratch`` the bytes of
+    those of an integer dtype (the packed signs and their unpacked bits). ``paused`` skips
+    ops (the closure's)."""
 
     def __init__(self, existing):
         super().__init__()
         self.known = {t.untyped_storage().data_ptr() for t in existing}
         self.new: list[int] = []
+        self.scratch: list[int] = []
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -284,7 +287,10 @@ class AllocationRecorder(TorchDispatchMode):
                     ptr = t.untyped_storage().data_ptr()
                     if ptr not in self.known:
                         self.known.add(ptr)
-                        self.new.append(t.untyped_storage().nbytes() // t.element_size())
+                        if t.is_floating_point():
+                            self.new.append(t.untyped_storage().nbytes() // t.element_size())
+                        else:
+                            self.scratch.append(t.untyped_storage().nbytes())
         return out
 
 
@@ -296,9 +302,11 @@ def _memory_problem():
     return params, targets
 
 
-def _recorded_step(step, params, targets):
+def _recorded_step(step, params, targets, recorders=None):
     existing = [*params, *targets, *(p.grad for p in params if p.grad is not None)]
     recorder = AllocationRecorder(existing)
+    if recorders is not None:
+        recorders.append(recorder)
 
     def closure():  # the forward pass is the user's; it is not counted
         recorder.paused = True
@@ -313,8 +321,12 @@ def _recorded_step(step, params, targets):
 
 
 def test_one_sample_step_allocates_nothing_but_the_gradients():
+    """Floating-point allocations: the gradients on the first step, nothing after. Integer
+    scratch: the packed words and unpacked bits of one block, one byte per element at most
+    (``chunk = 256`` here: the 2048-element parameter goes through 8 blocks)."""
     params, targets = _memory_problem()
-    spsa = SPSA(seed=0)
+    chunk = 256
+    spsa = SPSA(seed=0, chunk=chunk)
 
     def estimate(closure):
         spsa.estimate(closure, [{"params": params}])
@@ -322,8 +334,10 @@ def test_one_sample_step_allocates_nothing_but_the_gradients():
     first = _recorded_step(estimate, params, targets)
     big = sorted(n for n in first if n > 1)
     assert big == sorted(p.numel() for p in params), "the first step allocates the grads"
-    steady = _recorded_step(estimate, params, targets)
+    recorders = []
+    steady = _recorded_step(estimate, params, targets, recorders)
     assert max(steady, default=0) <= 1, f"steady-state step allocated {steady}"
+    assert 0 < max(recorders[0].scratch) <= chunk, f"integer scratch {recorders[0].scratch}"
 
     # the whole explored step (replacement and SGD in place) allocates nothing either
     optimizer = explore(SPSA(seed=0), torch.optim.SGD(params, lr=1e-3), alpha=0.5, beta=0.01)
@@ -341,9 +355,12 @@ def test_several_samples_use_one_block_sized_scratch():
         spsa.estimate(closure, [{"params": params}])
 
     _recorded_step(estimate, params, targets)
-    steady = _recorded_step(estimate, params, targets)
+    recorders = []
+    steady = _recorded_step(estimate, params, targets, recorders)
     assert max(steady) == chunk, f"scratch sizes {steady}"
     assert all(n <= chunk for n in steady)
+    # the unpacked bits: one byte per element of a block, rounded up to whole 64-bit words
+    assert max(recorders[0].scratch) <= 64 * -(-chunk // 64), recorders[0].scratch
 
 
 # -- round-off, devices, resume, errors -------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from adaptor import explore
+from adaptor.replacement import FUSED_MIN_NUMEL
 from backends.zeroth_order import SPSA
 from tests.optim_db import OptimizerInfo
 
@@ -33,7 +34,8 @@ def _adam(params, lr=1e-2, **kw):
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
-def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_base=True):
+def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_base=True,
+                shapes=None):
     spsa = {"seed": 0, **(spsa or {})}
 
     def build(params, alpha=alpha, beta=beta, state_dtype=None, skip_nonfinite=False,
@@ -72,6 +74,8 @@ def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_ba
         (lambda params: explore(SPSA(distribution="uniform"), _sgd(params)), ValueError,
          r"distribution must be one of \('rademacher', 'gaussian'\)"),
         (lambda params: build(params, alpha=-100.0), ValueError, r"\|alpha\| < 1/\(1-beta\)"),
+        (lambda params: explore(SPSA(fused="yes"), _sgd(params)), TypeError,
+         r"SPSA fused must be True, False or None"),
     )
     return OptimizerInfo(
         name=name,
@@ -81,8 +85,16 @@ def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_ba
         supports_complex=False,
         groups_independent=False,
         invalid=invalid,
+        fused_compile=shapes is not None,
+        shapes=shapes,
     )
 
+
+# The packed one-pass kernels (SPSA(fused=True)) take Rademacher parameters of at least
+# FUSED_MIN_NUMEL elements: two such tensors (one with a partial last 64-bit word: 320·257
+# elements) beside two small ones that take the generic path in the same step.
+PACKED_SHAPES = ((256, 256), (256,), (320, 257), (64,))
+assert sum(1 for s in PACKED_SHAPES if torch.Size(s).numel() >= FUSED_MIN_NUMEL) == 2
 
 INFOS = [
     _spsa_entry("SPSA+E(SGD)", _sgd, alpha=0.5, beta=0.01),
@@ -97,5 +109,13 @@ INFOS = [
     ),
     _spsa_entry(
         "SPSA(seed=None)+E(Adam)", _adam, spsa={"seed": None}, with_base=False
+    ),
+    _spsa_entry(
+        "SPSA(fused: packed one-pass kernels)+E(SGD)",
+        _sgd,
+        spsa={"fused": True},
+        alpha=0.5,
+        beta=0.01,
+        shapes=PACKED_SHAPES,
     ),
 ]

@@ -139,7 +139,7 @@ def test_schedule_reaches_the_optimizer():
 def test_flatness_end_to_end(tmp_path, capsys):
     out = tmp_path / "flat"
     code = main(["flatness", "--epochs", "2", "--seeds", "1", "--hessian-iters", "8",
-                 "--quiet", "--out", str(out)])
+                 "--trace-probes", "4", "--quiet", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     with open(out / "results.csv") as handle:
@@ -158,7 +158,8 @@ def test_flatness_end_to_end(tmp_path, capsys):
 def test_flatness_shared_beta_and_alto(tmp_path, capsys):
     out = tmp_path / "alto"
     code = main(["flatness", "--optimizer", "alto", "--alphas", "-1.5", "0.5", "--beta", "0.5",
-                 "--epochs", "1", "--seeds", "1", "--hessian-iters", "4", "--quiet",
+                 "--epochs", "1", "--seeds", "1", "--hessian-iters", "4", "--trace-probes", "4",
+                 "--quiet",
                  "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())

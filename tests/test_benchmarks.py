@@ -1,0 +1,105 @@
+"""The benchmark harness on CPU: the per-step memory count, the dry runs (``python -m
+benchmarks --dry-run`` and ``benchmarks/device_check.py --dry-run``), interleaved rounds.
+
+No timing is asserted; everything runs on tiny tensors in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import device_check
+from benchmarks.__main__ import main as bench_main
+from benchmarks.harness import DRY_RUN_MODEL, Row, Suite, run_suite, step_allocations
+
+CPU = torch.device("cpu")
+N = 1 << 16  # float32: 256 KiB, far above the profiler's bookkeeping of a few bytes
+
+
+def test_step_peak_counts_new_storage_not_views_and_is_a_peak_not_a_sum():
+    """Views and in-place ops allocate nothing; ``x + 1`` allocates ``x``'s bytes; two
+    temporaries alive one after the other peak at one, alive together at two.
+
+    Mutations caught: counting an op's inclusive memory (nested ops' allocations again), summing
+    allocations without the frees, per-op memory placed at the op's start (a free inside a
+    region such as ``Optimizer.step`` then lands before the allocation: peak 0)."""
+    x = torch.randn(N)
+    size = x.numel() * x.element_size()
+
+    def views():
+        x.view(-1)[1:].t().add_(1.0).mul_(2.0)
+
+    def one():
+        return x + 1
+
+    def sequential():
+        a = x + 1
+        del a
+        b = x * 2
+        del b
+
+    def together():
+        a, b = x + 1, x * 2
+        return a, b
+
+    assert step_allocations(views, CPU) < 1024
+    # to → _to_copy → empty_strided: one allocation seen by three nested ops
+    assert 2 * size <= step_allocations(lambda: x.double(), CPU) < 2 * size + 1024
+
+    def in_a_region():  # as Optimizer.step: a temporary freed inside a profiled region
+        with torch.profiler.record_function("outer"):
+            a = x + 1
+            del a
+
+    assert size <= step_allocations(in_a_region, CPU) < size + 1024
+    assert size <= step_allocations(one, CPU) < size + 1024
+    assert size <= step_allocations(sequential, CPU) < size + 1024
+    assert 2 * size <= step_allocations(together, CPU) < 2 * size + 1024
+
+
+def test_benchmarks_dry_run_prints_the_plan_and_steps_every_suite(capsys, tmp_path):
+    path = tmp_path / "dry.json"
+    assert bench_main(["--dry-run", "--device", "cuda", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: ok" in out
+    for suite in ("core", "zeroth_order", "first_order", "matrix", "second_order"):
+        assert f"suite {suite}:" in out
+    results = json.loads(path.read_text())
+    assert {r["model"] for r in results} == {DRY_RUN_MODEL}
+    assert all(r["device"] == "cpu" and r["step_alloc_bytes"] is not None for r in results)
+
+
+def test_device_check_dry_run_writes_a_plan_within_its_budget(tmp_path, capsys):
+    assert device_check.main(["--dry-run", "--out", str(tmp_path), "--budget", "540"]) == 0
+    plan = (tmp_path / "plan.txt").read_text().splitlines()
+    assert plan[0].startswith("tests.log:") and "pytest" in plan[0]
+    bench = [line for line in plan if line.startswith("bench-")]
+    assert bench and all("--device cuda" in line for line in bench)
+    limits = [float(line.rsplit("(limit ", 1)[1].split(" s)")[0]) for line in plan]
+    assert sum(limits) <= 540 + len(limits)  # each rounded to whole seconds
+    assert (tmp_path / "dry-run.txt").read_text().rstrip().endswith("dry run: ok")
+
+
+def test_interleaved_rounds_time_every_row_and_report_failures(capsys):
+    calls = []
+
+    def step(optimizer, params):
+        calls.append(len(calls))
+        optimizer.step()
+
+    def broken(params):
+        raise RuntimeError("no such optimizer")
+
+    suite = Suite(
+        name="test", models=(DRY_RUN_MODEL,),
+        baseline=Row("sgd", lambda p: torch.optim.SGD(p, lr=0.1), step=step),
+        rows=[Row("adam", lambda p: torch.optim.Adam(p, lr=0.1)), Row("broken", broken)],
+    )
+    results = run_suite(suite, [DRY_RUN_MODEL], warmup=1, repeats=3, interleave=True)
+    assert [r["optimizer"] for r in results] == ["sgd", "adam"]
+    assert results[0]["ratio"] == 1.0
+    assert len(calls) == 1 + 1 + 3  # warm-up, the memory-counted step, three rounds
+    assert results[1]["state_ratio"] == 2.0
+    assert "broken" in capsys.readouterr().out
