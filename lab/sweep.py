@@ -394,6 +394,20 @@ def _worker_run(config: SweepConfig, job: Job, task: Task) -> dict[str, Any]:
     return run_job(config, job, _to_device(task, config.device))
 
 
+def _check_picklable(task: Task) -> None:
+    """Workers receive the task pickled: say so before any run rather than at the first job."""
+    import pickle
+
+    try:
+        pickle.dumps(task)
+    except Exception as error:  # pickle raises several types (PicklingError, AttributeError)
+        raise ValueError(
+            f"--workers > 1 sends the task to worker processes, and task {task.name!r} cannot "
+            f"be pickled ({error}); define its model factories at module level or use "
+            "--workers 1"
+        ) from None
+
+
 def open_pool(config: SweepConfig) -> ProcessPoolExecutor | None:
     """``config.workers`` spawned processes (``None`` for 1: run inline). A script that
     calls :func:`run_sweep` with workers > 1 needs the ``if __name__ == "__main__":`` guard."""
@@ -671,6 +685,8 @@ def run_sweep(
     n_train, n_fit = int(task.x_train.shape[0]), int(fit_task.x_train.shape[0])
     n_test = int(task.y_test.shape[0])
     plans = plan_sweep(config, n_train, n_fit)
+    if config.workers > 1:
+        _check_picklable(task)
     out.mkdir(parents=True, exist_ok=True)
     text = describe(config, n_train, n_fit, n_test)
     print(f"explore sweep: {text}", file=stream)

@@ -230,3 +230,10 @@ def test_diverged_runs_are_reported_not_fatal(tmp_path):
     assert row["base_diverged"] == 2 and row["explored_diverged"] == 2
     assert all(r["order_epochs"] < 4 for r in payload["runs"] if r["phase"] == "final")
     assert "diverged" in (tmp_path / "table.csv").read_text()
+
+
+def test_workers_need_a_picklable_task(tmp_path):
+    task = load_task("digits", seed=0)
+    unpicklable = dataclasses.replace(task, models={"mlp": lambda: torch.nn.Linear(64, 10)})
+    with pytest.raises(ValueError, match="cannot be pickled"):
+        run_sweep(dataclasses.replace(TINY, workers=2), tmp_path, task=unpicklable, quiet=True)
