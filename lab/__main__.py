@@ -4,4 +4,5 @@ import sys
 
 from lab.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # `explore sweep --workers N` spawns processes that import this
+    sys.exit(main())

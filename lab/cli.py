@@ -3,6 +3,7 @@
     explore demo                       Figure 1: SGD/Adam vs E-SGD/E-Adam on 2-D valleys
     explore compare [options]          optimizers × seeds on digits (real data) or synthetic
     explore flatness [options]         α ∈ {-5, 0, 0.5}: λ_max and tr H at equal training loss
+    explore sweep [--quick] [options]  batch-size sweep, E vs its base, paired statistics
     explore optimizers                 the selectable optimizer names
 
 Bad input (an unknown optimizer or task, a negative batch size, an inadmissible α, ...)
@@ -196,8 +197,132 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: 32)")
     _add_common(flat, "flatness")
 
+    _add_sweep(sub)
+
     sub.add_parser("optimizers", help="list the selectable optimizer names")
     return parser
+
+
+def _list_arg(what: str, item):
+    def parse(text: str) -> tuple:
+        values = []
+        for part in text.split(","):
+            if part.strip():
+                values.append(item(part.strip()))
+        if not values:
+            raise argparse.ArgumentTypeError(f"{what}: give at least one value, got {text!r}")
+        return tuple(values)
+
+    parse.__name__ = what
+    return parse
+
+
+def _add_sweep(sub) -> None:
+    from lab.sweep import DEFAULT, QUICK, batch_label
+
+    def show(values) -> str:
+        return ",".join(f"{v:.3g}" if isinstance(v, float) else batch_label(v) for v in values)
+
+    def both(field: str, fmt=str) -> str:
+        d, q = getattr(DEFAULT, field), getattr(QUICK, field)
+        return f"default: {fmt(d)}" + ("" if d == q else f"; --quick: {fmt(q)}")
+
+    sweep = sub.add_parser(
+        "sweep", help="batch-size sweep: E vs its base, paired statistics (the paper's Table 16)",
+        description="For each batch size and optimizer pair: tune the lr on a validation split "
+                    "carved from the training set, train every optimizer with K paired seeds "
+                    "(same initialisation and batch order on both sides), report test accuracy "
+                    "and training loss as mean ± t-interval and the paired difference E − base "
+                    "with a paired t-test and a Wilcoxon test. Writes table.csv, runs.csv, "
+                    "sweep.json and sweep.png.")
+    sweep.add_argument("--quick", action="store_true",
+                       help="the small preset (under 3 minutes on 2 CPU cores); explicit "
+                            "options still override it")
+    sweep.add_argument("--task", type=_task_arg, default=None,
+                       help=f"the task (default: {DEFAULT.task}); see `explore compare --help`")
+    sweep.add_argument("--model", default=None, help=f"the model ({both('model')})")
+    sweep.add_argument("--batch-sizes", type=_list_arg("batch sizes", _batch_item), default=None,
+                       help=f"comma-separated, 'full' = the whole training split "
+                            f"({both('batch_sizes', show)})")
+    sweep.add_argument("--pairs", default=None,
+                       help="comma-separated base:explored optimizer pairs (default: "
+                            + ",".join(f"{b}:{e}" for b, e in DEFAULT.pairs) + ")")
+    sweep.add_argument("--epochs", type=_int_arg("epochs", 1), default=None,
+                       help=f"epochs of every run ({both('epochs')})")
+    sweep.add_argument("--warmup-epochs", type=_float_arg("warm-up epochs", nonnegative=True),
+                       default=None,
+                       help=f"linear warm-up ({both('warmup_epochs', '{:g}'.format)})")
+    sweep.add_argument("--schedule", default=None, choices=("cosine", "step", "constant"),
+                       help=f"after warm-up ({both('schedule')})")
+    sweep.add_argument("--lr-factors", default=None,
+                       type=_list_arg("lr factors", _float_arg("lr factor", positive=True)),
+                       help="the lr grid: multiples of each optimizer's default lr scaled to the "
+                            f"batch size ({both('lr_factors', show)})")
+    sweep.add_argument("--lr-scaling", default=None, choices=("sqrt", "linear", "none"),
+                       help=f"scaling of the default lr to the batch size from batch 128 "
+                            f"({both('lr_scaling')})")
+    sweep.add_argument("--seeds", type=_int_arg("seeds", 2), default=None,
+                       help=f"paired seeds of the final runs ({both('seeds')})")
+    sweep.add_argument("--first-seed", type=_int_arg("first seed", 0), default=None,
+                       help="final seeds are first-seed, first-seed+1, ... (default: 0)")
+    sweep.add_argument("--tune-seeds", type=_int_arg("tune seeds", 1), default=None,
+                       help=f"seeds per lr of the grid ({both('tune_seeds')})")
+    sweep.add_argument("--val-fraction", type=_float_arg("validation fraction", positive=True),
+                       default=None, help="part of the training split held out to choose the "
+                                          f"lr ({both('val_fraction')})")
+    sweep.add_argument("--data-seed", type=_int_arg("data seed", 0), default=None,
+                       help="the train/test split and the validation split (default: 0)")
+    sweep.add_argument("--alphas", type=_float_arg("alpha"), nargs="+", default=None,
+                       help="α values of the explored side, space-separated (--alphas -5 "
+                            "0.5), each its own variant (default: the paper's preset per "
+                            "batch size: 0.5 below 1024, -5 from 1024)")
+    sweep.add_argument("--betas", type=_float_arg("beta"), nargs="+", default=None,
+                       help="β values (default: the preset per batch size: 0.01 below 1024, "
+                            "0.99 from 1024)")
+    sweep.add_argument("--weight-decay", type=_float_arg("weight decay", nonnegative=True),
+                       default=None, help="(default: each optimizer's own)")
+    sweep.add_argument("--confidence", type=_float_arg("confidence", positive=True),
+                       default=None, help="level of the intervals (default: 0.95)")
+    sweep.add_argument("--device", default=None,
+                       help="cpu (default) or cuda[:index] where a GPU exists")
+    sweep.add_argument("--workers", type=_int_arg("workers", 1), default=None,
+                       help="training processes, each with --threads threads (default: 1; "
+                            "2 uses both cores of a 2-core machine)")
+    _add_common(sweep, "sweep")
+
+
+def _batch_item(text: str) -> int:
+    from lab.sweep import parse_batch_sizes
+
+    try:
+        return parse_batch_sizes(text)[0]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _sweep_config(args: argparse.Namespace):
+    import dataclasses
+
+    from lab.sweep import DEFAULT, QUICK, parse_pairs
+
+    base = QUICK if args.quick else DEFAULT
+    given = {
+        "task": args.task, "model": args.model, "batch_sizes": args.batch_sizes,
+        "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "schedule": args.schedule,
+        "lr_factors": args.lr_factors, "lr_scaling": args.lr_scaling, "seeds": args.seeds,
+        "first_seed": args.first_seed, "tune_seeds": args.tune_seeds,
+        "val_fraction": args.val_fraction, "data_seed": args.data_seed,
+        "alphas": None if args.alphas is None else tuple(args.alphas),
+        "betas": None if args.betas is None else tuple(args.betas),
+        "weight_decay": args.weight_decay,
+        "confidence": args.confidence, "device": args.device, "workers": args.workers,
+    }
+    if args.pairs is not None:
+        given["pairs"] = parse_pairs(args.pairs)
+    config = dataclasses.replace(base, threads=args.threads,
+                                 **{k: v for k, v in given.items() if v is not None})
+    config.validate()
+    return config
 
 
 def _seeds(args: argparse.Namespace) -> list[int]:
@@ -264,6 +389,12 @@ def _run(args: argparse.Namespace) -> int:
                      quiet=args.quiet)
         return 0
 
+    if args.command == "sweep":
+        from lab.sweep import run_sweep
+
+        run_sweep(_sweep_config(args), _out(args), quiet=args.quiet)
+        return 0
+
     if args.command == "demo":
         from lab.demo import run_demo
 
@@ -271,7 +402,7 @@ def _run(args: argparse.Namespace) -> int:
                  beta=args.beta, quiet=args.quiet)
         return 0
 
-    raise UsageError("a command is required: demo, compare, flatness or optimizers "
+    raise UsageError("a command is required: demo, compare, flatness, sweep or optimizers "
                      "(see explore --help)")
 
 

@@ -140,8 +140,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 2048) -> tuple
     """``(mean cross-entropy, accuracy)`` as 0-d tensors (no host read)."""
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], chunk):
         logits = model(x[start : start + chunk])
         target = y[start : start + chunk]
@@ -182,19 +182,27 @@ def train(
     task: Task | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     model_hook: Callable[[nn.Module, Task], None] | None = None,
+    on_start: Callable[[nn.Module], None] | None = None,
+    on_order: Callable[[Tensor], None] | None = None,
     epoch_hook: Callable[[int, nn.Module], None] | None = None,
 ) -> RunResult:
     """Train optimizer ``name`` on ``config.task`` with ``seed``; return metrics and curves.
 
-    ``on_epoch(epoch, train_loss)`` is called after every epoch (progress bars).
-    ``model_hook(model, task)`` sees the trained model (e.g. for a Hessian).
+    The model and the batches live on the device of ``task.x_train`` (move the task to run on
+    a GPU). ``on_epoch(epoch, train_loss)`` is called after every epoch (progress bars).
+    ``model_hook(model, task)`` sees the trained model (e.g. for a Hessian). ``on_start(model)``
+    sees the initial model and ``on_order(permutation)`` each epoch's sample order (CPU tensor;
+    not called at full batch): ``explore sweep`` checks with them that paired runs share both.
     ``epoch_hook(epoch, model)`` sees the model at initialisation (epoch 0) and after every
     epoch (e.g. to keep checkpoints).
     """
     config.validate()
     task = task if task is not None else load_task(config.task, seed)
     torch.manual_seed(seed)
-    model = task.make_model(config.model)
+    device = task.x_train.device
+    model = task.make_model(config.model).to(device)  # initialised on the CPU generator
+    if on_start is not None:
+        on_start(model)
     n = task.x_train.shape[0]
     batch = effective_batch(config.batch_size, n)
     built = make_optimizer(name, model, config, batch, seed)
@@ -237,11 +245,13 @@ def train(
     if epoch_hook is not None:
         epoch_hook(0, model)
     for epoch in range(1, config.epochs + 1):
-        running = torch.zeros((), dtype=torch.float64)
+        running = torch.zeros((), dtype=torch.float64, device=device)
         order = torch.randperm(n, generator=generator) if batch < n else None
+        if order is not None and on_order is not None:
+            on_order(order)
         for i in range(steps_per_epoch):
             if order is not None:
-                index = order[i * batch : (i + 1) * batch]
+                index = order[i * batch : (i + 1) * batch].to(device)
                 batch_x, batch_y = x_train[index], y_train[index]
             scale = factor(step)
             for group, lr in zip(optimizer.param_groups, base_lrs):
