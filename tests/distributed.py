@@ -3,7 +3,9 @@ batch, and a count of the bytes the library all-reduces."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -21,12 +23,20 @@ def gloo_group(rank: int, world: int, out_dir: str) -> Iterator[None]:
     down while the other still has gloo work in flight (FSDP2's last bf16 collectives), and
     the slower process aborts at exit ("terminate called without an active exception",
     SIGABRT) in about 1 run in 7.
+
+    FSDP2 modules and their optimizers live in reference cycles, which only the garbage
+    collector frees: left to the interpreter's exit they are destroyed after the group and
+    gloo aborts the same way. So garbage is collected before the barrier and again at exit
+    (``atexit``, while the interpreter is still whole: the worker's last models are garbage
+    by then).
     """
     torch.set_num_threads(1)
+    atexit.register(gc.collect)
     store = os.path.join(out_dir, "store")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         yield
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -62,3 +72,28 @@ def counted_all_reduce() -> Iterator[list[int]]:
         yield sent
     finally:
         dist.all_reduce = all_reduce
+
+
+def move_optimizer_state(model, optimizer, target_model, target, how: str, path: str) -> None:
+    """Move ``optimizer``'s state into ``target`` (a fresh optimizer of ``target_model``) the
+    way a user would under FSDP2: ``"dcp"`` (``dcp.save`` → ``dcp.load`` of the sharded
+    state dict), ``"sharded"`` (``get/set_optimizer_state_dict``) or ``"full"`` (gathered,
+    loaded with ``broadcast_from_rank0``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if how == "dcp":
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=path)
+        loaded = {"optim": get_optimizer_state_dict(target_model, target)}
+        dcp.load(loaded, checkpoint_id=path)
+        set_optimizer_state_dict(target_model, target, loaded["optim"])
+        return
+    options = StateDictOptions(full_state_dict=how == "full")
+    saved = get_optimizer_state_dict(model, optimizer, options=options)
+    if how == "full":
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(target_model, target, saved, options=options)

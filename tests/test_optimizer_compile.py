@@ -27,6 +27,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from tests.optim_db import clone_params, entries, make_closure, make_params
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
+# torch's own Adam, compiled, takes its bias corrections from the float32 step tensor: it
+# differs from eager Adam by ~2e-7 per step even in float64 (measured: 2.0e-7 after 3 steps of
+# lr 1e-2). SPSA+E(Adam)'s parameters sit near 0, where rtol does not help, so its compiled
+# run ends 1.7e-6 from eager. Still 1000× below a wrong step (Adam moves each coordinate by
+# ~lr = 1e-2).
+TORCH_ADAM_TOLERANCE = {"SPSA+E(Adam)": dict(rtol=1e-5, atol=1e-5)}
 INDUCTOR = {"E(AdamW)", "ALTO"}
 STEPS = 3
 
@@ -96,7 +102,8 @@ def test_compiled_step_agrees_with_eager(info, backend):
     assert counter.frame_count >= 1, "nothing was compiled"
     for i, (p, q) in enumerate(zip(params, twin_params)):
         torch.testing.assert_close(
-            p.detach(), q.detach(), **TOLERANCE[dtype], msg=lambda m, i=i: f"parameter {i}: {m}"
+            p.detach(), q.detach(), **TORCH_ADAM_TOLERANCE.get(info.name, TOLERANCE[dtype]),
+            msg=lambda m, i=i: f"parameter {i}: {m}",
         )
     assert any(not torch.equal(p.detach(), q) for p, q in zip(params, make_params(info)))
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from adaptor import E
 from backends import Muon, Shampoo, _owners, matrix, second_order
-from tests.distributed import gloo_group, rank_share
+from tests.distributed import gloo_group, move_optimizer_state, rank_share
 
 STEPS = 4
 WORLD = 2
@@ -223,13 +223,6 @@ CHECKPOINTS = [("muon", "dcp"), ("muon", "full"), ("e-muon", "dcp"), ("shampoo",
 
 def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
     """FSDP2: 2 steps, save, load into a fresh model and optimizer, 2 more steps on both."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
     results = {}
     for name, how in CHECKPOINTS:
         model = _wrap(_model(), "fsdp2")
@@ -238,19 +231,8 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
         resumed_model = _wrap(_model(), "fsdp2")
         resumed = OPTIMIZERS[name](resumed_model.parameters())
         resumed_model.load_state_dict(model.state_dict())
-        if how == "dcp":
-            path = os.path.join(out_dir, f"ckpt-{name}")
-            dcp.save({"optim": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=path)
-            target = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
-            dcp.load(target, checkpoint_id=path)
-            set_optimizer_state_dict(resumed_model, resumed, target["optim"])
-        else:
-            options = StateDictOptions(full_state_dict=how == "full")
-            saved = get_optimizer_state_dict(model, optimizer, options=options)
-            if how == "full":
-                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-            set_optimizer_state_dict(resumed_model, resumed, saved, options=options)
+        move_optimizer_state(model, optimizer, resumed_model, resumed, how,
+                             os.path.join(out_dir, f"ckpt-{name}-{how}"))
         _train(model, optimizer, range(2, 4), rank)
         _train(resumed_model, resumed, range(2, 4), rank)
         results[f"{name}-{how}"] = all(

@@ -111,7 +111,7 @@ INFOS = [
         "SPSA(seed=None)+E(Adam)", _adam, spsa={"seed": None}, with_base=False
     ),
     _spsa_entry(
-        "SPSA(fused: packed one-pass kernels)+E(SGD)",
+        "SPSA(fused, packed one-pass kernels)+E(SGD)",
         _sgd,
         spsa={"fused": True},
         alpha=0.5,
