@@ -248,12 +248,17 @@ def test_fast_step_reads_nothing_on_the_host(case):
     _grads(params, 0)
     optimizer.step()  # the first step is generic (it creates the state)
     before = fastpath.counters["fast"]
-    for k in (1, 2):
+    # The first fast step may compile the kernel, and compiling reads values once (whether
+    # it happens here depends on which test of this worker ran the kernel first): the probe
+    # counts steady-state steps.
+    _grads(params, 1)
+    optimizer.step()
+    for k in (2, 3):
         _grads(params, k)
         with host_read_probe() as reads:
             optimizer.step()
         assert reads == []
-    assert fastpath.counters["fast"] - before == 2
+    assert fastpath.counters["fast"] - before == 3
 
 
 def _snapshot(params, optimizer):
