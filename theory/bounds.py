@@ -1,9 +1,9 @@
 """The admissible α interval and the computable quantities of the paper's theorems.
 
-Notation as in ``DESIGN.md``: β is the persistence factor (the paper's β₁), ``s = 1-β``;
+Notation: β is the persistence factor (the paper's β₁), ``s = 1-β``;
 β₂, β₃ are the moment factors of ALTO; ε₁ is added outside the square root; ``G∞`` bounds
-the gradients. The paper's theorem statements were only partly legible in the text we read
-(``shared/paper-notes.md`` §3): quantities marked *reconstructed* follow our best reading
+the gradients. The paper's theorem statements were only partly legible in the copy we worked from:
+quantities marked *reconstructed* follow our best reading
 and are not a verified transcription. Everything else here is either the paper's explicit
 condition or proven in ``theory/README.md``.
 """
@@ -119,7 +119,7 @@ def theorem1_step_size_bound(
 ) -> float:
     """*Reconstructed*: ``η <= √(ε₁³ ε̂₂⁴ ε₃² (1-β₂)² / (6 d L² G∞))``.
 
-    Our reading of the garbled display of Theorem 1 (``paper-notes.md`` §3: "most likely"
+    Our reading of the garbled display of Theorem 1 (most likely
     ``η² <= ε₁³ ε̂₂⁴ ε₃² (1-β₂)² / (6 d L² G∞)``); ``ε̂₂`` is defined in preliminaries we
     could not read. Treat as indicative of the scaling only: the bound is tiny for the
     paper's ε values, which is why practice ignores it.

@@ -13,8 +13,8 @@ For a loss ``f`` over parameters ``θ`` (a list of tensors) with Hessian ``H = �
   for ``criterion(model(inputs), targets)`` over a model's parameters.
 
 These are analysis tools run outside the training loop: they read results on the host.
-The paper plots ``‖H‖₂`` (Figure 3) but does not say how it computed it
-(``shared/paper-notes.md`` §5); Lanczos on HVPs is the standard method (as in PyHessian).
+The paper plots ``‖H‖₂`` (Figure 3) but does not say how it computed it;
+Lanczos on HVPs is the standard method (as in PyHessian).
 """
 
 from __future__ import annotations
