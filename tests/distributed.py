@@ -7,7 +7,7 @@ import atexit
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,34 @@ def gloo_group(rank: int, world: int, out_dir: str) -> Iterator[None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, wrapper: str | None,
+         layers: Iterable[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """``model`` as the tests train it: ``None`` as it is, ``"ddp"``, ``"fsdp2"`` (each of
+    ``layers`` sharded, then the model; default: the ``Linear`` children) or ``"hsdp"`` (the
+    same over a ``world × 1`` mesh: replicated over the ranks, "sharded" over one)."""
+    if wrapper is None:
+        return model
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = None
+    if wrapper == "hsdp":
+        mesh = init_device_mesh("cpu", (dist.get_world_size(), 1),
+                                mesh_dim_names=("replicate", "shard"))
+    if layers is None:
+        layers = [m for m in model.children() if isinstance(m, torch.nn.Linear)]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (gathered), a detached copy of any other."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
 def rank_share(

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptor import E
-from tests.distributed import gloo_group, rank_share
+from tests.distributed import full, gloo_group, rank_share, wrap
 
 STEPS = 5
 WORLD = 2
@@ -79,23 +79,14 @@ def _optimizer(model, skip: bool):
 
 def _run_case(rank: int, name: str, out_dir: str) -> None:
     wrapper, dtype, skip = CASES[name]
-    model = _model().to(dtype)
-    if wrapper == "ddp":
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+    model = wrap(_model().to(dtype), wrapper)
     optimizer = _optimizer(model, skip)
     _train(model, optimizer, rank, nan=skip)
     params = [
-        p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()
+        full(p) for p in model.parameters()
     ]
     buffers = [optimizer.state[p]["explore_buffer"] for p in model.parameters()]
-    buffers = [b.full_tensor() if hasattr(b, "full_tensor") else b for b in buffers]
+    buffers = [full(b) for b in buffers]
     if rank == 0:
         torch.save({"params": params, "buffers": buffers}, os.path.join(out_dir, f"{name}.pt"))
 

@@ -26,7 +26,14 @@ import torch.multiprocessing as mp
 
 from adaptor import E
 from backends import ALTO, AdaBelief, Lamb, first_order
-from tests.distributed import counted_all_reduce, gloo_group, move_optimizer_state, rank_share
+from tests.distributed import (
+    counted_all_reduce,
+    full,
+    gloo_group,
+    move_optimizer_state,
+    rank_share,
+    wrap,
+)
 
 STEPS = 4
 WORLD = 2
@@ -111,34 +118,15 @@ def _train(model, optimizer, steps, rank: int | None, *, nan: str | None = None)
         optimizer.step()
 
 
-def _wrap(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
-    if wrapper == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = None
-    if wrapper == "hsdp":
-        mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
-
-
 def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
     """FSDP2 + DCP: save after 2 steps, load into a fresh model/optimizer, 2 more steps."""
     results = {}
     for name in ("lamb", "alto", "adabelief", "e-lamb"):
         for how in ("sharded", "full", "dcp"):
-            model = _wrap(_model(), "fsdp2")
+            model = wrap(_model(), "fsdp2")
             optimizer = OPTIMIZERS[name](model.parameters())
             _train(model, optimizer, range(2), rank)
-            resumed_model = _wrap(_model(), "fsdp2")
+            resumed_model = wrap(_model(), "fsdp2")
             resumed = OPTIMIZERS[name](resumed_model.parameters())
             resumed_model.load_state_dict(model.state_dict())
             move_optimizer_state(model, optimizer, resumed_model, resumed, how,
@@ -146,7 +134,7 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
             _train(model, optimizer, range(2, 4), rank)
             _train(resumed_model, resumed, range(2, 4), rank)
             results[f"{name}-{how}"] = all(
-                torch.equal(_full(a), _full(b))
+                torch.equal(full(a), full(b))
                 for a, b in zip(model.parameters(), resumed_model.parameters())
             )
     return results
@@ -156,7 +144,7 @@ def _worker(rank: int, out_dir: str) -> None:
     with gloo_group(rank, WORLD, out_dir), counted_all_reduce() as sent:
         results: dict[str, object] = {}
         for name, wrapper in CASES:
-            model = _wrap(_model(), wrapper)
+            model = wrap(_model(), wrapper)
             optimizer = OPTIMIZERS[name](model.parameters())
             nan = None
             if name.endswith("nonfinite"):
@@ -170,7 +158,7 @@ def _worker(rank: int, out_dir: str) -> None:
             finally:
                 first_order.FUSED_MIN_NUMEL = threshold
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            results[f"{name}-{wrapper}"] = [_full(p) for p in params]
+            results[f"{name}-{wrapper}"] = [full(p) for p in params]
             results[f"{name}-{wrapper}-sent"] = list(sent)
         results["checkpoints"] = _checkpoints(rank, out_dir)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from adaptor import E
 from backends import Muon, Shampoo, _owners, matrix, second_order
-from tests.distributed import gloo_group, move_optimizer_state, rank_share
+from tests.distributed import full, gloo_group, move_optimizer_state, rank_share, wrap
 
 STEPS = 4
 WORLD = 2
@@ -139,26 +139,13 @@ def _train(model, optimizer, steps, rank: int | None, *, nan: str | None = None)
         optimizer.step()
 
 
-def _wrap(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
-    if wrapper == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = None
-    if wrapper == "hsdp":
-        mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
-    for layer in (model.l1, model.l2, model.l3, model.head):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
-
-
 def _params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _wrap(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
+    """FSDP2/HSDP shard the four layers, then the model (its loose ``mix`` parameter)."""
+    return wrap(model, wrapper, (model.l1, model.l2, model.l3, model.head))
 
 
 def _matrix_state(optimizer) -> list[dict[str, object]]:
@@ -245,7 +232,7 @@ def _checkpoints(rank: int, out_dir: str) -> dict[str, bool]:
         _train(model, optimizer, range(2, 4), rank)
         _train(resumed_model, resumed, range(2, 4), rank)
         results[f"{name}-{how}"] = all(
-            torch.equal(_full(a), _full(b))
+            torch.equal(full(a), full(b))
             for a, b in zip(model.parameters(), resumed_model.parameters())
         )
     return results
@@ -292,7 +279,7 @@ def _worker(rank: int, out_dir: str) -> None:
                 record.clear()
                 _train(model, optimizer, range(STEPS), rank, nan=nan)
                 key = f"{name}-{wrapper}"
-                results[key] = [_full(p) for p in _params(optimizer)]
+                results[key] = [full(p) for p in _params(optimizer)]
                 # copies: the record goes on counting in the checkpoint runs below
                 results[f"{key}-ns"], results[f"{key}-roots"] = [*record.ns], [*record.roots]
                 results[f"{key}-sent"] = [*record.sent]

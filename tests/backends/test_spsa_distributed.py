@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from adaptor import explore
 from backends import SPSA
-from tests.distributed import counted_all_reduce, gloo_group, rank_share
+from tests.distributed import counted_all_reduce, full, gloo_group, rank_share, wrap
 
 STEPS = 4
 WORLD = 2
@@ -77,23 +77,13 @@ def _worker(rank: int, out_dir: str) -> None:
     with gloo_group(rank, WORLD, out_dir), counted_all_reduce() as sent:
         results = {}
         for name, spsa_kwargs, wrapper in CASES:
-            model = _model()
-            if wrapper == "ddp":
-                model = torch.nn.parallel.DistributedDataParallel(model)
-            elif wrapper == "fsdp2":
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in model:
-                    if isinstance(layer, torch.nn.Linear):
-                        fully_shard(layer)
-                fully_shard(model)
+            model = wrap(_model(), wrapper)
             optimizer = _optimizer(model, spsa_kwargs)
             sent.clear()
             losses = _train(model, optimizer, rank)
             results[name] = {
                 "params": [
-                    p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-                    for p in model.parameters()
+                    full(p) for p in model.parameters()
                 ],
                 "losses": torch.stack([torch.as_tensor(v) for v in losses]),
                 "bytes": sum(sent),
