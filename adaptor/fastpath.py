@@ -268,7 +268,7 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str
         for p in group["params"]:
             if p.grad is None:
                 continue
-            own = optimizer.state.get(p, {})
+            own = optimizer._own_state.get(p, {})  # the adaptor's own entry, not E.state's view
             entry = base.state.get(p, {})
             if skip is not None and not _on_flag_device(kind, p, entry, skip):
                 continue
@@ -309,7 +309,7 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
             kernel = _kernel(kind, p.device)
             flat = p.detach().view(-1)
             g = p.grad.view(-1)
-            c = optimizer.state[p][buffer_key].view(-1)
+            c = optimizer._own_state[p][buffer_key].view(-1)
             if kind == "sgd":
                 kernel(flat, g, c, k1, alpha, pc, qc, sign, -lr, float(group["weight_decay"]),
                        skip)
