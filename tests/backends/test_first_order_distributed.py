@@ -159,6 +159,9 @@ def _worker(rank: int, out_dir: str) -> None:
                 first_order.FUSED_MIN_NUMEL = threshold
             params = [p for group in optimizer.param_groups for p in group["params"]]
             results[f"{name}-{wrapper}"] = [full(p) for p in params]
+            results[f"{name}-{wrapper}-local"] = [
+                tuple(p.to_local().shape if hasattr(p, "to_local") else p.shape) for p in params
+            ]
             results[f"{name}-{wrapper}-sent"] = list(sent)
         results["checkpoints"] = _checkpoints(rank, out_dir)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -190,6 +193,19 @@ def test_matches_one_process_on_the_full_batch(ranks, name, wrapper):
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
     for a, b in zip(ranks[0][f"{name}-{wrapper}"], ranks[1][f"{name}-{wrapper}"]):
         assert torch.equal(a, b), "the ranks disagree"
+
+
+def test_hsdp_replicates_and_fsdp2_shards(ranks):
+    """The wrappers are what they say: HSDP's 2 × 1 mesh leaves each rank whole parameters
+    (a shard group of one rank), FSDP2 splits them over the two ranks."""
+    for rank in ranks:
+        for name, wrapper in CASES:
+            local = rank[f"{name}-{wrapper}-local"]
+            whole = [tuple(p.shape) for p in rank[f"{name}-{wrapper}"]]
+            if wrapper == "hsdp":
+                assert local == whole, name
+            elif wrapper == "fsdp2":
+                assert local != whole, name
 
 
 def test_fsdp2_checkpoints_resume_bit_exactly(ranks):
