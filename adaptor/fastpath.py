@@ -60,6 +60,7 @@ On ``meta`` and while ``torch.compile`` traces a step the same functions run unc
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,6 +72,7 @@ from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
     fused_supported,
+    kernel_scalars,
     replacement_coefficients,
 )
 
@@ -81,7 +83,12 @@ _ADAM_CLASSES = (torch.optim.Adam, torch.optim.AdamW)
 counters = {"fast": 0}
 
 
-# -- the pointwise kernels (flat views; compiled once per dtype and device) ----------------
+# -- the pointwise kernels (flat views; compiled once per variant, dtype and device) --------
+#
+# The structural settings (maximize, weight decay on or off, nesterov, amsgrad, a skip flag)
+# are keyword flags fixed per compiled variant (see _kernel): a disabled term costs nothing
+# per element, and torch's "no term when λ = 0" is kept exactly (0·θ would turn an infinite
+# θ into NaN). The numbers come as kernel_scalars, derived by the caller.
 
 
 def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
@@ -89,48 +96,49 @@ def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
     target.copy_(new if skip is None else torch.where(skip > 0, target, new))
 
 
-def _sgd_(p: Tensor, g: Tensor, c: Tensor, k1: float, alpha: float, pc: float, qc: float,
-          sign: float, neg_lr: float, wd: float, skip: Tensor | None) -> None:
+def _direction(p: Tensor, g: Tensor, c: Tensor, skip: Tensor | None, k1, alpha, pc, qc, wd,
+               maximize: bool) -> Tensor:
+    """The replacement (``c`` written back), then the base's ``d = ±g̃ [+ λ·θ]``.
+
+    ``g̃`` lives in registers only: ``p.grad`` keeps the raw gradient (one array write less
+    than the generic path, which hands ``g̃`` to the base through ``p.grad``).
+    """
     g_t = g * k1 + c * alpha
     _write(c, c * pc + g_t * qc, skip)
-    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
-    d = g_t * sign + p * wd
-    _write(p, p + d * neg_lr, skip)
+    d = -g_t if maximize else g_t
+    return d if wd is None else d + p * wd
 
 
-def _sgd_momentum_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor, k1: float, alpha: float,
-                   pc: float, qc: float, sign: float, neg_lr: float, wd: float,
-                   momentum: float, damp1: float, nesterov: bool, skip: Tensor | None) -> None:
-    g_t = g * k1 + c * alpha
-    _write(c, c * pc + g_t * qc, skip)
-    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
-    d = g_t * sign + p * wd
-    b = buf * momentum + d * damp1
-    _write(buf, b, skip)
-    u = d + b * momentum if nesterov else b
+def _sgd_(p: Tensor, g: Tensor, c: Tensor, buf: Tensor | None, skip: Tensor | None, k1, alpha,
+          pc, qc, neg_lr, wd, momentum, damp1, *, maximize: bool, nesterov: bool) -> None:
+    d = _direction(p, g, c, skip, k1, alpha, pc, qc, wd, maximize)
+    if buf is None:  # no momentum
+        u = d
+    else:
+        b = buf * momentum + d * damp1
+        _write(buf, b, skip)
+        u = d + b * momentum if nesterov else b
     _write(p, p + u * neg_lr, skip)
 
 
-def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, step_size: Tensor,
-           bias_correction2_sqrt: Tensor, k1: float, alpha: float, pc: float, qc: float,
-           sign: float, beta1: float, beta2: float, eps: float, wd: float, decay: float,
-           low_weight: bool, vmax: Tensor | None, skip: Tensor | None) -> None:
-    g_t = g * k1 + c * alpha
-    _write(c, c * pc + g_t * qc, skip)
-    g.copy_(g_t)  # g̃ even on a skipped step, as the generic path
-    d = g_t * sign + p * wd  # wd = 0 for AdamW (decoupled: decay = 1 − lr·λ instead)
+def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None,
+           skip: Tensor | None, step_size: Tensor, bias_correction2_sqrt: Tensor, k1, alpha,
+           pc, qc, lerp_weight, beta2, one_minus_beta2, eps, wd, decay, *, maximize: bool,
+           low_weight: bool) -> None:
+    d = _direction(p, g, c, skip, k1, alpha, pc, qc, wd, maximize)  # wd: Adam's coupled λ
     # torch.lerp(m, d, w) with w = 1 − β₁, written out as ATen computes it (for w < 0.5:
     # m + w·(d − m); else d − (d − m)·(1 − w)): inductor's lerp would specialise on w.
-    w = 1.0 - beta1
-    m_new = m + w * (d - m) if low_weight else d - (d - m) * beta1
-    v_new = v * beta2 + d * d * (1.0 - beta2)
+    # lerp_weight is w in the first form and β₁ = 1 − w in the second.
+    m_new = m + lerp_weight * (d - m) if low_weight else d - (d - m) * lerp_weight
+    v_new = v * beta2 + d * d * one_minus_beta2
     if vmax is not None:  # amsgrad: normalise by the running maximum of v
         v_max = torch.maximum(vmax, v_new)
         _write(vmax, v_max, skip)
         denom = torch.sqrt(v_max) / bias_correction2_sqrt + eps
     else:
         denom = torch.sqrt(v_new) / bias_correction2_sqrt + eps
-    _write(p, p * decay - step_size * (m_new / denom), skip)
+    decayed = p if decay is None else p * decay  # AdamW: θ·(1 − lr·λ)
+    _write(p, decayed - step_size * (m_new / denom), skip)
     _write(m, m_new, skip)
     _write(v, v_new, skip)
 
@@ -155,16 +163,28 @@ def _bias_corrections(
     return step_size.to(dtype), bias_correction2.sqrt_().to(dtype)
 
 
-_FUNCTIONS = {"sgd": _sgd_, "sgd_momentum": _sgd_momentum_, "adam": _adam_, "amsgrad": _adam_}
-_compiled: dict[str, Any] = {}
+_FUNCTIONS = {"sgd": _sgd_, "adam": _adam_}
+_compiled: dict[tuple, Any] = {}
 
 
-def _kernel(kind: str, device: torch.device):
+def _kernel(kind: str, device: torch.device, variant: tuple) -> Any:
+    """The compiled kernel of one variant (``kind`` and the flags and None-ness in
+    ``variant``), or the plain function on meta and inside a torch.compile trace.
+
+    Each variant compiles from its own copy of the function's code object: dynamo keeps its
+    cache (and its recompile limit of 8, past which ``fullgraph=True`` raises) per code
+    object, and one shared object would pay a recompile for every mix of flags, dtypes and
+    devices. A variant then only ever recompiles for a new dtype or device.
+    """
+    function = _FUNCTIONS[kind]
     if not fused_supported(device):  # meta, or inside a torch.compile trace: run as is
-        return _FUNCTIONS[kind]
-    kernel = _compiled.get(kind)
+        return function
+    key = (kind, variant)
+    kernel = _compiled.get(key)
     if kernel is None:
-        kernel = _compiled[kind] = torch.compile(_FUNCTIONS[kind], dynamic=True, fullgraph=True)
+        code = function.__code__.replace(co_name=f"{function.__name__}{len(_compiled)}")
+        copy = types.FunctionType(code, function.__globals__, code.co_name)
+        kernel = _compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
     return kernel
 
 
@@ -287,9 +307,19 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
     base_state = optimizer.base.state
     for kind, group, alpha, beta, params in chosen:
         k1, pc, qc = replacement_coefficients(alpha, beta)
-        sign = -1.0 if group["maximize"] else 1.0
+        maximize = bool(group["maximize"])
         lr = group["lr"]
-        if kind in ("adam", "amsgrad"):
+        wd = float(group["weight_decay"])
+        # Every coefficient as a Python float (derived in double, as torch derives them),
+        # handed to the kernel as kernel_scalars makes it for each device and dtype; a term
+        # torch leaves out (λ = 0, AdamW's decay) is None.
+        if kind in ("sgd", "sgd_momentum"):
+            momentum = float(group["momentum"])
+            numbers = [k1, alpha, pc, qc, -lr, wd if wd != 0 else None,
+                       momentum if kind == "sgd_momentum" else None,
+                       1.0 - group["dampening"] if kind == "sgd_momentum" else None]
+            flags = {"maximize": maximize, "nesterov": bool(group["nesterov"])}
+        else:
             steps = [base_state[p]["step"] for p in params]
             # As torch's foreach path: one tensor added to CPU-hosted steps (no host read).
             cpu = [s for s in steps if s.device.type == "cpu"]
@@ -299,34 +329,39 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
             if other:
                 torch._foreach_add_(other, 1)
             beta1, beta2 = group["betas"]
-            wd = group["weight_decay"]
             decoupled = bool(
                 group.get("decoupled_weight_decay", type(optimizer.base) is torch.optim.AdamW)
             )
-            coupled_wd = 0.0 if decoupled else float(wd)
-            decay = 1.0 - lr * wd if decoupled else 1.0
+            low_weight = 1.0 - beta1 < 0.5
+            numbers = [k1, alpha, pc, qc, 1.0 - beta1 if low_weight else beta1, beta2,
+                       1.0 - beta2, group["eps"], None if decoupled or wd == 0 else wd,
+                       1.0 - lr * wd if decoupled and wd != 0 else None]
+            flags = {"maximize": maximize, "low_weight": low_weight}
+        present = [x for x in numbers if x is not None]
+        variant = (tuple(x is None for x in numbers), tuple(flags.items()), skip is None,
+                   kind == "amsgrad")
+        function = "sgd" if kind in ("sgd", "sgd_momentum") else "adam"
+        scalars: dict[tuple[torch.device, torch.dtype], list] = {}
         for p in params:
-            kernel = _kernel(kind, p.device)
+            kernel = _kernel(function, p.device, variant)
+            where = (p.device, p.dtype)
+            if where not in scalars:
+                made = iter(kernel_scalars(p.device, p.dtype, *present))
+                scalars[where] = [None if x is None else next(made) for x in numbers]
             flat = p.detach().view(-1)
             g = p.grad.view(-1)
             c = optimizer._own_state[p][buffer_key].view(-1)
-            if kind == "sgd":
-                kernel(flat, g, c, k1, alpha, pc, qc, sign, -lr, float(group["weight_decay"]),
-                       skip)
-            elif kind == "sgd_momentum":
-                buf = base_state[p]["momentum_buffer"].view(-1)
-                kernel(flat, g, c, buf, k1, alpha, pc, qc, sign, -lr,
-                       float(group["weight_decay"]), float(group["momentum"]),
-                       1.0 - group["dampening"], bool(group["nesterov"]), skip)
+            entry = base_state[p]
+            if function == "sgd":
+                buf = entry["momentum_buffer"].view(-1) if kind == "sgd_momentum" else None
+                kernel(flat, g, c, buf, skip, *scalars[where], **flags)
             else:
-                entry = base_state[p]
                 step_size, bc2_sqrt = _bias_corrections(
                     entry["step"], lr, beta1, beta2, p.dtype
                 )
+                vmax = entry["max_exp_avg_sq"].view(-1) if kind == "amsgrad" else None
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
-                       step_size, bc2_sqrt, k1, alpha, pc, qc, sign, beta1, beta2,
-                       group["eps"], coupled_wd, decay, 1.0 - beta1 < 0.5,
-                       entry["max_exp_avg_sq"].view(-1) if kind == "amsgrad" else None, skip)
+                       vmax, skip, step_size, bc2_sqrt, *scalars[where], **flags)
             counters["fast"] += 1
         if kind in ("adam", "amsgrad") and skip is not None:
             # As torch's fused Adam under found_inf: advanced, then taken back where skipped.

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's); 1 gives steadier "
                              "ratios on a loaded machine")
+    parser.add_argument("--row", action="append", metavar="TEXT",
+                        help="run only the rows whose name contains TEXT (repeatable; the "
+                             "suite's baseline always runs): more rounds for the rows at "
+                             "issue in the same time")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--dry-run", action="store_true",
                         help="print and check the plan, run one tiny CPU step per suite")
@@ -105,9 +109,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{'interleaved rounds' if args.interleave else 'rows in turn'}")
     results = []
     for name in names:
-        results += run_suite(_suite(name), models, args.warmup, args.repeats,
+        suite = _suite(name)
+        rows = [suite.baseline, *suite.rows]
+        if args.row:
+            rows = [suite.baseline] + [
+                row for row in suite.rows if any(text in row.name for text in args.row)
+            ]
+        results += run_suite(suite, models, args.warmup, args.repeats,
                              device=args.device, interleave=args.interleave,
-                             memory=not args.no_memory)
+                             memory=not args.no_memory, rows=rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
