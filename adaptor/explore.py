@@ -345,7 +345,9 @@ class ExploredOptimizer(Optimizer):
     changed between steps (``|α| < 1/(1-β)``, ``0 <= β < 1``, checked at every step before
     anything is modified). Changing β mid-run applies to the buffer formed under the old β.
 
-    After ``step()`` each ``p.grad`` holds ``g̃`` (the replacement is in place). Parameters
+    After ``step()`` each ``p.grad`` holds ``g̃`` (the replacement is in place), except a
+    parameter the fast path took (:mod:`adaptor.fastpath`): its kernel keeps ``g̃`` in
+    registers and ``p.grad`` keeps the raw gradient. Parameters
     whose ``grad`` is ``None`` are skipped and their state is untouched. The adaptor keeps
     exactly one buffer per parameter, ``state[p]["explore_buffer"]``; ``state[p]`` also
     shows the base's state of ``p`` (``state[p]["exp_avg"]``: a merged view, see
@@ -616,7 +618,7 @@ class ExploredOptimizer(Optimizer):
         """Around the base's step: the parameters the fast path took are hidden from it.
 
         Their gradients are set to ``None`` (so the base skips them and leaves their state
-        alone) and put back afterwards: ``p.grad`` holds ``g̃`` for every parameter.
+        alone) and put back afterwards (the raw gradients: the fast path writes no ``g̃``).
         """
         hidden = [
             (p, p.grad) for group in self.param_groups for p in group["params"]

@@ -3,7 +3,8 @@
 With ``fused`` on (``E(..., fused=True)``, or the default on CUDA), a parameter whose base is
 exactly ``torch.optim.SGD``, ``torch.optim.Adam`` or ``torch.optim.AdamW`` and whose settings
 can be reproduced is updated by ONE compiled pointwise kernel that reads ``g``, ``c`` (the
-adaptor's buffer), ``θ`` and the base's moments once and writes each once::
+adaptor's buffer), ``θ`` and the base's moments once and writes ``c``, ``θ`` and the moments
+once (``g`` is only read: see "p.grad" below)::
 
     g̃ = k₁·g + α·c                      c ← p·c + q·g̃          (adaptor.replacement)
     d = ±g̃ (maximize: −g̃)  [+ λ·θ for SGD and Adam's coupled weight decay]
@@ -17,9 +18,19 @@ adaptor's buffer), ``θ`` and the base's moments once and writes each once::
 the formulas of torch's ``_single_tensor_adam`` / ``_multi_tensor_adam`` / ``_fused_adam``
 (bias corrections formed in float64 from the step count ``t``, divided as torch divides:
 ``lr / bc1`` and ``√v / √bc2``; formed once per tensor as 0-d float64 tensors on the
-step's device, never read on the host). ``p.grad`` holds ``g̃`` afterwards, as on the generic
-path. Equal to the generic path to float rounding, not bit for bit (inductor contracts and
-reorders the arithmetic): see ``tests/adaptor/test_fastpath.py`` for the tolerances.
+step's device, never read on the host). Equal to the generic path to float rounding, not bit
+for bit (inductor reorders the arithmetic): see ``tests/adaptor/test_fastpath.py`` for the
+tolerances. A term torch leaves out is left out here too (no ``λ·θ`` when λ = 0, no decay
+for AdamW with λ = 0): each combination of such settings is its own compiled variant.
+
+**p.grad.** The generic path hands ``g̃`` to the base through ``p.grad``, so ``g̃`` is there
+after the step; the fast path keeps ``g̃`` in registers and leaves ``p.grad`` holding the
+raw gradient ``g``, as torch's own optimizers leave it. Writing ``g̃`` back would be a tenth
+array pass (10 vs torch AdamW's 7; 9 without it). Read gradients before ``step()``.
+
+**Scalars.** On CPU the coefficients enter the kernel as 0-d tensors of the parameter's
+dtype (:func:`adaptor.replacement.kernel_scalars`): inductor would otherwise convert each
+Python float from float64 inside the loop, once per element.
 
 Parameters of the same group that the fast path does not take still go through the base's
 ``step()``, with the fast parameters' gradients hidden (``None``) during it: hooks registered

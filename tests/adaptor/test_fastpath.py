@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from adaptor import E, fastpath
 from adaptor.precision import SKIPS_KEY
-from adaptor.replacement import FUSED_MIN_NUMEL
+from adaptor.replacement import FUSED_MIN_NUMEL, kernel_scalars
 from tests.probes import host_read_probe
 
 TOLERANCE = {
@@ -306,3 +307,87 @@ def test_skipped_steps_are_masked_in_the_kernel(case):
         assert fast_state.keys() == slow_state.keys()
         for key, value in fast_state.items():
             torch.testing.assert_close(value, slow_state[key], **TOLERANCE[dtype])
+
+
+def test_kernel_scalars_are_rounded_tensors_on_cpu_and_floats_elsewhere():
+    """On CPU the compiled kernels take 0-d tensors of the compute dtype, holding exactly the
+    float32 (float64) rounding of each coefficient; elsewhere the Python floats."""
+    values = (0.1, 1.0 - 0.999, -5.0)
+    for dtype in (torch.float32, torch.float64):
+        made = kernel_scalars(torch.device("cpu"), dtype, *values)
+        assert all(t.dim() == 0 and t.dtype == dtype for t in made)
+        # numpy's rounding, not torch's: the reference is independent of the helper
+        expected = np.array(values, dtype=np.float32 if dtype == torch.float32 else np.float64)
+        assert [t.item() for t in made] == expected.tolist()
+    assert kernel_scalars(torch.device("meta"), torch.float32, *values) == values
+
+
+@pytest.mark.parametrize("case", ["AdamW-wd-f32", "SGD-momentum-damp-wd-f32"])
+def test_cpu_kernels_receive_no_python_float(case, monkeypatch):
+    """A Python float reaching an inductor C++ kernel is converted from float64 once per
+    element: the fast path must hand over tensors (or None for an absent term) only."""
+    make, dtype = CASES[case]
+    params, optimizer, _ = _build(make, dtype, True)
+    seen = []
+    original = fastpath._kernel
+
+    def recording(*args, **kwargs):
+        kernel = original(*args, **kwargs)
+
+        def call(*positional, **flags):
+            seen.append((positional, flags))
+            return kernel(*positional, **flags)
+
+        return call
+
+    monkeypatch.setattr(fastpath, "_kernel", recording)
+    for k in range(3):
+        _grads(params, k)
+        optimizer.step()
+    assert len(seen) == 2  # the large tensor's second and third steps
+    for positional, flags in seen:
+        assert all(a is None or isinstance(a, torch.Tensor) for a in positional)
+        assert all(isinstance(f, bool) for f in flags.values())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.AdamW(p, lr=1e-2),  # weight_decay=0.01 by default: use 0
+        lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    ],
+    ids=["AdamW", "SGD-momentum"],
+)
+def test_absent_weight_decay_is_no_term_not_zero_times_theta(make):
+    """torch adds λ·θ only when λ ≠ 0: an infinite weight with λ = 0 leaves the moments
+    finite. 0·θ in the kernel would make them NaN."""
+    runs = []
+    for fused in (True, False):
+        params = _params(torch.float32)
+        with torch.no_grad():
+            params[0].view(-1)[5] = float("inf")
+        base = make(params)
+        for group in base.param_groups:
+            group["weight_decay"] = 0.0
+        optimizer = E(base, alpha=-3.0, beta=0.9, fused=fused)
+        before = fastpath.counters["fast"]
+        for k in range(4):
+            _grads(params, k)
+            optimizer.step()
+        assert fastpath.counters["fast"] - before == (3 if fused else 0)
+        runs.append(optimizer)
+    fast_state, slow_state = _state_tensors(runs[0]), _state_tensors(runs[1])
+    for key, value in fast_state.items():
+        assert not value.isnan().any(), key
+        torch.testing.assert_close(value, slow_state[key], **TOLERANCE[torch.float32])
+
+
+def test_each_flag_variant_compiles_from_its_own_code_object():
+    """dynamo keeps a recompile budget of 8 per code object (fullgraph=True raises past it):
+    variants that share one would exhaust it across flags, dtypes and devices."""
+    cpu = torch.device("cpu")
+    first = fastpath._kernel("adam", cpu, ("variant-a",))
+    second = fastpath._kernel("adam", cpu, ("variant-b",))
+    assert fastpath._kernel("adam", cpu, ("variant-a",)) is first
+    codes = {k._torchdynamo_orig_callable.__code__ for k in (first, second)}
+    assert len(codes) == 2 and fastpath._adam_.__code__ not in codes
