@@ -36,6 +36,12 @@ def _plan(names: list[str], models: list[str]) -> list[str]:
             unknown |= {m for m in (row.models or ()) if m not in MODELS}
         if unknown:
             raise ValueError(f"suite {name!r} names unknown models {sorted(unknown)}")
+        earlier: set[str] = set()
+        for row in [suite.baseline, *suite.rows]:
+            if row.versus is not None and row.versus not in earlier:
+                raise ValueError(f"suite {name!r}: row {row.name!r} is measured versus "
+                                 f"{row.versus!r}, which is not an earlier row")
+            earlier.add(row.name)
         chosen = [m for m in models if m in suite.models]
         lines.append(f"suite {name}: {suite.name}; models {', '.join(chosen) or '(none)'}")
         for row in [suite.baseline, *suite.rows]:

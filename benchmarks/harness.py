@@ -44,6 +44,12 @@ class Row:
     # The models this row runs on (default: all of the suite's); a row too slow for a
     # model is printed as skipped there.
     models: tuple[str, ...] | None = None
+    # The row (by name, earlier in the same table) this one is an addition to, e.g. the
+    # base optimizer E wraps: the table then prints this row's time over that row's.
+    versus: str | None = None
+    # The traffic floor: parameter-sized arrays a step must read and write at least
+    # (None: not stated). Printed beside the time, with its ratio to ``versus``'s floor.
+    floor: int | None = None
 
 
 @dataclass
@@ -220,25 +226,46 @@ def time_steps(
 
 
 def _result(suite: Suite, model: str, runner: _Runner, baseline: float | None,
-            device: torch.device) -> dict:
+            device: torch.device, earlier: Iterable[dict] = ()) -> dict:
+    """One row's numbers; ``earlier``: the table's rows so far (for ``Row.versus``)."""
     seconds = statistics.median(runner.times)
     param_bytes = sum(p.numel() * p.element_size() for p in runner.params)
     alloc = None if runner.alloc_bytes is None else runner.alloc_bytes / param_bytes
+    row = runner.row
+    base = next((r for r in earlier if r["optimizer"] == row.versus), None)
     return {
-        "suite": suite.name, "model": model, "optimizer": runner.row.name,
+        "suite": suite.name, "model": model, "optimizer": row.name,
         "device": device.type, "median_ms": seconds * 1e3,
         "ratio": seconds / (baseline if baseline is not None else seconds),
         "state_ratio": state_bytes_per_param_byte(runner.optimizer, runner.params),
         "step_alloc_bytes": runner.alloc_bytes, "step_alloc_ratio": alloc,
         "param_bytes": param_bytes,
+        "versus": None if base is None else base["optimizer"],
+        "versus_ratio": None if base is None else seconds * 1e3 / base["median_ms"],
+        "floor": row.floor,
+        "floor_ratio": (
+            None if base is None or row.floor is None or base["floor"] is None
+            else row.floor / base["floor"]
+        ),
     }
+
+
+HEADER = (f"{'optimizer':<46} {'median ms':>10} {'x baseline':>11} {'x its base':>11} "
+          f"{'floor':>12} {'state B/param B':>16} {'step peak B/param B':>21}")
 
 
 def _print_row(result: dict) -> None:
     alloc = result["step_alloc_ratio"]
     alloc_text = "-" if alloc is None else f"{alloc:.3f}"
+    versus = result.get("versus_ratio")
+    versus_text = "" if versus is None else f"{versus:.2f}"
+    floor, floor_ratio = result.get("floor"), result.get("floor_ratio")
+    floor_text = "" if floor is None else str(floor)
+    if floor_ratio is not None:
+        floor_text += f" ({floor_ratio:.2f})"
     print(f"{result['optimizer']:<46} {result['median_ms']:>10.2f} {result['ratio']:>11.2f} "
-          f"{result['state_ratio']:>16.2f} {alloc_text:>21}")
+          f"{versus_text:>11} {floor_text:>12} {result['state_ratio']:>16.2f} "
+          f"{alloc_text:>21}")
 
 
 def run_suite(
@@ -265,10 +292,8 @@ def run_suite(
         if model not in suite.models and model != DRY_RUN_MODEL:
             continue
         print(f"\n## {suite.name} — model {model} ({device.type})")
-        header = (f"{'optimizer':<46} {'median ms':>10} {'x baseline':>11} "
-                  f"{'state B/param B':>16} {'step peak B/param B':>21}")
-        print(header)
-        print("-" * len(header))
+        print(HEADER)
+        print("-" * len(HEADER))
         runnable = []
         for row in selected:
             if row.models is not None and model not in row.models:
@@ -310,7 +335,7 @@ def _run_in_turn(suite, model, rows, warmup, repeats, device, memory) -> list[di
         except Exception as error:
             print(f"{row.name:<46} failed: {type(error).__name__}: {error}")
             continue
-        result = _result(suite, model, runner, baseline, device)
+        result = _result(suite, model, runner, baseline, device, results)
         baseline = baseline if baseline is not None else result["median_ms"] / 1e3
         _print_row(result)
         results.append(result)
@@ -335,7 +360,7 @@ def _run_interleaved(suite, model, rows, warmup, repeats, device, memory) -> lis
     for i, runner in enumerate(runners):
         if i in failed:
             continue
-        result = _result(suite, model, runner, baseline, device)
+        result = _result(suite, model, runner, baseline, device, results)
         baseline = baseline if baseline is not None else result["median_ms"] / 1e3
         _print_row(result)
         results.append(result)

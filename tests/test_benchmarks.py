@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import device_check
@@ -103,3 +104,44 @@ def test_interleaved_rounds_time_every_row_and_report_failures(capsys):
     assert len(calls) == 1 + 1 + 3  # warm-up, the memory-counted step, three rounds
     assert results[1]["state_ratio"] == 2.0
     assert "broken" in capsys.readouterr().out
+
+
+def test_a_row_is_reported_over_the_row_it_wraps_with_its_traffic_floor(capsys):
+    suite = Suite(
+        name="test", models=(DRY_RUN_MODEL,),
+        baseline=Row("sgd", lambda p: torch.optim.SGD(p, lr=0.1), floor=3),
+        rows=[
+            Row("adam", lambda p: torch.optim.Adam(p, lr=0.1), floor=7),
+            Row("adam again", lambda p: torch.optim.Adam(p, lr=0.1), versus="adam", floor=9),
+            Row("no floor", lambda p: torch.optim.Adam(p, lr=0.1), versus="sgd"),
+        ],
+    )
+    for interleave in (False, True):
+        results = run_suite(suite, [DRY_RUN_MODEL], warmup=1, repeats=2, interleave=interleave)
+        by_name = {r["optimizer"]: r for r in results}
+        again, adam = by_name["adam again"], by_name["adam"]
+        assert again["versus"] == "adam"
+        assert again["versus_ratio"] == again["median_ms"] / adam["median_ms"]
+        assert again["floor_ratio"] == 9 / 7
+        assert by_name["no floor"]["floor_ratio"] is None
+        assert by_name["adam"]["versus_ratio"] is None
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("adam again"))
+    assert "9 (1.29)" in line
+
+
+def test_the_plan_refuses_a_row_measured_versus_no_earlier_row():
+    from benchmarks import __main__ as cli
+
+    suite = Suite(
+        name="test", models=("mlp16m",),
+        baseline=Row("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
+        rows=[Row("e", lambda p: torch.optim.SGD(p, lr=0.1), versus="later"),
+              Row("later", lambda p: torch.optim.SGD(p, lr=0.1))],
+    )
+    original = cli._suite
+    cli._suite = lambda name: suite
+    try:
+        with pytest.raises(ValueError, match="'e' is measured versus 'later'"):
+            cli._plan(["test"], ["mlp16m"])
+    finally:
+        cli._suite = original

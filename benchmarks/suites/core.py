@@ -54,25 +54,35 @@ def _bf16(make):
     return build
 
 
+FOREACH = "torch AdamW(foreach=True)"
+FUSED_ADAMW = "torch AdamW(fused=True)"
+FUSED_SGD = "torch SGD(momentum, fused=True)"
+FUSED_BF16 = "torch AdamW(fused=True) bf16 params"
+
 SUITE = Suite(
     name="core: E(AdamW)",
-    baseline=Row("torch AdamW(foreach=True)", _adamw),
+    baseline=Row(FOREACH, _adamw, floor=7),
     rows=[
-        Row("ours E(AdamW) fused", lambda params: E(_adamw(params), fused=True)),
-        Row("ours E(AdamW) foreach", lambda params: E(_adamw(params), fused=False)),
+        Row("ours E(AdamW) fused", lambda params: E(_adamw(params), fused=True),
+            versus=FOREACH, floor=9),
+        Row("ours E(AdamW) foreach", lambda params: E(_adamw(params), fused=False),
+            versus=FOREACH),
         Row("reference E(AdamW) (e-optimizer-adaptor)", _reference_e),
-        Row("torch AdamW(fused=True)", _adamw_fused),
+        Row(FUSED_ADAMW, _adamw_fused, floor=7),
         Row(
             "ours E(AdamW(fused=True)) fused (fast path)",
             lambda params: E(_adamw_fused(params), fused=True),
+            versus=FUSED_ADAMW, floor=9,
         ),
         Row(
             "  same, fast path off",
             lambda params: _without_fast_path(E(_adamw_fused(params), fused=True)),
+            versus=FUSED_ADAMW, floor=11,
         ),
         Row(
             "  + skip_nonfinite",
             lambda params: E(_adamw_fused(params), fused=True, skip_nonfinite=True),
+            versus=FUSED_ADAMW, floor=10,
         ),
         Row(
             "ours E(AdamW(fused=True)) foreach",
@@ -82,30 +92,36 @@ SUITE = Suite(
             "  + skip_nonfinite",
             lambda params: E(_adamw_fused(params), fused=False, skip_nonfinite=True),
         ),
-        Row("torch SGD(momentum, fused=True)", _sgd_fused),
+        Row(FUSED_SGD, _sgd_fused, floor=5),
         Row(
             "ours E(SGD(momentum, fused)) fused (fast path)",
             lambda params: E(_sgd_fused(params), fused=True),
+            versus=FUSED_SGD, floor=7,
         ),
         Row(
             "  same, fast path off",
             lambda params: _without_fast_path(E(_sgd_fused(params), fused=True)),
+            versus=FUSED_SGD, floor=9,
         ),
-        Row("torch AdamW(fused=True) bf16 params", _bf16(_adamw_fused)),
+        Row(FUSED_BF16, _bf16(_adamw_fused)),
         Row(
             "ours E(AdamW(fused)) bf16, f32 buffer",
             _bf16(lambda params: E(_adamw_fused(params), fused=True)),
+            versus=FUSED_BF16,
         ),
         Row(
             "ours E(AdamW(fused)) bf16, bf16 buffer",
             _bf16(lambda params: E(_adamw_fused(params), fused=True, state_dtype=torch.bfloat16)),
+            versus=FUSED_BF16,
         ),
     ],
     notes=[
         "state B/param B includes AdamW's own 2.0; the adaptor's share is the excess",
+        "x its base: the row's time over the optimizer it wraps (same run); floor: arrays a "
+        "step must read + write (fast path 9 = reads θ, g, c, m, v, writes θ, c, m, v; "
+        "fast path off: + the replacement's pass over g, c; skip_nonfinite: + a read of g), "
+        "in brackets over the base's floor",
         "'+ skip_nonfinite' rows: divide by the row above for the cost of the check",
-        "fast path rows: divide by 'torch AdamW(fused=True)' / 'torch SGD(momentum, fused=True)' "
-        "for the ratio over the base (traffic floors 9/7 = 1.29 and 7/5 = 1.4)",
         "bf16 rows: state B/param B is per bf16 parameter byte (a float32 buffer is 2.0)",
     ],
 )
