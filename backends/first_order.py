@@ -15,6 +15,8 @@ Lamb and ALTO also have a compiled path (``fused=True``; the default on CUDA, op
 because the first step compiles for tens of seconds): two ``torch.compile``\d passes per
 large tensor (moments, replacement and the two squared norms in the first; the update in the
 second) instead of some fifteen foreach passes; small tensors still take the foreach path.
+ALTO's compiled pass keeps ``g̃`` in registers: ``p.grad`` of a tensor it takes keeps the raw
+gradient (the foreach and single-tensor paths leave ``g̃`` there, as the adaptor does).
 
 Precision, non-finite steps, GradScaler and compile (every path of all three classes):
 
@@ -57,8 +59,8 @@ first-order base.
 
 from __future__ import annotations
 
-import math
 import numbers
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +86,7 @@ from adaptor.replacement import (
     WELL_CONDITIONED_K1,
     check_alpha_beta,
     fused_supported,
+    kernel_scalars,
     replace_foreach_,
     replacement_coefficients,
 )
@@ -724,114 +727,127 @@ def _lamb_single(
             write.add_one_(i, update, -lr)
 
 
-# The compiled path: pass 1 updates the moments (and the replacement) and returns ‖r‖² and
-# ‖θ‖²; pass 2 recomputes r from the new moments and applies the trust-ratio step. Each
-# reads and writes every tensor once, where the foreach chain needs some fifteen passes.
-# Arithmetic is in float32 at least (bf16/fp16 parameters are rounded once, on the write),
-# every write is masked by the step's skip flag (``torch.where``: bit-identical when set),
-# and ``comp`` (Kahan compensation, or None) keeps the rounding error of the write.
+# The compiled path: pass 1 updates the moments (and the replacement), reduces ‖r‖² and ‖θ‖²
+# and turns them into the step's coefficient -η·ratio (a 0-d epilogue); pass 2 recomputes r
+# from the new moments and applies the step. Each reads and writes every tensor once, where
+# the foreach chain needs some fifteen passes. Arithmetic is in float32 at least (bf16/fp16
+# parameters are rounded once, on the write), and ``comp`` (Kahan compensation, or None)
+# keeps the rounding error of the write.
+#
+# As in adaptor.fastpath: every number comes in as a 0-d tensor on CPU (kernel_scalars;
+# inductor's C++ kernels would convert a Python float inside the loop, per element), derived
+# outside in double, the bias corrections included (from the step counters, on their device,
+# once per bucket); a term or mask that is off (no skip flag, λ = 0, no bias correction, no
+# clip) is left out of the compiled variant instead of being computed with neutral values.
 
 
 def _cdtype(p: Tensor, m: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(p.dtype, m.dtype), torch.float32)
 
 
-def _lamb_direction(p, m, v, k, bias2, bias3, eps, weight_decay):
-    # bias2 = log β₂ and bias3 = log β₃ with bias correction, -inf without (then the
-    # correction 1 - exp(-inf) = 1 exactly): one compiled graph serves both forms, and the
-    # floats enter as graph inputs (float ** tensor would specialise them).
-    k = k.to(m.dtype)
-    r = (m / (1.0 - torch.exp(k * bias2))) / (torch.sqrt(v / (1.0 - torch.exp(k * bias3))) + eps)
-    return r + weight_decay * p
+def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
+    """``target ← new``, or ``where(skip == 0, new, target)``: a skipped step keeps the bits
+    (the old value is exact in the compute dtype)."""
+    target.copy_(new if skip is None else torch.where(skip == 0, new, target))
 
 
-def _lamb_moments(p, g, m, v, k, skip, beta2, beta3, bias2, bias3, eps, weight_decay):
-    # k: the step counter, already incremented outside (a 0-d float64 CPU input mutated
-    # inside a compiled graph is not written back: torch 2.13 gave NaN for float64 params).
+def _direction(p, m, v, scale, eps, decay):
+    # r = m̂/(√v̂ + ε₁) + λθ written as s·m/(√v + ε₁√b₃) + λθ with b₂ = 1-β₂^k, b₃ = 1-β₃^k
+    # and s = √b₃/b₂ (``scale``, None without bias correction; ``eps`` is then ε₁): one
+    # division and one square root per element instead of three divisions.
+    r = (m if scale is None else m * scale) / (torch.sqrt(v) + eps)
+    return r if decay is None else r + decay * p
+
+
+def _moments(p, g, c, m, v, skip, k1, alpha, persist, inject, lerp_weight, beta3, one_minus_beta3,
+             scale, eps, decay, neg_lr, trust_eps, norm_eps, low, high, *, low_weight: bool,
+             paper_trust: bool):  # fmt: skip
+    """Pass 1; returns the step's coefficient ``-η·ratio``.
+
+    ``c`` (ALTO's buffer, None for Lamb): ``g̃ = k₁·g + α·c`` stays in registers (``p.grad``
+    keeps the raw gradient) and ``c ← persist·c + inject·g̃``. ``m ← lerp(m, g̃, 1-β₂)`` is
+    written out as ATen computes it (for a weight w < 0.5: ``m + w·(g̃ - m)``, else
+    ``g̃ - (g̃ - m)·β₂``; ``lerp_weight`` is w or β₂): inductor's lerp specialises on the
+    weight, a recompile for every new β₂.
+    """
     dtype = _cdtype(p, m)
-    keep = skip == 0
     p32, g32, m32, v32 = p.to(dtype), g.to(dtype), m.to(dtype), v.to(dtype)
-    m_new = torch.lerp(m32, g32, 1.0 - beta2)
-    v_new = v32 * beta3 + (g32 * g32) * (1.0 - beta3)
-    r = _lamb_direction(p32, m_new, v_new, k, bias2, bias3, eps, weight_decay)
-    m.copy_(torch.where(keep, m_new, m32))
-    v.copy_(torch.where(keep, v_new, v32))
-    return (r * r).sum(), (p32 * p32).sum()
-
-
-def _alto_moments(
-    p, g, c, m, v, k, skip, k1, alpha, persist, inject, beta2, beta3, bias2, bias3, eps,
-    weight_decay,
-):
-    dtype = _cdtype(p, m)
-    c32, g32 = c.to(dtype), g.to(dtype)
-    g_tilde = g32 * k1 + c32 * alpha
-    c.copy_(torch.where(skip == 0, c32 * persist + g_tilde * inject, c32))
-    g.copy_(g_tilde)
-    return _lamb_moments(
-        p, g_tilde, m, v, k, skip, beta2, beta3, bias2, bias3, eps, weight_decay
-    )
-
-
-def _lamb_apply(
-    p, m, v, k, r_sq, w_sq, skip, comp, lr, bias2, bias3, eps, trust_eps, norm_eps,
-    weight_decay, low, high, paper_trust,
-):
-    dtype = _cdtype(p, m)
-    p32 = p.to(dtype)
-    r = _lamb_direction(p32, m.to(dtype), v.to(dtype), k, bias2, bias3, eps, weight_decay)
+    if c is not None:
+        c32 = c.to(dtype)
+        g32 = g32 * k1 + c32 * alpha
+        _write(c, c32 * persist + g32 * inject, skip)
+    m_new = m32 + lerp_weight * (g32 - m32) if low_weight else g32 - (g32 - m32) * lerp_weight
+    v_new = v32 * beta3 + (g32 * g32) * one_minus_beta3
+    r = _direction(p32, m_new, v_new, scale, eps, decay)
+    _write(m, m_new, skip)
+    _write(v, v_new, skip)
+    r_sq, w_sq = (r * r).sum(), (p32 * p32).sum()
     phi = torch.sqrt(w_sq) + norm_eps
     ratio = phi / (torch.sqrt(r_sq) + trust_eps * phi)
     if not paper_trust:
         ratio = torch.where((w_sq > 0) & (r_sq > 0), ratio, 1.0)
-    delta = -(lr * torch.clamp(ratio, low, high)) * r
-    keep = skip == 0
+    if low is not None:
+        ratio = torch.clamp(ratio, low, high)
+    return neg_lr * ratio
+
+
+def _apply(p, m, v, skip, comp, coefficient, scale, eps, decay):
+    """Pass 2: ``θ ← θ + coefficient·r`` (Kahan-compensated with ``comp``)."""
+    dtype = _cdtype(p, m)
+    p32 = p.to(dtype)
+    delta = coefficient * _direction(p32, m.to(dtype), v.to(dtype), scale, eps, decay)
     if comp is None:
-        p.copy_(torch.where(keep, (p32 + delta).to(p.dtype), p))
+        _write(p, (p32 + delta).to(p.dtype), skip)
         return
     y = delta + comp.to(dtype)
     new = (p32 + y).to(p.dtype)
-    comp.copy_(torch.where(keep, (y - (new.to(dtype) - p32)).to(comp.dtype), comp))
-    p.copy_(torch.where(keep, new, p))
+    _write(comp, (y - (new.to(dtype) - p32)).to(comp.dtype), skip)
+    _write(p, new, skip)
 
 
-_cached: dict[tuple[Any, ...], Any] = {}
+_FUNCTIONS = {"moments": _moments, "apply": _apply}
+_compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
-def _device_constants(
-    trust_clip: tuple[float, float] | None, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The clamp's bounds and a zero skip flag as 0-d tensors (floats would be specialised
-    into the graph), made once per device, dtype and value (no host-to-device copy per step)."""
-    low, high = (0.0, math.inf) if trust_clip is None else tuple(map(float, trust_clip))
-    key = (device, dtype, low, high)
-    constants = _cached.get(key)
-    if constants is None:
-        if len(_cached) > 64:
-            _cached.clear()
-        pair = torch.tensor((low, high), dtype=dtype, device=device)
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        constants = _cached[key] = (pair[0], pair[1], zero)
-    return constants
+def _kernel(name: str, variant: tuple[Any, ...], device: torch.device) -> Callable[..., Any]:
+    """The compiled pass ``name`` for one ``variant`` (which arguments are None, the flags).
 
-
-def _log(beta: float) -> float:
-    return math.log(beta) if beta > 0 else -math.inf
-
-
-_compiled: dict[str, Callable[..., Any]] = {}
-
-
-def _kernel(name: str) -> Callable[..., Any]:
-    kernel = _compiled.get(name)
+    Each variant compiles from its own copy of the function's code object: dynamo's cache
+    and its recompile limit of 8 (past which ``fullgraph=True`` raises) are per code object,
+    so that a variant only recompiles for a new dtype.
+    """
+    cpu = device.type == "cpu"
+    key = (name, variant, cpu)
+    kernel = _compiled.get(key)
     if kernel is None:
-        source = {"lamb": _lamb_moments, "alto": _alto_moments, "apply": _lamb_apply}[name]
+        function = _FUNCTIONS[name]
+        code = function.__code__.replace(co_name=f"{function.__name__}{len(_compiled)}")
+        copy = types.FunctionType(code, function.__globals__, code.co_name)
         # emulate_precision_casts: round bf16/fp16 casts inside the kernel (Kahan needs the
         # rounded value; inductor otherwise keeps the float32 intermediate).
-        kernel = _compiled[name] = torch.compile(
-            source, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+        options: dict[str, Any] = {"emulate_precision_casts": True}
+        if cpu:
+            # Keep every value used twice (the new m and v: written, and read by ‖r‖²) in
+            # a buffer: by default inductor recomputes Lamb's cheap m and v inside the
+            # reduction and writes them in a second loop over g, m and v (1.5× the time).
+            options["realize_reads_threshold"] = 1
+        kernel = _compiled[key] = torch.compile(
+            copy, dynamic=True, fullgraph=True, options=options
         )
     return kernel
+
+
+def _bias_scalars(
+    steps: list[Tensor], beta2: float, beta3: float, eps: float, dtype: torch.dtype
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Per tensor ``s = √b₃/b₂`` and ``ε₁√b₃`` (b = 1-β^k from the advanced counters ``k``):
+    0-d tensors of ``dtype`` on the counters' device, formed in float64 for the whole bucket
+    at once (a few small ops, no host read) and rounded once."""
+    k = torch.stack(steps).to(torch.float64)
+    bias2 = torch.pow(beta2, k).neg_().add_(1.0)
+    bias3_sqrt = torch.pow(beta3, k).neg_().add_(1.0).sqrt_()
+    scale = (bias3_sqrt / bias2).to(dtype)
+    return scale.unbind(0), bias3_sqrt.mul_(eps).to(dtype).unbind(0)
 
 
 def _lamb_fused(
@@ -840,8 +856,10 @@ def _lamb_fused(
     """Large tensors through the two compiled passes, small ones through ``fallback``."""
     explores = len(bucket.states) == 3
     large = [i for i, p in enumerate(bucket.params) if p.numel() >= FUSED_MIN_NUMEL]
+    k1 = alpha = persist = inject = None
     if explores:
-        k1, persist, inject = replacement_coefficients(hp["alpha"], hp["beta"])
+        alpha = hp["alpha"]
+        k1, persist, inject = replacement_coefficients(alpha, hp["beta"])
     # Near the α bound the fused replacement's division by k₁ loses digits (see
     # adaptor.replacement.WELL_CONDITIONED_K1): the foreach form then does everything.
     if not hp["layer_adaptation"] or not large or (explores and k1 < WELL_CONDITIONED_K1):
@@ -851,35 +869,46 @@ def _lamb_fused(
     if small:
         _run_bucket(fallback, bucket.pick(small), skip, grad_out=explores, **hp)
     bucket = bucket.pick(large)
-    m0 = bucket.states[0][0]
-    low, high, zero = _device_constants(hp["trust_clip"], _cdtype(bucket.params[0], m0),
-                                        bucket.device)  # fmt: skip
-    flag = zero if skip is None else skip
+    dtype = _cdtype(bucket.params[0], bucket.states[0][0])
     # Counters outside the graph; a skipped step adds 0 (bit-identical counter).
     if skip is None:
         torch._foreach_add_(bucket.steps, 1)
     else:
         torch._foreach_add_(bucket.steps, [1.0 - skip] * len(bucket.steps))
-    beta2, beta3 = hp["beta2"], hp["beta3"]
-    bias2, bias3 = (_log(beta2), _log(beta3)) if hp["bias_correction"] else (-math.inf, -math.inf)
-    tail = (bias2, bias3, hp["eps"], hp["weight_decay"])
-    moments = _kernel("alto" if explores else "lamb")
-    apply = _kernel("apply")
-    paper = hp["zero_norm_trust"] == "paper"
+    beta2, beta3, lr, corrected = hp["beta2"], hp["beta3"], hp["lr"], hp["bias_correction"]
+    low_weight = 1.0 - beta2 < 0.5
+    clip = hp["trust_clip"]
+    low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
+    # Python floats derived here in double, then rounded once by kernel_scalars; None: the
+    # term is left out of the kernel (λ = 0, no clip, ...) or comes as a tensor below.
+    numbers = [
+        k1, alpha, persist, inject, 1.0 - beta2 if low_weight else beta2, beta3, 1.0 - beta3,
+        None if corrected else hp["eps"], hp["weight_decay"] or None,
+        None if isinstance(lr, Tensor) else -lr, hp["trust_eps"], hp["norm_eps"], low, high,
+    ]
+    made = iter(kernel_scalars(bucket.device, dtype, *(x for x in numbers if x is not None)))
+    scalars = [None if x is None else next(made) for x in numbers]
+    (k1, alpha, persist, inject, lerp_weight, beta3, one_minus_beta3, eps, decay, neg_lr,
+     trust_eps, norm_eps, low, high) = scalars  # fmt: skip
+    if isinstance(lr, Tensor):
+        neg_lr = -lr
+    if corrected:
+        scales, epsilons = _bias_scalars(bucket.steps, beta2, hp["beta3"], hp["eps"], dtype)
+    flags = {"low_weight": low_weight, "paper_trust": hp["zero_norm_trust"] == "paper"}
+    shape = (explores, skip is None, corrected, decay is None, clip is None)
+    moments = _kernel("moments", (*shape, *flags.values()), bucket.device)
+    apply = _kernel("apply", (*shape, bucket.comps is None), bucket.device)
     for i, (p, g) in enumerate(zip(bucket.params, bucket.grads)):
-        m, v, step = bucket.states[0][i], bucket.states[1][i], bucket.steps[i]
-        if explores:
-            r_sq, w_sq = moments(
-                p, g, bucket.states[2][i], m, v, step, flag, k1, hp["alpha"], persist, inject,
-                beta2, beta3, *tail,
-            )
-        else:
-            r_sq, w_sq = moments(p, g, m, v, step, flag, beta2, beta3, *tail)
-        comp = None if bucket.comps is None else bucket.comps[i]
-        apply(
-            p, m, v, step, r_sq, w_sq, flag, comp, hp["lr"], bias2, bias3, hp["eps"],
-            hp["trust_eps"], hp["norm_eps"], hp["weight_decay"], low, high, paper,
+        m, v = bucket.states[0][i], bucket.states[1][i]
+        c = bucket.states[2][i] if explores else None
+        scale, eps_i = (scales[i], epsilons[i]) if corrected else (None, eps)
+        coefficient = moments(
+            p, g, c, m, v, skip, k1, alpha, persist, inject, lerp_weight, beta3,
+            one_minus_beta3, scale, eps_i, decay, neg_lr, trust_eps, norm_eps, low, high,
+            **flags,
         )
+        comp = None if bucket.comps is None else bucket.comps[i]
+        apply(p, m, v, skip, comp, coefficient, scale, eps_i, decay)
 
 
 class Lamb(_FirstOrder):
@@ -928,7 +957,8 @@ class Lamb(_FirstOrder):
         foreach: multi-tensor implementation (``None``/``True``, default) or a Python loop
             over tensors (``False``).
         fused: two compiled passes per tensor of at least 65536 elements (``torch.compile``;
-            the first step compiles). ``None`` (default): on CUDA only.
+            the first step compiles; ALTO then leaves the raw gradient in ``p.grad``).
+            ``None`` (default): on CUDA only.
 
     State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
     ``exp_avg_sq`` (v); ``kahan_comp`` and ``nonfinite_skips`` when those options are on.
@@ -1074,8 +1104,10 @@ class ALTO(Lamb):
     The replacement is the adaptor's one-buffer form (:mod:`adaptor.replacement`), so the
     state per parameter is ``step`` and three parameter-sized buffers: ``exp_avg`` (m),
     ``exp_avg_sq`` (v) and ``explore_buffer`` (c). After ``step()``, ``p.grad`` holds ``g̃``
-    (the replacement is in place, as in the adaptor). ``ALTO.explores`` is ``True``: the
-    adaptor refuses to wrap an optimizer that already explores.
+    (the replacement is in place, as in the adaptor), except for the tensors the compiled
+    path takes (``fused=True``, at least 65536 elements): there ``g̃`` is never written out
+    and ``p.grad`` keeps the raw gradient. ``ALTO.explores`` is ``True``: the adaptor refuses
+    to wrap an optimizer that already explores.
 
     Defaults are the paper's for batches ≥ 1K: ``alpha=-5``, ``beta=0.99``,
     ``betas=(0.9, 0.99)``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient

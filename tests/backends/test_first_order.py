@@ -451,8 +451,10 @@ FUSED_SHAPES = [(300, 300), (256, 256), (40,)]  # two tensors ≥ FUSED_MIN_NUME
         (ALTO, dict(lr=0.01, weight_decay=1e-2, alpha=-5.0, beta=0.9, betas=(0.8, 0.95))),
         (Lamb, dict(lr=0.01, bias_correction=False, trust_clip=(0.5, 1.5), weight_decay=0.1,
                     betas=(0.8, 0.95))),
+        # β₂ < 0.5: the lerp's other form, g̃ - (g̃ - m)·β₂
+        (ALTO, dict(lr=0.01, alpha=0.5, beta=0.5, betas=(0.3, 0.95), weight_decay=1e-2)),
     ],
-    ids=["ALTO", "Lamb-vanilla-clip"],
+    ids=["ALTO", "Lamb-vanilla-clip", "ALTO-low-beta2"],
 )  # fmt: skip
 def test_fused_path_matches_the_float64_reference(cls, hp):
     """The compiled path itself (tensors ≥ FUSED_MIN_NUMEL) against the float64 reference at
@@ -473,6 +475,36 @@ def test_fused_path_matches_the_float64_reference(cls, hp):
     )
     assert_all_close(ours, expected, **F64)
     assert not torch.equal(ours[1], theta0[1])  # the zero tensor moved (ratio 1)
+
+
+def test_fused_alto_keeps_the_raw_gradient_of_the_tensors_it_takes():
+    """The compiled pass keeps g̃ in registers: ``p.grad`` of a large tensor is the raw
+    gradient after the step; a small tensor (foreach path) holds g̃ = g + α(1-β)g at the
+    first step, as on the unfused paths."""
+    theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
+    params = [t.clone().requires_grad_() for t in theta0]
+    optimizer = ALTO(params, lr=0.01, alpha=-5.0, beta=0.9, fused=True)
+    grads = grad_fn([p.detach() for p in params], 0)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    optimizer.step()
+    assert torch.equal(params[0].grad, grads[0]) and torch.equal(params[1].grad, grads[1])
+    torch.testing.assert_close(params[2].grad, grads[2] * (1 - 5.0 * 0.1), **F64)
+
+
+def test_fused_steps_under_a_changing_beta2_do_not_recompile_past_the_limit():
+    """β₂ cycled through more values than dynamo's recompile limit (8): the lerp weight
+    enters the compiled pass as a number, not as a constant of the graph (a specialised
+    weight recompiled at every new value and ``fullgraph=True`` raised past the limit)."""
+    theta0 = initial(torch.float32, shapes=FUSED_SHAPES, zero_last=False)
+    params = [t.clone().requires_grad_() for t in theta0]
+    optimizer = ALTO(params, lr=0.01, fused=True)
+    for step in range(10):
+        optimizer.param_groups[0]["betas"] = (0.8 + 0.01 * step, 0.99)
+        for p, g in zip(params, grad_fn([p.detach() for p in params], step)):
+            p.grad = g
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 def test_divide_into_both_branches_on_cpu():
