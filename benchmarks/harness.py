@@ -44,7 +44,7 @@ class Row:
     # The models this row runs on (default: all of the suite's); a row too slow for a
     # model is printed as skipped there.
     models: tuple[str, ...] | None = None
-    # The row (by name, earlier in the same table) this one is an addition to, e.g. the
+    # The row (by name, earlier in the same table) this one is measured against, e.g. the
     # base optimizer E wraps: the table then prints this row's time over that row's.
     versus: str | None = None
     # The traffic floor: parameter-sized arrays a step must read and write at least
@@ -250,7 +250,7 @@ def _result(suite: Suite, model: str, runner: _Runner, baseline: float | None,
     }
 
 
-HEADER = (f"{'optimizer':<46} {'median ms':>10} {'x baseline':>11} {'x its base':>11} "
+HEADER = (f"{'optimizer':<46} {'median ms':>10} {'x baseline':>11} {'x versus':>11} "
           f"{'floor':>12} {'state B/param B':>16} {'step peak B/param B':>21}")
 
 

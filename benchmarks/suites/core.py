@@ -117,7 +117,7 @@ SUITE = Suite(
     ],
     notes=[
         "state B/param B includes AdamW's own 2.0; the adaptor's share is the excess",
-        "x its base: the row's time over the optimizer it wraps (same run); floor: arrays a "
+        "x versus: the row's time over the optimizer it wraps (same run); floor: arrays a "
         "step must read + write (fast path 9 = reads θ, g, c, m, v, writes θ, c, m, v; "
         "fast path off: + the replacement's pass over g, c; skip_nonfinite: + a read of g), "
         "in brackets over the base's floor",
