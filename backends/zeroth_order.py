@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Closure, GradEstimator
-from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported
+from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported, kernel_scalars
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -104,37 +104,55 @@ def _positive(words: Tensor) -> Tensor:
     Each int64 word is read as its two int32 halves (low half first: the little-endian
     layout), so that bit ``e mod 64`` of word ``e // 64`` is bit ``e mod 32`` of half
     ``(e mod 64) // 32``: inductor vectorises 32-bit shifts on CPU, not 64-bit ones (a
-    64-bit form ran 30 times slower). Inside a compiled kernel nothing of parameter size is
-    materialised.
+    64-bit form ran 30 times slower). The bit is shifted into the sign position and tested
+    with ``< 0``: a shift and a compare per vector, where ``(h >> e) & 1 != 0`` took four
+    operations (AVX2 has no integer ``!=``). Inside a compiled kernel nothing of parameter
+    size is materialised.
     """
     halves = words.view(torch.int32).view(-1, 2, 1)
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    return ((halves >> shifts) & 1) != 0
+    shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=words.device)  # 31 − e
+    return (halves << shifts) < 0
 
 
-def _shift(p: Tensor, positive: Tensor, scale: float) -> Tensor:
+def _shift(p: Tensor, positive: Tensor, scale: Tensor | float) -> Tensor:
     # θ ± scale selected, not θ + (±1)·scale formed: the same rounding (both are θ ± scale
     # rounded once), one conversion and one product fewer per element (~15% on CPU)
     return torch.where(positive, p + scale, p - scale)
 
 
-def _shift_kernel(p: Tensor, words: Tensor, scale: float) -> None:
+def _signed(positive: Tensor, weight: Tensor | float, dtype: torch.dtype) -> Tensor:
+    # Δ·weight with Δ = ±1 exact in any dtype: rounds as the eager ``Δ·weight`` does
+    return torch.where(positive, 1.0, -1.0).to(dtype) * weight
+
+
+def _shift_kernel(p: Tensor, words: Tensor, scale: Tensor | float) -> None:
     """``θ ← θ + scale·Δ`` for ``θ`` viewed as ``(len(words), 2, 32)``: the eager arithmetic."""
     p.copy_(_shift(p, _positive(words), scale))
 
 
 def _shift_grad_kernel(
-    p: Tensor, g: Tensor, words: Tensor, scale: float, weight: Tensor | float, accumulate: bool
+    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
 ) -> None:
-    """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` (``accumulate``: ``g ← g + weight·Δ``) in
-    one pass over ``θ`` and ``g``; ``weight·Δ`` rounds as the eager ``Δ·weight`` does."""
+    """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` in one pass over ``θ`` and ``g``."""
     positive = _positive(words)
     p.copy_(_shift(p, positive, scale))
-    step = torch.where(positive, 1.0, -1.0).to(g.dtype) * weight  # ±1 exact in any dtype
-    g.copy_(g + step if accumulate else step)
+    g.copy_(_signed(positive, weight, g.dtype))
 
 
-_KERNELS: dict[str, Callable[..., None]] = {"shift": _shift_kernel, "grad": _shift_grad_kernel}
+def _shift_accumulate_kernel(
+    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
+) -> None:
+    """``θ ← θ + scale·Δ`` and ``g ← g + weight·Δ`` in one pass over ``θ`` and ``g``."""
+    positive = _positive(words)
+    p.copy_(_shift(p, positive, scale))
+    g.copy_(g + _signed(positive, weight, g.dtype))
+
+
+# One function (one code object) per kind: dynamo's cache and its recompile limit of 8 are per
+# code object, and each kind then only recompiles for a new dtype or device.
+_KERNELS: dict[str, Callable[..., None]] = {
+    "shift": _shift_kernel, "grad": _shift_grad_kernel, "accumulate": _shift_accumulate_kernel,
+}
 _compiled: dict[str, Callable[..., None]] = {}
 
 
@@ -145,7 +163,8 @@ def _kernel(kind: str, device: torch.device) -> Callable[..., None]:
         return _KERNELS[kind]
     kernel = _compiled.get(kind)
     if kernel is None:
-        # dynamic=True: one kernel for every size; floats (c, the weight) are not specialised
+        # dynamic=True: one kernel for every size; the scalars (c, the weight) come as
+        # kernel_scalars, 0-d tensors on CPU and floats on CUDA, neither specialised
         kernel = _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
     return kernel
 
@@ -478,6 +497,25 @@ class SPSA(GradEstimator):
                 fast.add(index)
         return fast
 
+    @staticmethod
+    def _kernel_scalars(
+        device: torch.device, dtype: torch.dtype, scale: float, weight: Tensor | float | None
+    ) -> tuple[Tensor | float, Tensor | float | None]:
+        """``scale`` and ``weight`` as the packed kernels take them for parameters of
+        ``dtype`` on ``device``: :func:`kernel_scalars` (on CPU 0-d tensors of ``dtype``, each
+        rounded once to the value the generic path's eager ops give a scalar for a ``dtype``
+        tensor; elsewhere floats), and a weight tensor on ``device`` (on CPU rounded to
+        ``dtype`` likewise). Otherwise inductor's CPU kernel converts a float, or a float64
+        loss difference, to ``dtype`` inside its loop."""
+        (c,) = kernel_scalars(device, dtype, scale)
+        if weight is None:
+            return c, None
+        if isinstance(weight, Tensor):
+            w = _on(weight, device, strict=True)
+            return c, (w.to(dtype) if device.type == "cpu" else w)
+        (w,) = kernel_scalars(device, dtype, weight)
+        return c, w
+
     @torch.compiler.disable
     def _fused_pass_(
         self,
@@ -492,18 +530,22 @@ class SPSA(GradEstimator):
         kernel reads and writes ``θ`` (and writes ``g``) once. The last ``numel mod 64``
         elements (a partial word) are updated eagerly, with the same arithmetic."""
         sample_seed = self._sample_seed(sample)
+        scalars: dict[tuple[torch.device, torch.dtype], tuple] = {}
         for index, p, grad in entries:
             words = self._packed_words(p.numel(), sample_seed, index, p.device)
             full = p.numel() // WORD_BITS
             flat, g_flat = p.view(-1), grad.view(-1)
             body, tail = flat[: full * WORD_BITS], flat[full * WORD_BITS :]
             g_body, g_tail = g_flat[: full * WORD_BITS], g_flat[full * WORD_BITS :]
+            where = (p.device, p.dtype)
+            if where not in scalars:
+                scalars[where] = self._kernel_scalars(p.device, p.dtype, scale, weight)
+            c, w = scalars[where]
             if weight is None:
-                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], scale)
+                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], c)
             else:
-                _kernel("grad", p.device)(
-                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], scale,
-                    _on(weight, p.device, strict=True), not first,
+                _kernel("grad" if first else "accumulate", p.device)(
+                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], c, w
                 )
             if tail.numel():
                 delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)

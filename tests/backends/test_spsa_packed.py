@@ -9,7 +9,8 @@ seeds (a SplitMix64 hash of seed, step, sample, parameter and block; unchanged b
 packing) come from the module's ``_mix``/``_block_seed``: the seeding is not what these
 tests check.
 
-One test compiles (two kernels, float64): a few seconds to tens of seconds on CPU.
+Two tests compile (three kernels, in float64 and in float32): seconds to tens of seconds
+on CPU.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def test_compiled_packed_path_matches_a_float64_reference_and_the_generic_path()
                 lambda ps=ps: _loss(ps, weights), [{"params": ps}])
             for on, ps in ((True, fused), (False, generic))
         )
-        assert {"shift", "grad"} <= set(zo._compiled), "the compiled kernels did not run"
+        used = {"shift", "grad"} | ({"accumulate"} if samples > 1 else set())
+        assert used <= set(zo._compiled), "the compiled kernels did not run"
         assert torch.equal(fused_loss, generic_loss)
         for p, q in zip(fused, generic):
             assert torch.equal(p.grad, q.grad)
@@ -140,6 +142,44 @@ def test_compiled_packed_path_matches_a_float64_reference_and_the_generic_path()
     )
     words_bytes = -(-start[0].numel() // 64) * 8  # numel/8 bytes: 1/64 of the parameter
     assert 0 < peak <= words_bytes + 1024, (peak, words_bytes)  # + the tail's few scalars
+
+
+def test_compiled_float32_path_equals_the_generic_path_bit_for_bit():
+    """float32 parameters (one of 77100 elements on the compiled path, one small on the
+    generic path), 1 and 2 samples, with closures returning a float32 tensor, a float64
+    tensor and a Python float: ``g``, ``θ`` and the returned loss equal the generic path's
+    (``fused=False``) bit for bit.
+
+    On CPU ``c`` and the weight ``(f₊ − f₋)/(2cn)`` enter the kernels as 0-d float32
+    tensors (``kernel_scalars``); this checks each is rounded once, to the value the eager
+    ops of the generic path use. Mutations caught: the weight formed in float32 from
+    rounded losses (a float closure's ``f₊ − f₋`` then cancels in float32); ``−2c`` or the
+    weight left in float64 and applied in float64 (``θ ± c`` or ``g + w·Δ`` rounded once
+    instead of twice)."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(300, 257), (10,)]
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    weights = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    returns = {
+        "float32": lambda ps: _loss(ps, [w.float() for w in weights]),
+        "float64": lambda ps: _loss([p.double() for p in ps], weights),
+        "float": lambda ps: _loss([p.double() for p in ps], weights).item(),
+    }
+    for name, loss in returns.items():
+        for samples in (1, 2):
+            fused = [t.clone().requires_grad_() for t in start]
+            generic = [t.clone().requires_grad_() for t in start]
+            fused_loss, generic_loss = (
+                SPSA(perturbation=1e-3, samples=samples, seed=7, fused=on).estimate(
+                    lambda ps=ps, loss=loss: loss(ps), [{"params": ps}])
+                for on, ps in ((True, fused), (False, generic))
+            )
+            assert "accumulate" in zo._compiled or samples == 1
+            assert fused_loss == generic_loss, (name, samples)
+            for p, q in zip(fused, generic):
+                assert p.grad.abs().max() > 0, (name, samples)
+                assert torch.equal(p.grad, q.grad), (name, samples)
+                assert torch.equal(p.detach(), q.detach()), (name, samples)
 
 
 def test_packed_path_runs_on_meta_with_the_uncompiled_kernels():
