@@ -210,9 +210,11 @@ class SPSA(GradEstimator):
     only allocation is the packed words of one parameter (``numel/8`` bytes, 1/32 of a
     float32 parameter), drawn again for each pass rather than kept. The results are bit for
     bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
-    on CUDA only; on CPU the first step compiles two kernels (seconds to tens of seconds),
-    ``fused=True`` opts in. On ``meta`` and while an outer ``torch.compile`` traces the
-    step the same kernel functions run uncompiled.
+    on CUDA only; on CPU the first step compiles two kernels (three with ``samples > 1``:
+    seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and the weight enter
+    as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded once as the eager
+    ops round them. On ``meta`` and while an outer ``torch.compile`` traces the step the
+    same kernel functions run uncompiled.
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come

@@ -151,11 +151,13 @@ def test_compiled_float32_path_equals_the_generic_path_bit_for_bit():
     (``fused=False``) bit for bit.
 
     On CPU ``c`` and the weight ``(f₊ − f₋)/(2cn)`` enter the kernels as 0-d float32
-    tensors (``kernel_scalars``); this checks each is rounded once, to the value the eager
-    ops of the generic path use. Mutations caught: the weight formed in float32 from
-    rounded losses (a float closure's ``f₊ − f₋`` then cancels in float32); ``−2c`` or the
-    weight left in float64 and applied in float64 (``θ ± c`` or ``g + w·Δ`` rounded once
-    instead of twice)."""
+    tensors (``kernel_scalars``), rounded once from the Python (or float64) values, as the
+    generic path's eager ops round them. Mutations caught: the weight derived from losses
+    first rounded to float32 (``f₊ − f₋`` then cancels in float32); the ``grad`` and
+    ``accumulate`` kernels swapped; the bit order of a half-word reversed. (A scalar
+    handed over in float64 instead is not caught, and is not a numerical fault: inductor
+    converts it to float32 before the arithmetic, as eager does; it only costs a
+    conversion per vector.)"""
     generator = torch.Generator().manual_seed(3)
     shapes = [(300, 257), (10,)]
     start = [torch.randn(s, generator=generator) for s in shapes]
