@@ -148,10 +148,32 @@ def _shift_accumulate_kernel(
     g.copy_(g + _signed(positive, weight, g.dtype))
 
 
+def _shift_grad_next_kernel(
+    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
+    weight: Tensor | float,
+) -> None:
+    """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← weight·Δ``: one sample's restore and the
+    next sample's ``+cΔ'`` (its words ``next_words``) in one pass, rounded as two passes."""
+    positive = _positive(words)
+    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
+    g.copy_(_signed(positive, weight, g.dtype))
+
+
+def _shift_accumulate_next_kernel(
+    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
+    weight: Tensor | float,
+) -> None:
+    """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← g + weight·Δ`` in one pass."""
+    positive = _positive(words)
+    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
+    g.copy_(g + _signed(positive, weight, g.dtype))
+
+
 # One function (one code object) per kind: dynamo's cache and its recompile limit of 8 are per
 # code object, and each kind then only recompiles for a new dtype or device.
 _KERNELS: dict[str, Callable[..., None]] = {
     "shift": _shift_kernel, "grad": _shift_grad_kernel, "accumulate": _shift_accumulate_kernel,
+    "grad_next": _shift_grad_next_kernel, "accumulate_next": _shift_accumulate_next_kernel,
 }
 _compiled: dict[str, Callable[..., None]] = {}
 
@@ -526,15 +548,22 @@ class SPSA(GradEstimator):
         scale: float,
         weight: Tensor | float | None = None,
         first: bool = False,
+        then: int | None = None,
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
         entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
-        kernel reads and writes ``θ`` (and writes ``g``) once. The last ``numel mod 64``
-        elements (a partial word) are updated eagerly, with the same arithmetic."""
+        kernel reads and writes ``θ`` (and writes ``g``) once. With ``then`` (and a weight)
+        the same pass goes on to ``θ += scale·Δ_then`` (the next sample's first shift),
+        rounded as a second pass would round it; the next words are drawn beside the first.
+        The last ``numel mod 64`` elements (a partial word) are updated eagerly, with the
+        same arithmetic."""
         sample_seed = self._sample_seed(sample)
+        then_seed = None if then is None else self._sample_seed(then)
         scalars: dict[tuple[torch.device, torch.dtype], tuple] = {}
         for index, p, grad in entries:
             words = self._packed_words(p.numel(), sample_seed, index, p.device)
+            next_words = (None if then_seed is None else
+                          self._packed_words(p.numel(), then_seed, index, p.device))
             full = p.numel() // WORD_BITS
             flat, g_flat = p.view(-1), grad.view(-1)
             body, tail = flat[: full * WORD_BITS], flat[full * WORD_BITS :]
@@ -545,9 +574,14 @@ class SPSA(GradEstimator):
             c, w = scalars[where]
             if weight is None:
                 _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], c)
-            else:
+            elif next_words is None:
                 _kernel("grad" if first else "accumulate", p.device)(
                     body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], c, w
+                )
+            else:
+                _kernel("grad_next" if first else "accumulate_next", p.device)(
+                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full],
+                    next_words[:full], c, w,
                 )
             if tail.numel():
                 delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)
@@ -555,6 +589,9 @@ class SPSA(GradEstimator):
                 if weight is not None:
                     delta.mul_(_on(weight, p.device))
                     g_tail.copy_(delta) if first else g_tail.add_(delta)
+                    if next_words is not None:
+                        delta = _unpack_bits_(delta, next_words[full:]).mul_(2.0).sub_(1.0)
+                        tail.add_(delta, alpha=scale)
 
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
@@ -863,28 +900,42 @@ class SPSA(GradEstimator):
         def apply(sample: int, scale: float, weight: Any = None, first: bool = False) -> None:
             if rest:
                 self._apply_direction_(rest, sample, scale, weight, first)
-            if fast:
-                self._fused_pass_(fast, sample, scale, weight, first)
 
         total: Tensor | float = 0.0
+        # the multiple of cΔ_sample currently added to θ: the generic and the fast entries;
+        # the fast entries start a sample (after the first) already shifted by +cΔ_sample,
+        # folded into the previous sample's restore pass (one pass over θ fewer per sample)
+        offset = fast_offset = 0.0
         with torch.no_grad():
             for sample in range(n):
-                offset = 0.0
+                then = sample + 1 if sample + 1 < n else None
                 try:
                     apply(sample, c)
                     offset = 1.0
+                    if fast and not fast_offset:
+                        self._fused_pass_(fast, sample, c)
+                    fast_offset = 1.0
                     f_plus = self._evaluate(closure)
                     apply(sample, -2.0 * c)
                     offset = -1.0
+                    if fast:
+                        self._fused_pass_(fast, sample, -2.0 * c)
+                    fast_offset = -1.0
                     f_minus = self._evaluate(closure)
                     f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
                     weight = (f_plus - f_minus) / (2.0 * c * n)
-                    offset = 0.0
                     # restore θ and accumulate g from the same regenerated blocks
+                    offset = 0.0
                     apply(sample, c, weight, first=sample == 0)
+                    fast_offset = 0.0
+                    if fast:
+                        self._fused_pass_(fast, sample, c, weight, sample == 0, then)
+                        fast_offset = 0.0 if then is None else 1.0  # now +cΔ_then
                 except BaseException:
                     if offset:
                         apply(sample, -offset * c)
+                    if fast and fast_offset:
+                        self._fused_pass_(fast, sample, -fast_offset * c)
                     raise
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
