@@ -228,9 +228,12 @@ class SPSA(GradEstimator):
     (and ``chunk`` a multiple of 64) are perturbed by a compiled kernel that unpacks the
     signs from the packed words inside the pass: ``θ ± cΔ`` is one read and one write of
     ``θ``, and the restore writes ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass (seven array
-    passes per sample instead of sixteen, and no write of ``Δ`` into ``p.grad``). The
+    passes per sample instead of sixteen, and no write of ``Δ`` into ``p.grad``); with
+    ``samples > 1`` the restore also applies the next sample's ``+cΔ`` (rounded as two
+    passes would round it), one read and write of ``θ`` fewer per further sample. The
     only allocation is the packed words of one parameter (``numel/8`` bytes, 1/32 of a
-    float32 parameter), drawn again for each pass rather than kept. The results are bit for
+    float32 parameter; twice that in the restore that looks ahead), drawn again for each
+    pass rather than kept. The results are bit for
     bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
     on CUDA only; on CPU the first step compiles two kernels (three with ``samples > 1``:
     seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and the weight enter
