@@ -235,7 +235,7 @@ class SPSA(GradEstimator):
     float32 parameter; twice that in the restore that looks ahead), drawn again for each
     pass rather than kept. The results are bit for
     bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
-    on CUDA only; on CPU the first step compiles two kernels (three with ``samples > 1``:
+    on CUDA only; on CPU the first step compiles two kernels (up to four with ``samples > 1``:
     seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and the weight enter
     as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded once as the eager
     ops round them. On ``meta`` and while an outer ``torch.compile`` traces the step the
