@@ -233,10 +233,10 @@ class SPSA(GradEstimator):
     passes would round it), one read and write of ``θ`` fewer per further sample. The
     only allocation is the packed words of one parameter (``numel/8`` bytes, 1/32 of a
     float32 parameter; twice that in the restore that looks ahead), drawn again for each
-    pass rather than kept. The results are bit for
-    bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
-    on CUDA only; on CPU the first step compiles two kernels (up to four with ``samples > 1``:
-    seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and the weight enter
+    pass rather than kept. The results are bit for bit those of the generic path (same
+    signs, same arithmetic). ``fused=None`` (default): on CUDA only; on CPU the first step
+    compiles two kernels (up to four with ``samples > 1``: seconds to tens of seconds),
+    ``fused=True`` opts in; there ``c`` and the weight enter
     as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded once as the eager
     ops round them. On ``meta`` and while an outer ``torch.compile`` traces the step the
     same kernel functions run uncompiled.
