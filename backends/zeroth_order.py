@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Closure, GradEstimator
-from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported
+from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported, kernel_scalars
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -104,37 +104,77 @@ def _positive(words: Tensor) -> Tensor:
     Each int64 word is read as its two int32 halves (low half first: the little-endian
     layout), so that bit ``e mod 64`` of word ``e // 64`` is bit ``e mod 32`` of half
     ``(e mod 64) // 32``: inductor vectorises 32-bit shifts on CPU, not 64-bit ones (a
-    64-bit form ran 30 times slower). Inside a compiled kernel nothing of parameter size is
-    materialised.
+    64-bit form ran 30 times slower). The bit is shifted into the sign position and tested
+    with ``< 0``: a shift and a compare per vector, where ``(h >> e) & 1 != 0`` took four
+    operations (AVX2 has no integer ``!=``). Inside a compiled kernel nothing of parameter
+    size is materialised.
     """
     halves = words.view(torch.int32).view(-1, 2, 1)
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    return ((halves >> shifts) & 1) != 0
+    shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=words.device)  # 31 − e
+    return (halves << shifts) < 0
 
 
-def _shift(p: Tensor, positive: Tensor, scale: float) -> Tensor:
+def _shift(p: Tensor, positive: Tensor, scale: Tensor | float) -> Tensor:
     # θ ± scale selected, not θ + (±1)·scale formed: the same rounding (both are θ ± scale
     # rounded once), one conversion and one product fewer per element (~15% on CPU)
     return torch.where(positive, p + scale, p - scale)
 
 
-def _shift_kernel(p: Tensor, words: Tensor, scale: float) -> None:
+def _signed(positive: Tensor, weight: Tensor | float, dtype: torch.dtype) -> Tensor:
+    # Δ·weight with Δ = ±1 exact in any dtype: rounds as the eager ``Δ·weight`` does
+    return torch.where(positive, 1.0, -1.0).to(dtype) * weight
+
+
+def _shift_kernel(p: Tensor, words: Tensor, scale: Tensor | float) -> None:
     """``θ ← θ + scale·Δ`` for ``θ`` viewed as ``(len(words), 2, 32)``: the eager arithmetic."""
     p.copy_(_shift(p, _positive(words), scale))
 
 
 def _shift_grad_kernel(
-    p: Tensor, g: Tensor, words: Tensor, scale: float, weight: Tensor | float, accumulate: bool
+    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
 ) -> None:
-    """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` (``accumulate``: ``g ← g + weight·Δ``) in
-    one pass over ``θ`` and ``g``; ``weight·Δ`` rounds as the eager ``Δ·weight`` does."""
+    """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` in one pass over ``θ`` and ``g``."""
     positive = _positive(words)
     p.copy_(_shift(p, positive, scale))
-    step = torch.where(positive, 1.0, -1.0).to(g.dtype) * weight  # ±1 exact in any dtype
-    g.copy_(g + step if accumulate else step)
+    g.copy_(_signed(positive, weight, g.dtype))
 
 
-_KERNELS: dict[str, Callable[..., None]] = {"shift": _shift_kernel, "grad": _shift_grad_kernel}
+def _shift_accumulate_kernel(
+    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
+) -> None:
+    """``θ ← θ + scale·Δ`` and ``g ← g + weight·Δ`` in one pass over ``θ`` and ``g``."""
+    positive = _positive(words)
+    p.copy_(_shift(p, positive, scale))
+    g.copy_(g + _signed(positive, weight, g.dtype))
+
+
+def _shift_grad_next_kernel(
+    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
+    weight: Tensor | float,
+) -> None:
+    """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← weight·Δ``: one sample's restore and the
+    next sample's ``+cΔ'`` (its words ``next_words``) in one pass, rounded as two passes."""
+    positive = _positive(words)
+    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
+    g.copy_(_signed(positive, weight, g.dtype))
+
+
+def _shift_accumulate_next_kernel(
+    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
+    weight: Tensor | float,
+) -> None:
+    """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← g + weight·Δ`` in one pass."""
+    positive = _positive(words)
+    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
+    g.copy_(g + _signed(positive, weight, g.dtype))
+
+
+# One function (one code object) per kind: dynamo's cache and its recompile limit of 8 are per
+# code object, and each kind then only recompiles for a new dtype or device.
+_KERNELS: dict[str, Callable[..., None]] = {
+    "shift": _shift_kernel, "grad": _shift_grad_kernel, "accumulate": _shift_accumulate_kernel,
+    "grad_next": _shift_grad_next_kernel, "accumulate_next": _shift_accumulate_next_kernel,
+}
 _compiled: dict[str, Callable[..., None]] = {}
 
 
@@ -145,7 +185,8 @@ def _kernel(kind: str, device: torch.device) -> Callable[..., None]:
         return _KERNELS[kind]
     kernel = _compiled.get(kind)
     if kernel is None:
-        # dynamic=True: one kernel for every size; floats (c, the weight) are not specialised
+        # dynamic=True: one kernel for every size; the scalars (c, the weight) come as
+        # kernel_scalars, 0-d tensors on CPU and floats on CUDA, neither specialised
         kernel = _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
     return kernel
 
@@ -187,13 +228,18 @@ class SPSA(GradEstimator):
     (and ``chunk`` a multiple of 64) are perturbed by a compiled kernel that unpacks the
     signs from the packed words inside the pass: ``θ ± cΔ`` is one read and one write of
     ``θ``, and the restore writes ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass (seven array
-    passes per sample instead of sixteen, and no write of ``Δ`` into ``p.grad``). The
+    passes per sample instead of sixteen, and no write of ``Δ`` into ``p.grad``); with
+    ``samples > 1`` the restore also applies the next sample's ``+cΔ`` (rounded as two
+    passes would round it), one read and write of ``θ`` fewer per further sample. The
     only allocation is the packed words of one parameter (``numel/8`` bytes, 1/32 of a
-    float32 parameter), drawn again for each pass rather than kept. The results are bit for
-    bit those of the generic path (same signs, same arithmetic). ``fused=None`` (default):
-    on CUDA only; on CPU the first step compiles two kernels (seconds to tens of seconds),
-    ``fused=True`` opts in. On ``meta`` and while an outer ``torch.compile`` traces the
-    step the same kernel functions run uncompiled.
+    float32 parameter; twice that in the restore that looks ahead), drawn again for each
+    pass rather than kept. The results are bit for bit those of the generic path (same
+    signs, same arithmetic). ``fused=None`` (default): on CUDA only; on CPU the first step
+    compiles two kernels (up to four with ``samples > 1``: seconds to tens of seconds),
+    ``fused=True`` opts in; there ``c`` and the weight enter
+    as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded once as the eager
+    ops round them. On ``meta`` and while an outer ``torch.compile`` traces the step the
+    same kernel functions run uncompiled.
 
     **Randomness.** ``Δ`` of parameter ``i`` (its index over all params of all groups) is drawn
     block by block: elements ``[j·chunk, (j+1)·chunk)`` of the row-major flattening come
@@ -478,6 +524,25 @@ class SPSA(GradEstimator):
                 fast.add(index)
         return fast
 
+    @staticmethod
+    def _kernel_scalars(
+        device: torch.device, dtype: torch.dtype, scale: float, weight: Tensor | float | None
+    ) -> tuple[Tensor | float, Tensor | float | None]:
+        """``scale`` and ``weight`` as the packed kernels take them for parameters of
+        ``dtype`` on ``device``: :func:`kernel_scalars` (on CPU 0-d tensors of ``dtype``, each
+        rounded once to the value the generic path's eager ops give a scalar for a ``dtype``
+        tensor; elsewhere floats), and a weight tensor on ``device`` (on CPU rounded to
+        ``dtype`` likewise). Otherwise inductor's CPU kernel converts a float, or a float64
+        loss difference, to ``dtype`` inside its loop."""
+        (c,) = kernel_scalars(device, dtype, scale)
+        if weight is None:
+            return c, None
+        if isinstance(weight, Tensor):
+            w = _on(weight, device, strict=True)
+            return c, (w.to(dtype) if device.type == "cpu" else w)
+        (w,) = kernel_scalars(device, dtype, weight)
+        return c, w
+
     @torch.compiler.disable
     def _fused_pass_(
         self,
@@ -486,24 +551,40 @@ class SPSA(GradEstimator):
         scale: float,
         weight: Tensor | float | None = None,
         first: bool = False,
+        then: int | None = None,
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
         entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
-        kernel reads and writes ``θ`` (and writes ``g``) once. The last ``numel mod 64``
-        elements (a partial word) are updated eagerly, with the same arithmetic."""
+        kernel reads and writes ``θ`` (and writes ``g``) once. With ``then`` (and a weight)
+        the same pass goes on to ``θ += scale·Δ_then`` (the next sample's first shift),
+        rounded as a second pass would round it; the next words are drawn beside the first.
+        The last ``numel mod 64`` elements (a partial word) are updated eagerly, with the
+        same arithmetic."""
         sample_seed = self._sample_seed(sample)
+        then_seed = None if then is None else self._sample_seed(then)
+        scalars: dict[tuple[torch.device, torch.dtype], tuple] = {}
         for index, p, grad in entries:
             words = self._packed_words(p.numel(), sample_seed, index, p.device)
+            next_words = (None if then_seed is None else
+                          self._packed_words(p.numel(), then_seed, index, p.device))
             full = p.numel() // WORD_BITS
             flat, g_flat = p.view(-1), grad.view(-1)
             body, tail = flat[: full * WORD_BITS], flat[full * WORD_BITS :]
             g_body, g_tail = g_flat[: full * WORD_BITS], g_flat[full * WORD_BITS :]
+            where = (p.device, p.dtype)
+            if where not in scalars:
+                scalars[where] = self._kernel_scalars(p.device, p.dtype, scale, weight)
+            c, w = scalars[where]
             if weight is None:
-                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], scale)
+                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], c)
+            elif next_words is None:
+                _kernel("grad" if first else "accumulate", p.device)(
+                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], c, w
+                )
             else:
-                _kernel("grad", p.device)(
-                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], scale,
-                    _on(weight, p.device, strict=True), not first,
+                _kernel("grad_next" if first else "accumulate_next", p.device)(
+                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full],
+                    next_words[:full], c, w,
                 )
             if tail.numel():
                 delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)
@@ -511,6 +592,9 @@ class SPSA(GradEstimator):
                 if weight is not None:
                     delta.mul_(_on(weight, p.device))
                     g_tail.copy_(delta) if first else g_tail.add_(delta)
+                    if next_words is not None:
+                        delta = _unpack_bits_(delta, next_words[full:]).mul_(2.0).sub_(1.0)
+                        tail.add_(delta, alpha=scale)
 
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True
@@ -819,28 +903,42 @@ class SPSA(GradEstimator):
         def apply(sample: int, scale: float, weight: Any = None, first: bool = False) -> None:
             if rest:
                 self._apply_direction_(rest, sample, scale, weight, first)
-            if fast:
-                self._fused_pass_(fast, sample, scale, weight, first)
 
         total: Tensor | float = 0.0
+        # the multiple of cΔ_sample currently added to θ: the generic and the fast entries;
+        # the fast entries start a sample (after the first) already shifted by +cΔ_sample,
+        # folded into the previous sample's restore pass (one pass over θ fewer per sample)
+        offset = fast_offset = 0.0
         with torch.no_grad():
             for sample in range(n):
-                offset = 0.0
+                then = sample + 1 if sample + 1 < n else None
                 try:
                     apply(sample, c)
                     offset = 1.0
+                    if fast and not fast_offset:
+                        self._fused_pass_(fast, sample, c)
+                    fast_offset = 1.0
                     f_plus = self._evaluate(closure)
                     apply(sample, -2.0 * c)
                     offset = -1.0
+                    if fast:
+                        self._fused_pass_(fast, sample, -2.0 * c)
+                    fast_offset = -1.0
                     f_minus = self._evaluate(closure)
                     f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
                     weight = (f_plus - f_minus) / (2.0 * c * n)
-                    offset = 0.0
                     # restore θ and accumulate g from the same regenerated blocks
+                    offset = 0.0
                     apply(sample, c, weight, first=sample == 0)
+                    fast_offset = 0.0
+                    if fast:
+                        self._fused_pass_(fast, sample, c, weight, sample == 0, then)
+                        fast_offset = 0.0 if then is None else 1.0  # now +cΔ_then
                 except BaseException:
                     if offset:
                         apply(sample, -offset * c)
+                    if fast and fast_offset:
+                        self._fused_pass_(fast, sample, -fast_offset * c)
                     raise
                 total = total + (f_plus + f_minus) / (2.0 * n)
         return total
