@@ -155,23 +155,35 @@ def _adam_(p: Tensor, g: Tensor, c: Tensor, m: Tensor, v: Tensor, vmax: Tensor |
 
 
 def _bias_corrections(
-    step: Tensor, lr: float, beta1: float, beta2: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)``, 0-d tensors of ``dtype`` on ``step``'s device.
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, dtypes: list[torch.dtype]
+) -> list[tuple[Tensor, Tensor]]:
+    """Per tensor ``lr / (1 − β₁ᵗ)`` and ``√(1 − β₂ᵗ)``: 0-d tensors of its dtype on its
+    ``step``'s device.
 
     As torch's Adam forms them in Python floats from the (already advanced) step count, but
-    without reading it on the host. Computed once per tensor outside the kernel: inside, the
-    float64 ``pow`` would run once per element.
+    without reading it on the host. Computed outside the kernel (inside, the float64 ``pow``
+    would run once per element), for all the group's tensors on one device and of one dtype
+    at once: a dozen small ops per group instead of per tensor (they cost about 0.25 ms per
+    tensor on CPU, a tenth of torch's fused AdamW step on a 4M-element tensor). The results
+    are views into one vector; the kernels take them without recompiling.
     """
-    t = step.to(torch.float64)
-    bias_correction1 = torch.pow(beta1, t).neg_().add_(1.0)
-    bias_correction2 = torch.pow(beta2, t).neg_().add_(1.0)
-    # lr / bc1 as a true division, as torch's Python-float ``lr / bias_correction1``.
-    step_size = torch.full_like(t, lr).div_(bias_correction1)
-    # Rounded to the parameter's dtype here, as torch's kernels round a scalar to their
-    # compute dtype; a float64 0-d operand would make inductor compute every element in
-    # float64 (unvectorised on CPU).
-    return step_size.to(dtype), bias_correction2.sqrt_().to(dtype)
+    out: list[tuple[Tensor, Tensor]] = [None] * len(steps)  # type: ignore[list-item]
+    batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, (step, dtype) in enumerate(zip(steps, dtypes)):
+        batches.setdefault((step.device, dtype), []).append(i)
+    for (_, dtype), indices in batches.items():
+        t = torch.stack([steps[i] for i in indices]).to(torch.float64)
+        bias_correction1 = torch.pow(beta1, t).neg_().add_(1.0)
+        bias_correction2 = torch.pow(beta2, t).neg_().add_(1.0)
+        # lr / bc1 as a true division, as torch's Python-float ``lr / bias_correction1``.
+        step_size = torch.full_like(t, lr).div_(bias_correction1)
+        # Rounded to the parameter's dtype here, as torch's kernels round a scalar to their
+        # compute dtype; a float64 0-d operand would make inductor compute every element in
+        # float64 (unvectorised on CPU).
+        pairs = zip(step_size.to(dtype).unbind(0), bias_correction2.sqrt_().to(dtype).unbind(0))
+        for i, pair in zip(indices, pairs):
+            out[i] = pair
+    return out
 
 
 _FUNCTIONS = {"sgd": _sgd_, "adam": _adam_}
@@ -353,7 +365,9 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                    kind == "amsgrad")
         function = "sgd" if kind in ("sgd", "sgd_momentum") else "adam"
         scalars: dict[tuple[torch.device, torch.dtype], list] = {}
-        for p in params:
+        if function == "adam":
+            corrections = _bias_corrections(steps, lr, beta1, beta2, [p.dtype for p in params])
+        for index, p in enumerate(params):
             kernel = _kernel(function, p.device, variant)
             where = (p.device, p.dtype)
             if where not in scalars:
@@ -367,9 +381,7 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                 buf = entry["momentum_buffer"].view(-1) if kind == "sgd_momentum" else None
                 kernel(flat, g, c, buf, skip, *scalars[where], **flags)
             else:
-                step_size, bc2_sqrt = _bias_corrections(
-                    entry["step"], lr, beta1, beta2, p.dtype
-                )
+                step_size, bc2_sqrt = corrections[index]
                 vmax = entry["max_exp_avg_sq"].view(-1) if kind == "amsgrad" else None
                 kernel(flat, g, c, entry["exp_avg"].view(-1), entry["exp_avg_sq"].view(-1),
                        vmax, skip, step_size, bc2_sqrt, *scalars[where], **flags)
