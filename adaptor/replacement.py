@@ -222,23 +222,10 @@ def kernel_scalars(device: torch.device, dtype: torch.dtype, *values: float) -> 
     """
     if device.type != "cpu":
         return values
-    return tuple(_cpu_scalar(float(v), dtype) for v in values)
-
-
-_CPU_SCALARS: dict[tuple[float, float, torch.dtype], Tensor] = {}
-
-
-def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
-    """The 0-d CPU tensor of ``value`` in ``dtype``, made once: most coefficients (β, ε, α…)
-    repeat every step, and a ``torch.tensor`` call costs about 10 µs. Only the kernels read
-    these tensors, never write them. Bounded: an lr schedule adds a value per step."""
-    key = (value, math.copysign(1.0, value), dtype)  # 0.0 == -0.0, but not their products
-    scalar = _CPU_SCALARS.get(key)
-    if scalar is None:
-        if len(_CPU_SCALARS) >= 1024:
-            _CPU_SCALARS.clear()
-        scalar = _CPU_SCALARS[key] = torch.tensor(value, dtype=dtype)
-    return scalar
+    # A fresh tensor per value and call (about 10 µs each): a cache by value would hand the
+    # same object to two slots with equal values, which dynamo compiles as aliased inputs, a
+    # recompile per pattern of equal coefficients (it hit the limit of 8 in the tests).
+    return tuple(torch.tensor(float(v), dtype=dtype) for v in values)
 
 
 def fused_supported(device: torch.device) -> bool:
