@@ -71,7 +71,6 @@ On ``meta`` and while ``torch.compile`` traces a step the same functions run unc
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,6 +81,7 @@ from adaptor import shards
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
+    compile_variant,
     fused_supported,
     kernel_scalars,
     replacement_coefficients,
@@ -192,22 +192,15 @@ _compiled: dict[tuple, Any] = {}
 
 def _kernel(kind: str, device: torch.device, variant: tuple) -> Any:
     """The compiled kernel of one variant (``kind`` and the flags and None-ness in
-    ``variant``), or the plain function on meta and inside a torch.compile trace.
-
-    Each variant compiles from its own copy of the function's code object: dynamo keeps its
-    cache (and its recompile limit of 8, past which ``fullgraph=True`` raises) per code
-    object, and one shared object would pay a recompile for every mix of flags, dtypes and
-    devices. A variant then only ever recompiles for a new dtype or device.
-    """
+    ``variant``; each from its own code object, see :func:`compile_variant`), or the plain
+    function on meta and inside a torch.compile trace."""
     function = _FUNCTIONS[kind]
     if not fused_supported(device):  # meta, or inside a torch.compile trace: run as is
         return function
     key = (kind, variant)
     kernel = _compiled.get(key)
     if kernel is None:
-        code = function.__code__.replace(co_name=f"{function.__name__}{len(_compiled)}")
-        copy = types.FunctionType(code, function.__globals__, code.co_name)
-        kernel = _compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+        kernel = _compiled[key] = compile_variant(function, str(len(_compiled)))
     return kernel
 
 

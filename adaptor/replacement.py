@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 from collections.abc import Sequence
 
 import torch
@@ -226,6 +227,20 @@ def kernel_scalars(device: torch.device, dtype: torch.dtype, *values: float) -> 
     # same object to two slots with equal values, which dynamo compiles as aliased inputs, a
     # recompile per pattern of equal coefficients (it hit the limit of 8 in the tests).
     return tuple(torch.tensor(float(v), dtype=dtype) for v in values)
+
+
+def compile_variant(function, tag: str, options: dict | None = None):
+    """``torch.compile(function, dynamic=True, fullgraph=True)`` on a fresh copy of its code
+    object (named ``function.__name__ + tag``), for one variant of a kernel's flags.
+
+    Dynamo keeps its cache, and its recompile limit of 8 past which ``fullgraph=True``
+    raises, per code object: variants sharing one would pay a recompile for every mix of
+    flags, dtypes and devices and could exhaust the limit. Each copy only recompiles for a
+    new dtype or device.
+    """
+    code = function.__code__.replace(co_name=f"{function.__name__}{tag}")
+    copy = types.FunctionType(code, function.__globals__, code.co_name)
+    return torch.compile(copy, dynamic=True, fullgraph=True, options=options)
 
 
 def fused_supported(device: torch.device) -> bool:

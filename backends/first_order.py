@@ -60,7 +60,6 @@ first-order base.
 from __future__ import annotations
 
 import numbers
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +84,7 @@ from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
     check_alpha_beta,
+    compile_variant,
     fused_supported,
     kernel_scalars,
     replace_foreach_,
@@ -812,17 +812,14 @@ _compiled: dict[tuple[Any, ...], Callable[..., Any]] = {}
 def _kernel(name: str, variant: tuple[Any, ...], device: torch.device) -> Callable[..., Any]:
     """The compiled pass ``name`` for one ``variant`` (which arguments are None, the flags).
 
-    Each variant compiles from its own copy of the function's code object: dynamo's cache
-    and its recompile limit of 8 (past which ``fullgraph=True`` raises) are per code object,
-    so that a variant only recompiles for a new dtype.
+    Each variant compiles from its own copy of the function's code object
+    (:func:`adaptor.replacement.compile_variant`): it only recompiles for a new dtype.
     """
     cpu = device.type == "cpu"
     key = (name, variant, cpu)
     kernel = _compiled.get(key)
     if kernel is None:
         function = _FUNCTIONS[name]
-        code = function.__code__.replace(co_name=f"{function.__name__}{len(_compiled)}")
-        copy = types.FunctionType(code, function.__globals__, code.co_name)
         # emulate_precision_casts: round bf16/fp16 casts inside the kernel (Kahan needs the
         # rounded value; inductor otherwise keeps the float32 intermediate).
         options: dict[str, Any] = {"emulate_precision_casts": True}
@@ -831,9 +828,7 @@ def _kernel(name: str, variant: tuple[Any, ...], device: torch.device) -> Callab
             # a buffer: by default inductor recomputes Lamb's cheap m and v inside the
             # reduction and writes them in a second loop over g, m and v (1.5× the time).
             options["realize_reads_threshold"] = 1
-        kernel = _compiled[key] = torch.compile(
-            copy, dynamic=True, fullgraph=True, options=options
-        )
+        kernel = _compiled[key] = compile_variant(function, str(len(_compiled)), options)
     return kernel
 
 
