@@ -323,8 +323,18 @@ def _prepare(row: Row, model: str, warmup: int, device: torch.device,
     return runner
 
 
+def _report(suite: Suite, model: str, runner: _Runner, device: torch.device,
+            results: list[dict]) -> None:
+    """Print the row's result and append it to ``results``, the table so far (its first row
+    is the baseline)."""
+    baseline = results[0]["median_ms"] / 1e3 if results else None
+    result = _result(suite, model, runner, baseline, device, results)
+    _print_row(result)
+    results.append(result)
+
+
 def _run_in_turn(suite, model, rows, warmup, repeats, device, memory) -> list[dict]:
-    results, baseline = [], None
+    results: list[dict] = []
     for row in rows:
         runner = _prepare(row, model, warmup, device, memory)
         if runner is None:
@@ -335,10 +345,7 @@ def _run_in_turn(suite, model, rows, warmup, repeats, device, memory) -> list[di
         except Exception as error:
             print(f"{row.name:<46} failed: {type(error).__name__}: {error}")
             continue
-        result = _result(suite, model, runner, baseline, device, results)
-        baseline = baseline if baseline is not None else result["median_ms"] / 1e3
-        _print_row(result)
-        results.append(result)
+        _report(suite, model, runner, device, results)
         del runner
         gc.collect()
     return results
@@ -356,14 +363,11 @@ def _run_interleaved(suite, model, rows, warmup, repeats, device, memory) -> lis
             except Exception as error:
                 print(f"{runner.row.name:<46} failed: {type(error).__name__}: {error}")
                 failed.add(i)
-    results, baseline = [], None
+    results: list[dict] = []
     for i, runner in enumerate(runners):
         if i in failed:
             continue
-        result = _result(suite, model, runner, baseline, device, results)
-        baseline = baseline if baseline is not None else result["median_ms"] / 1e3
-        _print_row(result)
-        results.append(result)
+        _report(suite, model, runner, device, results)
     del runners
     gc.collect()
     return results
