@@ -18,12 +18,14 @@ In place on the gradient ``g`` and the buffer ``c`` (``k₁ = 1 + α·s > 0`` be
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import types
 from collections.abc import Sequence
 
 import torch
+import torch.fx.experimental._config  # use_duck_shape: see _no_duck_shapes
 from torch import Tensor
 
 # A tensor passed as α or β would make the bound check read the device; refuse it.
@@ -229,6 +231,77 @@ def kernel_scalars(device: torch.device, dtype: torch.dtype, *values: float) -> 
     return tuple(torch.tensor(float(v), dtype=dtype) for v in values)
 
 
+def pack_scalars(
+    device: torch.device, dtype: torch.dtype, named: dict[str, float | None]
+) -> tuple[Tensor | tuple[float, ...], tuple[str, ...]]:
+    """Named coefficients as ONE input of a compiled kernel, and the names present.
+
+    Returns ``(values, layout)``: ``layout`` names the values that are not None, in order
+    (a term that is None is left out of the kernel: the layout is a compile-time constant
+    of its variant), and ``values`` holds them: on CPU one 1-d tensor of ``dtype``, each
+    value rounded once from its Python double as :func:`kernel_scalars` rounds it; elsewhere
+    a tuple of the floats. One tensor instead of a dozen 0-d ones: dynamo checks (and
+    ``torch.tensor`` builds) one input instead of twelve, per call. The kernel reads a value
+    with :func:`scalar`.
+    """
+    layout = tuple(name for name, value in named.items() if value is not None)
+    floats = tuple(float(named[name]) for name in layout)  # type: ignore[arg-type]
+    if device.type != "cpu":
+        return floats, layout
+    return torch.tensor(floats, dtype=dtype), layout
+
+
+def scalar(values: Tensor | Sequence[float], layout: tuple[str, ...], name: str):
+    """Inside a kernel: the value ``name`` of :func:`pack_scalars`, or None if absent."""
+    return values[layout.index(name)] if name in layout else None
+
+
+# Large tensors per compiled call: each call pays dynamo's guards and wrappers (about
+# 0.1 ms on one CPU core, whatever the size), so a bucket of n large tensors is handed over
+# FUSED_GROUP at a time (the remainder one by one: two tensor counts, hence at most two
+# compiled graphs per variant). A group's graph holds one loop per tensor.
+FUSED_GROUP = 4
+
+
+def chunks(indices: list[int]) -> list[list[int]]:
+    """``indices`` as groups of FUSED_GROUP, then single ones."""
+    full = len(indices) - len(indices) % FUSED_GROUP
+    return [indices[i : i + FUSED_GROUP] for i in range(0, full, FUSED_GROUP)] + [
+        [i] for i in indices[full:]
+    ]
+
+
+def _no_duck_shapes():
+    """Dynamo's "duck sizing" gives equal sizes one symbol: a group's graph would then guard
+    on which of its tensors have equal sizes (a recompile per pattern, toward the limit of
+    8) and inductor would merge their loops. Off while a variant traces."""
+    config = getattr(torch.fx.experimental, "_config", None)
+    if config is None or not hasattr(config, "use_duck_shape"):
+        return contextlib.nullcontext()
+    return config.patch(use_duck_shape=False)
+
+
+class _Variant:
+    """A compiled variant: traced (on its first call for a device and dtype) without duck
+    sizing, then called as it is (the config patch costs ~50 µs, more than the call)."""
+
+    __slots__ = ("compiled", "traced_for")
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.traced_for: set[tuple[torch.device, torch.dtype]] = set()
+
+    def __call__(self, *args, **kwargs):
+        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+        where = (first.device, first.dtype)
+        if where in self.traced_for:
+            return self.compiled(*args, **kwargs)
+        with _no_duck_shapes():
+            result = self.compiled(*args, **kwargs)
+        self.traced_for.add(where)
+        return result
+
+
 def compile_variant(function, tag: str, options: dict | None = None):
     """``torch.compile(function, dynamic=True, fullgraph=True)`` on a fresh copy of its code
     object (named ``function.__name__ + tag``), for one variant of a kernel's flags.
@@ -236,11 +309,11 @@ def compile_variant(function, tag: str, options: dict | None = None):
     Dynamo keeps its cache, and its recompile limit of 8 past which ``fullgraph=True``
     raises, per code object: variants sharing one would pay a recompile for every mix of
     flags, dtypes and devices and could exhaust the limit. Each copy only recompiles for a
-    new dtype or device.
+    new dtype or device (sizes are symbolic and, without duck sizing, unrelated).
     """
     code = function.__code__.replace(co_name=f"{function.__name__}{tag}")
     copy = types.FunctionType(code, function.__globals__, code.co_name)
-    return torch.compile(copy, dynamic=True, fullgraph=True, options=options)
+    return _Variant(torch.compile(copy, dynamic=True, fullgraph=True, options=options))
 
 
 def fused_supported(device: torch.device) -> bool:

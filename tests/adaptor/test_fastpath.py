@@ -1,7 +1,8 @@
 """The fast path (adaptor.fastpath) against the generic path, over the same torch bases.
 
-Fast path: ``E(base, fused=True)``: one compiled kernel per large tensor does the replacement
-and torch's SGD/Adam/AdamW update. Generic path: ``E(base, fused=False)``: the foreach
+Fast path: ``E(base, fused=True)``: one compiled kernel per group of large tensors
+(FUSED_GROUP = 4 at a time, the rest one by one) does the replacement and torch's
+SGD/Adam/AdamW update. Generic path: ``E(base, fused=False)``: the foreach
 replacement, then the base's own ``step()``. Both run on identical parameters and gradients
 with an LR schedule; parameters and every state tensor must agree to float rounding on
 every step. ``p.grad``: g̃ on the generic path (the base reads it from there), the untouched
@@ -32,16 +33,18 @@ import torch
 
 from adaptor import E, fastpath
 from adaptor.precision import SKIPS_KEY
-from adaptor.replacement import FUSED_MIN_NUMEL, kernel_scalars
+from adaptor.replacement import FUSED_GROUP, FUSED_MIN_NUMEL, kernel_scalars, pack_scalars
 from tests.probes import host_read_probe
 
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-6},
     torch.float64: {"rtol": 1e-12, "atol": 1e-13},
 }
-# One tensor that takes the fast path (≥ FUSED_MIN_NUMEL = 65536 elements) and one small one
+# Four tensors that take the fast path (≥ FUSED_MIN_NUMEL = 65536 elements; two of equal
+# size, two of others), updated by one kernel call (FUSED_GROUP = 4), and one small tensor
 # that takes the generic path in the same group.
-SHAPES = ((256, 260), (7,))
+SHAPES = ((256, 260), (260, 256), (129, 520), (300, 257), (7,))
+LARGE = 4
 STEPS = 50
 
 CASES = {
@@ -127,21 +130,21 @@ def test_fast_path_equals_generic_path(case, device):
     for k in range(STEPS):
         _grads(fast_params, k)
         _grads(slow_params, k)
-        raw = fast_params[0].grad.clone()
+        raw = [p.grad.clone() for p in fast_params[:LARGE]]
         fast.step()
         slow.step()
         fast_schedule.step()
         slow_schedule.step()
         for i, (a, b) in enumerate(zip(fast_params, slow_params)):
             torch.testing.assert_close(a, b, **TOLERANCE[dtype])
-            if i == 0 and k > 0:  # the fast path: p.grad untouched
-                assert torch.equal(a.grad, raw)
+            if i < LARGE and k > 0:  # the fast path: p.grad untouched
+                assert torch.equal(a.grad, raw[i])
             else:  # the generic path: g̃
                 torch.testing.assert_close(a.grad, b.grad, **TOLERANCE[dtype])
         _assert_state_close(fast, slow, dtype)
-    # The large tensor took the fast path from its second step on (its state exists by
+    # The large tensors took the fast path from their second step on (their state exists by
     # then); the small one never did.
-    assert fastpath.counters["fast"] - before == STEPS - 1
+    assert fastpath.counters["fast"] - before == LARGE * (STEPS - 1)
     # Not a vacuous comparison: the parameters moved well beyond the tolerance.
     start = _params(dtype, device)
     assert (fast_params[0] - start[0]).abs().max() > 1e-2
@@ -266,7 +269,7 @@ def test_fast_step_reads_nothing_on_the_host(case):
         with host_read_probe() as reads:
             optimizer.step()
         assert reads == []
-    assert fastpath.counters["fast"] - before == 3
+    assert fastpath.counters["fast"] - before == 3 * LARGE
 
 
 def _snapshot(params, optimizer):
@@ -302,7 +305,7 @@ def test_skipped_steps_are_masked_in_the_kernel(case):
             history.append(_snapshot(params, optimizer))
         assert optimizer.skipped_steps == 2
         runs[fused] = (history, fastpath.counters["fast"] - before)
-    assert runs[True][1] == 6 and runs[False][1] == 0
+    assert runs[True][1] == 6 * LARGE and runs[False][1] == 0
     for (fast_params, fast_state), (slow_params, slow_state) in zip(runs[True][0], runs[False][0]):
         for a, b in zip(fast_params, slow_params):
             torch.testing.assert_close(a, b, **TOLERANCE[dtype])
@@ -346,9 +349,12 @@ def test_cpu_kernels_receive_no_python_float(case, monkeypatch):
     for k in range(3):
         _grads(params, k)
         optimizer.step()
-    assert len(seen) == 2  # the large tensor's second and third steps
+    assert len(seen) == 2  # the large tensors' second and third steps, one call each
     for positional, flags in seen:
-        assert all(a is None or isinstance(a, torch.Tensor) for a in positional)
+        flat = [x for a in positional for x in (a if isinstance(a, list) else [a])]
+        assert all(a is None or isinstance(a, torch.Tensor) for a in flat)
+        layout = flags.pop("layout")
+        assert all(isinstance(name, str) for name in layout)
         assert all(isinstance(f, bool) for f in flags.values())
 
 
@@ -376,7 +382,7 @@ def test_absent_weight_decay_is_no_term_not_zero_times_theta(make):
         for k in range(4):
             _grads(params, k)
             optimizer.step()
-        assert fastpath.counters["fast"] - before == (3 if fused else 0)
+        assert fastpath.counters["fast"] - before == (3 * LARGE if fused else 0)
         runs.append(optimizer)
     fast_state, slow_state = _state_tensors(runs[0]), _state_tensors(runs[1])
     for key, value in fast_state.items():
@@ -391,5 +397,81 @@ def test_each_flag_variant_compiles_from_its_own_code_object():
     first = fastpath._kernel("adam", cpu, ("variant-a",))
     second = fastpath._kernel("adam", cpu, ("variant-b",))
     assert fastpath._kernel("adam", cpu, ("variant-a",)) is first
-    codes = {k._torchdynamo_orig_callable.__code__ for k in (first, second)}
+    codes = {k.compiled._torchdynamo_orig_callable.__code__ for k in (first, second)}
     assert len(codes) == 2 and fastpath._adam_.__code__ not in codes
+
+
+def test_pack_scalars_rounds_once_and_lays_out_the_present_terms():
+    """One 1-d tensor of the compute dtype on CPU (each value numpy's rounding of the Python
+    double), the floats elsewhere; absent (None) terms are left out of both and of the
+    layout, in order."""
+    named = {"a": 0.1, "b": None, "c": 1.0 - 0.999, "d": -5.0}
+    for dtype in (torch.float32, torch.float64):
+        values, layout = pack_scalars(torch.device("cpu"), dtype, named)
+        assert layout == ("a", "c", "d")
+        assert values.dtype == dtype and values.shape == (3,)
+        expected = np.array([0.1, 1.0 - 0.999, -5.0],
+                            dtype=np.float32 if dtype == torch.float32 else np.float64)
+        assert values.tolist() == expected.tolist()
+    values, layout = pack_scalars(torch.device("meta"), torch.float32, named)
+    assert values == (0.1, 1.0 - 0.999, -5.0) and layout == ("a", "c", "d")
+
+
+def _many(shapes, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(s, generator=generator, dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("case", ["AdamW-wd-f32", "SGD-momentum-damp-wd-f32"])
+def test_large_tensors_go_in_groups_then_one_by_one(case, monkeypatch):
+    """Six large tensors: one call for the first FUSED_GROUP (4), then one call each for the
+    other two; every tensor agrees with the generic path over 10 steps."""
+    make, dtype = CASES[case]
+    shapes = [(256, 257 + i) for i in range(6)] + [(5,)]
+    calls = []
+    original = fastpath._kernel
+
+    def recording(*args, **kwargs):
+        kernel = original(*args, **kwargs)
+
+        def call(ps, *rest, **flags):
+            calls.append(len(ps))
+            return kernel(ps, *rest, **flags)
+
+        return call
+
+    monkeypatch.setattr(fastpath, "_kernel", recording)
+    runs = []
+    for fused in (True, False):
+        params = _many(shapes, dtype)
+        optimizer = E(make(params), alpha=-3.0, beta=0.9, fused=fused)
+        for k in range(10):
+            _grads(params, k)
+            optimizer.step()
+        runs.append((params, optimizer))
+    assert FUSED_GROUP == 4 and calls == [4, 1, 1] * 9
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+    _assert_state_close(runs[0][1], runs[1][1], dtype)
+
+
+def test_a_group_compiles_once_for_any_sizes():
+    """A group's graph has a symbolic size per tensor and no relation between them (duck
+    sizing is off while it traces): other sizes, equal or not, reuse it."""
+    from torch._dynamo.utils import counters
+
+    make, _ = CASES["AdamW-wd-f32"]
+    patterns = [
+        [(256, 300), (256, 301), (256, 302), (256, 303)],  # all different
+        [(256, 310)] * 4,  # all equal
+        [(256, 320), (320, 256), (256, 330), (330, 256)],  # two pairs
+    ]
+    graphs = []
+    for shapes in patterns:
+        params = _many(shapes)
+        optimizer = E(make(params), alpha=-3.0, beta=0.9, fused=True)
+        for k in range(3):
+            _grads(params, k)
+            optimizer.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2]
