@@ -84,11 +84,13 @@ from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
     check_alpha_beta,
+    chunks,
     compile_variant,
     fused_supported,
-    kernel_scalars,
+    pack_scalars,
     replace_foreach_,
     replacement_coefficients,
+    scalar,
 )
 from backends._common import step_dtype
 from backends._state import name_dtypes
@@ -734,11 +736,14 @@ def _lamb_single(
 # parameters are rounded once, on the write), and ``comp`` (Kahan compensation, or None)
 # keeps the rounding error of the write.
 #
-# As in adaptor.fastpath: every number comes in as a 0-d tensor on CPU (kernel_scalars;
-# inductor's C++ kernels would convert a Python float inside the loop, per element), derived
-# outside in double, the bias corrections included (from the step counters, on their device,
-# once per bucket); a term or mask that is off (no skip flag, λ = 0, no bias correction, no
-# clip) is left out of the compiled variant instead of being computed with neutral values.
+# As in adaptor.fastpath: each call takes a group of FUSED_GROUP tensors (or one; dynamo's
+# per-call cost is paid per call), one loop (pass 1: one loop and its reductions) per
+# tensor; the numbers come in packed in one tensor on CPU (pack_scalars; inductor's C++
+# kernels would convert a Python float inside the loop, per element), derived outside in
+# double, and the bias corrections as one 0-d tensor per tensor (from the step counters, on
+# their device, once per bucket); a term or mask that is off (no skip flag, λ = 0, no bias
+# correction, no clip) is left out of the compiled variant instead of being computed with
+# neutral values.
 
 
 def _cdtype(p: Tensor, m: Tensor) -> torch.dtype:
@@ -759,50 +764,75 @@ def _direction(p, m, v, scale, eps, decay):
     return r if decay is None else r + decay * p
 
 
-def _moments(p, g, c, m, v, skip, k1, alpha, persist, inject, lerp_weight, beta3, one_minus_beta3,
-             scale, eps, decay, neg_lr, trust_eps, norm_eps, low, high, *, low_weight: bool,
-             paper_trust: bool):  # fmt: skip
-    """Pass 1; returns the step's coefficient ``-η·ratio``.
+_NAMES = ("k1", "alpha", "persist", "inject", "lerp_weight", "beta3", "one_minus_beta3", "eps",
+          "decay", "neg_lr", "trust_eps", "norm_eps", "low", "high")
 
-    ``c`` (ALTO's buffer, None for Lamb): ``g̃ = k₁·g + α·c`` stays in registers (``p.grad``
+
+def _moments(ps, gs, cs, ms, vs, skip, scales, epsilons, lr, values, *, layout, low_weight: bool,
+             paper_trust: bool):  # fmt: skip
+    """Pass 1 over a group of tensors; returns each one's step coefficient ``-η·ratio``.
+
+    ``cs`` (ALTO's buffers, None for Lamb): ``g̃ = k₁·g + α·c`` stays in registers (``p.grad``
     keeps the raw gradient) and ``c ← persist·c + inject·g̃``. ``m ← lerp(m, g̃, 1-β₂)`` is
     written out as ATen computes it (for a weight w < 0.5: ``m + w·(g̃ - m)``, else
     ``g̃ - (g̃ - m)·β₂``; ``lerp_weight`` is w or β₂): inductor's lerp specialises on the
-    weight, a recompile for every new β₂.
+    weight, a recompile for every new β₂. ``scales``/``epsilons``: per tensor ``s`` and
+    ``ε₁√b₃`` (None without bias correction: ``eps`` is then ε₁); ``lr`` a tensor lr, or
+    None (``neg_lr`` is in ``values``).
     """
-    dtype = _cdtype(p, m)
-    p32, g32, m32, v32 = p.to(dtype), g.to(dtype), m.to(dtype), v.to(dtype)
-    if c is not None:
-        c32 = c.to(dtype)
-        g32 = g32 * k1 + c32 * alpha
-        _write(c, c32 * persist + g32 * inject, skip)
-    m_new = m32 + lerp_weight * (g32 - m32) if low_weight else g32 - (g32 - m32) * lerp_weight
-    v_new = v32 * beta3 + (g32 * g32) * one_minus_beta3
-    r = _direction(p32, m_new, v_new, scale, eps, decay)
-    _write(m, m_new, skip)
-    _write(v, v_new, skip)
-    r_sq, w_sq = (r * r).sum(), (p32 * p32).sum()
-    phi = torch.sqrt(w_sq) + norm_eps
-    ratio = phi / (torch.sqrt(r_sq) + trust_eps * phi)
-    if not paper_trust:
-        ratio = torch.where((w_sq > 0) & (r_sq > 0), ratio, 1.0)
-    if low is not None:
-        ratio = torch.clamp(ratio, low, high)
-    return neg_lr * ratio
+    (k1, alpha, persist, inject, lerp_weight, beta3, one_minus_beta3, eps, decay, neg_lr,
+     trust_eps, norm_eps, low, high) = (
+        scalar(values, layout, name) for name in _NAMES
+    )  # fmt: skip
+    if lr is not None:
+        neg_lr = -lr
+    coefficients = []
+    for i in range(len(ps)):
+        p, m, v = ps[i], ms[i], vs[i]
+        dtype = _cdtype(p, m)
+        p32, g32, m32, v32 = p.to(dtype), gs[i].to(dtype), m.to(dtype), v.to(dtype)
+        if cs is not None:
+            c = cs[i]
+            c32 = c.to(dtype)
+            g32 = g32 * k1 + c32 * alpha
+            _write(c, c32 * persist + g32 * inject, skip)
+        m_new = (
+            m32 + lerp_weight * (g32 - m32) if low_weight else g32 - (g32 - m32) * lerp_weight
+        )
+        v_new = v32 * beta3 + (g32 * g32) * one_minus_beta3
+        scale, eps_i = (None, eps) if scales is None else (scales[i], epsilons[i])
+        r = _direction(p32, m_new, v_new, scale, eps_i, decay)
+        _write(m, m_new, skip)
+        _write(v, v_new, skip)
+        r_sq, w_sq = (r * r).sum(), (p32 * p32).sum()
+        phi = torch.sqrt(w_sq) + norm_eps
+        ratio = phi / (torch.sqrt(r_sq) + trust_eps * phi)
+        if not paper_trust:
+            ratio = torch.where((w_sq > 0) & (r_sq > 0), ratio, 1.0)
+        if low is not None:
+            ratio = torch.clamp(ratio, low, high)
+        coefficients.append(neg_lr * ratio)
+    return coefficients
 
 
-def _apply(p, m, v, skip, comp, coefficient, scale, eps, decay):
-    """Pass 2: ``θ ← θ + coefficient·r`` (Kahan-compensated with ``comp``)."""
-    dtype = _cdtype(p, m)
-    p32 = p.to(dtype)
-    delta = coefficient * _direction(p32, m.to(dtype), v.to(dtype), scale, eps, decay)
-    if comp is None:
-        _write(p, (p32 + delta).to(p.dtype), skip)
-        return
-    y = delta + comp.to(dtype)
-    new = (p32 + y).to(p.dtype)
-    _write(comp, (y - (new.to(dtype) - p32)).to(comp.dtype), skip)
-    _write(p, new, skip)
+def _apply(ps, ms, vs, skip, comps, coefficients, scales, epsilons, values, *, layout):
+    """Pass 2: ``θ ← θ + coefficient·r`` for each tensor of the group (Kahan-compensated
+    with ``comps``)."""
+    eps, decay = scalar(values, layout, "eps"), scalar(values, layout, "decay")
+    for i in range(len(ps)):
+        p, m = ps[i], ms[i]
+        dtype = _cdtype(p, m)
+        p32 = p.to(dtype)
+        scale, eps_i = (None, eps) if scales is None else (scales[i], epsilons[i])
+        delta = coefficients[i] * _direction(p32, m.to(dtype), vs[i].to(dtype), scale, eps_i,
+                                             decay)
+        if comps is None:
+            _write(p, (p32 + delta).to(p.dtype), skip)
+            continue
+        y = delta + comps[i].to(dtype)
+        new = (p32 + y).to(p.dtype)
+        _write(comps[i], (y - (new.to(dtype) - p32)).to(comps[i].dtype), skip)
+        _write(p, new, skip)
 
 
 _FUNCTIONS = {"moments": _moments, "apply": _apply}
@@ -873,37 +903,39 @@ def _lamb_fused(
     beta2, beta3, lr, corrected = hp["beta2"], hp["beta3"], hp["lr"], hp["bias_correction"]
     low_weight = 1.0 - beta2 < 0.5
     clip = hp["trust_clip"]
-    low, high = (None, None) if clip is None else (float(clip[0]), float(clip[1]))
-    # Python floats derived here in double, then rounded once by kernel_scalars; None: the
+    # Python floats derived here in double, then rounded once by pack_scalars; None: the
     # term is left out of the kernel (λ = 0, no clip, ...) or comes as a tensor below.
-    numbers = [
-        k1, alpha, persist, inject, 1.0 - beta2 if low_weight else beta2, beta3, 1.0 - beta3,
-        None if corrected else hp["eps"], hp["weight_decay"] or None,
-        None if isinstance(lr, Tensor) else -lr, hp["trust_eps"], hp["norm_eps"], low, high,
-    ]
-    made = iter(kernel_scalars(bucket.device, dtype, *(x for x in numbers if x is not None)))
-    scalars = [None if x is None else next(made) for x in numbers]
-    (k1, alpha, persist, inject, lerp_weight, beta3, one_minus_beta3, eps, decay, neg_lr,
-     trust_eps, norm_eps, low, high) = scalars  # fmt: skip
-    if isinstance(lr, Tensor):
-        neg_lr = -lr
+    named = {
+        "k1": k1, "alpha": alpha, "persist": persist, "inject": inject,
+        "lerp_weight": 1.0 - beta2 if low_weight else beta2, "beta3": beta3,
+        "one_minus_beta3": 1.0 - beta3, "eps": None if corrected else hp["eps"],
+        "decay": hp["weight_decay"] or None,
+        "neg_lr": None if isinstance(lr, Tensor) else -lr, "trust_eps": hp["trust_eps"],
+        "norm_eps": hp["norm_eps"], "low": None if clip is None else float(clip[0]),
+        "high": None if clip is None else float(clip[1]),
+    }  # fmt: skip
+    values, layout = pack_scalars(bucket.device, dtype, named)
+    tensor_lr = lr if isinstance(lr, Tensor) else None
     if corrected:
         scales, epsilons = _bias_scalars(bucket.steps, beta2, hp["beta3"], hp["eps"], dtype)
     flags = {"low_weight": low_weight, "paper_trust": hp["zero_norm_trust"] == "paper"}
-    shape = (explores, skip is None, corrected, decay is None, clip is None)
-    moments = _kernel("moments", (*shape, *flags.values()), bucket.device)
-    apply = _kernel("apply", (*shape, bucket.comps is None), bucket.device)
-    for i, (p, g) in enumerate(zip(bucket.params, bucket.grads)):
-        m, v = bucket.states[0][i], bucket.states[1][i]
-        c = bucket.states[2][i] if explores else None
-        scale, eps_i = (scales[i], epsilons[i]) if corrected else (None, eps)
-        coefficient = moments(
-            p, g, c, m, v, skip, k1, alpha, persist, inject, lerp_weight, beta3,
-            one_minus_beta3, scale, eps_i, decay, neg_lr, trust_eps, norm_eps, low, high,
-            **flags,
-        )
-        comp = None if bucket.comps is None else bucket.comps[i]
-        apply(p, m, v, skip, comp, coefficient, scale, eps_i, decay)
+    shape = (explores, skip is None, layout, tensor_lr is None)
+    for chunk in chunks(list(range(len(bucket.params)))):
+        moments = _kernel("moments", (*shape, *flags.values(), len(chunk)), bucket.device)
+        apply = _kernel("apply", (*shape, bucket.comps is None, len(chunk)), bucket.device)
+        ps = [bucket.params[i] for i in chunk]
+        ms = [bucket.states[0][i] for i in chunk]
+        vs = [bucket.states[1][i] for i in chunk]
+        cs = [bucket.states[2][i] for i in chunk] if explores else None
+        group_scales = [scales[i] for i in chunk] if corrected else None
+        group_epsilons = [epsilons[i] for i in chunk] if corrected else None
+        coefficients = moments(
+            ps, [bucket.grads[i] for i in chunk], cs, ms, vs, skip, group_scales,
+            group_epsilons, tensor_lr, values, layout=layout, **flags,
+        )  # fmt: skip
+        comps = None if bucket.comps is None else [bucket.comps[i] for i in chunk]
+        apply(ps, ms, vs, skip, comps, coefficients, group_scales, group_epsilons, values,
+              layout=layout)
 
 
 class Lamb(_FirstOrder):
