@@ -61,15 +61,17 @@ class Suite:
     notes: list[str] = field(default_factory=list)
 
 
-MODELS = ("mlp16m", "small200", "many64")
+MODELS = ("mlp16m", "blocks12", "small200", "many64")
 # ``tiny``: the dry run's model (a few hundred parameters); not in MODELS (never benchmarked).
 DRY_RUN_MODEL = "tiny"
 
 
 def build_model(name: str) -> nn.Module:
-    """``mlp16m``: ~16.8M parameters in 8 tensors; ``small200``: 200 small tensors (~0.2M);
-    ``many64``: 200 same-shaped 64×64 matrices (batching matters there); ``tiny``: two
-    16×16 layers, for the dry run."""
+    """``mlp16m``: ~16.8M parameters in 8 tensors; ``blocks12``: 11.0M parameters in 120
+    tensors, the weights of 12 transformer-like blocks (48 matrices of 196k-262k elements,
+    72 vectors of 256-1024: the per-tensor and per-call costs matter there); ``small200``: 200
+    small tensors (~0.2M); ``many64``: 200 same-shaped 64×64 matrices (batching matters
+    there); ``tiny``: two 16×16 layers, for the dry run."""
     torch.manual_seed(0)
     if name == DRY_RUN_MODEL:
         return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
@@ -80,6 +82,12 @@ def build_model(name: str) -> nn.Module:
             nn.Linear(2048, 2048), nn.ReLU(),
             nn.Linear(2048, 2048),
         )
+    if name == "blocks12":
+        layers: list[nn.Module] = []
+        for _ in range(12):  # attention in/out projections, MLP up/down, a norm
+            layers += [nn.Linear(256, 768), nn.Linear(768, 256), nn.Linear(256, 1024),
+                       nn.Linear(1024, 256), nn.LayerNorm(256)]
+        return nn.Sequential(*layers)
     if name == "small200":
         return nn.Sequential(*[nn.Linear(32, 32) for _ in range(100)])
     if name == "many64":

@@ -115,6 +115,7 @@ SUITE = Suite(
             versus=FUSED_BF16,
         ),
     ],
+    models=("mlp16m", "blocks12", "small200"),
     notes=[
         "state B/param B includes AdamW's own 2.0; the adaptor's share is the excess",
         "x versus: the row's time over the optimizer it wraps (same run); floor: arrays a "

@@ -102,6 +102,7 @@ SUITE = Suite(
         Row("ours ALTO fused bf16 params, f32 state", _bf16(_alto(fused=True)), step=_bf16_step),
         Row("reference ALTO (e-optimizer-adaptor)", _reference_alto),
     ],
+    models=("mlp16m", "blocks12", "small200"),
     notes=[
         "state B/param B: AdamW, Lamb and AdaBelief keep 2.0; ALTO 3.0 (m, v and the "
         "adaptor's one buffer); the reference ALTO 6.0",
