@@ -329,7 +329,9 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str
             continue
         params = []
         for p in group["params"]:
-            if p.grad is None:
+            # Size first: most tensors of a model are small, and the state lookups below
+            # hash the tensor in Python (about 1 µs each).
+            if p.grad is None or p.numel() < FUSED_MIN_NUMEL:
                 continue
             own = optimizer._own_state.get(p, {})  # the adaptor's own entry, not E.state's view
             entry = base.state.get(p, {})
@@ -345,6 +347,7 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str
 # -- running ---------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = None) -> None:
     """Replacement and base update for every chosen parameter: one kernel call per
     FUSED_GROUP parameters of a device and dtype (``adaptor.replacement.chunks``)."""
@@ -396,7 +399,7 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                 variant = (kind, layout, tuple(flags.items()), skip is None, len(chunk))
                 kernel = _kernel("sgd" if sgd else "adam", device, variant)
                 taken = [params[i] for i in chunk]
-                ps = [p.detach().view(-1) for p in taken]
+                ps = [p.view(-1) for p in taken]  # under no_grad: needs no grad, no detach
                 gs = [p.grad.view(-1) for p in taken]
                 cs = [own_state[p][buffer_key].view(-1) for p in taken]
                 entries = [base_state[p] for p in taken]

@@ -983,8 +983,9 @@ class Lamb(_FirstOrder):
             ``pickle`` and ``state_dict``); a group with ``None`` is left unclipped.
         foreach: multi-tensor implementation (``None``/``True``, default) or a Python loop
             over tensors (``False``).
-        fused: two compiled passes per tensor of at least 65536 elements (``torch.compile``;
-            the first step compiles; ALTO then leaves the raw gradient in ``p.grad``).
+        fused: two compiled passes per tensor of at least 65536 elements, four tensors per
+            compiled call (``torch.compile``; the first step compiles; ALTO then leaves the
+            raw gradient in ``p.grad``).
             ``None`` (default): on CUDA only.
 
     State per parameter: ``step`` (0-d tensor on the parameter's device), ``exp_avg`` (m),
