@@ -475,3 +475,27 @@ def test_a_group_compiles_once_for_any_sizes():
             optimizer.step()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] == graphs[2]
+
+
+@pytest.mark.parametrize("case", ["AdamW-wd-f32", "AdamW-foreach-f64"])
+def test_tensors_of_one_group_keep_their_own_step_counts(case):
+    """A gradient missing at some steps leaves that tensor's ``step`` behind: the four
+    tensors of one kernel call then have different bias corrections, each its own."""
+    make, dtype = CASES[case]
+    missing = {(1, 1), (2, 1), (4, 3)}  # (step, tensor): no gradient
+    runs = []
+    for fused in (True, False):
+        params = _many([(256, 257 + i) for i in range(4)], dtype)
+        optimizer = E(make(params), alpha=-3.0, beta=0.9, fused=fused)
+        for k in range(8):
+            _grads(params, k)
+            for step, i in missing:
+                if step == k:
+                    params[i].grad = None
+            optimizer.step()
+        runs.append((params, optimizer))
+    steps = [runs[0][1].base.state[p]["step"].item() for p in runs[0][0]]
+    assert steps == [8.0, 6.0, 8.0, 7.0]
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, **TOLERANCE[dtype])
+    _assert_state_close(runs[0][1], runs[1][1], dtype)

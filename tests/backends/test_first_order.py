@@ -468,12 +468,15 @@ def test_fused_path_matches_the_float64_reference(cls, hp):
     theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
     theta0[1].zero_()
     assert all(t.numel() >= FUSED_MIN_NUMEL for t in theta0[:-1])
-    ours, _ = run(lambda p: cls(p, fused=True, **hp), theta0, steps=4)
+    # Gradients missing at some steps: the tensors of one compiled group then have different
+    # step counts, hence different bias corrections.
+    skip = {(1, 2), (2, 2), (3, 0)}
+    ours, _ = run(lambda p: cls(p, fused=True, **hp), theta0, steps=5, skip=skip)
     reference_hp = {**hp}
     reference_hp.pop("alpha", None)
     expected = reference_lamb(
-        theta0, alpha=hp.get("alpha", 0.0), beta=reference_hp.pop("beta", 0.0), steps=4,
-        **reference_hp,
+        theta0, alpha=hp.get("alpha", 0.0), beta=reference_hp.pop("beta", 0.0), steps=5,
+        skip=skip, **reference_hp,
     )
     assert_all_close(ours, expected, **F64)
     assert not torch.equal(ours[1], theta0[1])  # the zero tensor moved (ratio 1)
