@@ -499,3 +499,42 @@ def test_tensors_of_one_group_keep_their_own_step_counts(case):
     for a, b in zip(runs[0][0], runs[1][0]):
         torch.testing.assert_close(a, b, **TOLERANCE[dtype])
     _assert_state_close(runs[0][1], runs[1][1], dtype)
+
+
+def test_float_tuple_form_agrees_and_compiles_once():
+    """Off CPU (CUDA) ``pack_scalars`` hands the kernels a tuple of Python floats. The same
+    compiled kernel, given that form here on CPU tensors, agrees with the packed form to
+    float32 rounding and with a float64 reference, and a new lr at every call (a schedule)
+    does not recompile it: the floats are inputs, not constants of the graph."""
+    from torch._dynamo.utils import counters
+
+    cpu = torch.device("cpu")
+    variant = ("float-tuple-test",)
+    kernel = fastpath._kernel("sgd", cpu, variant)
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(FUSED_MIN_NUMEL,), (FUSED_MIN_NUMEL + 3,)]
+    start = [[torch.randn(s, generator=generator) for s in shapes] for _ in range(3)]
+    tuple_form = [[t.clone() for t in ts] for ts in start]
+    packed_form = [[t.clone() for t in ts] for ts in start]
+    reference = [[t.double() for t in ts] for ts in start]
+    graphs = []
+    for k in range(10):
+        lr = 0.1 * 0.8**k
+        named = {"k1": 1.45, "alpha": -0.5, "pc": 0.9, "qc": 0.05, "neg_lr": -lr, "wd": None,
+                 "momentum": None, "damp1": None}
+        floats, layout = pack_scalars(torch.device("meta"), torch.float32, named)
+        assert isinstance(floats, tuple)
+        kernel(*tuple_form, None, None, floats, layout=layout, maximize=False, nesterov=False)
+        packed, _ = pack_scalars(cpu, torch.float32, named)
+        kernel(*packed_form, None, None, packed, layout=layout, maximize=False,
+               nesterov=False)
+        graphs.append(counters["stats"]["unique_graphs"])
+        for p, g, c in zip(*reference):  # SGD without momentum on g̃, in float64
+            g_tilde = 1.45 * g - 0.5 * c
+            c.copy_(0.9 * c + 0.05 * g_tilde)
+            p.add_(g_tilde, alpha=-lr)
+    assert graphs[1] == graphs[-1], f"recompiled as lr changed: {graphs}"
+    for ours, theirs, exact in zip(tuple_form, packed_form, reference):
+        for a, b, x in zip(ours, theirs, exact):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a.double(), x, rtol=1e-5, atol=1e-6)
