@@ -88,6 +88,7 @@ from adaptor.replacement import (
     WELL_CONDITIONED_K1,
     chunks,
     compile_variant,
+    flat,
     fused_supported,
     pack_scalars,
     replacement_coefficients,
@@ -399,21 +400,21 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                 variant = (kind, layout, tuple(flags.items()), skip is None, len(chunk))
                 kernel = _kernel("sgd" if sgd else "adam", device, variant)
                 taken = [params[i] for i in chunk]
-                ps = [p.view(-1) for p in taken]  # under no_grad: needs no grad, no detach
-                gs = [p.grad.view(-1) for p in taken]
-                cs = [own_state[p][buffer_key].view(-1) for p in taken]
+                ps = [flat(p) for p in taken]
+                gs = [flat(p.grad) for p in taken]
+                cs = [flat(own_state[p][buffer_key]) for p in taken]
                 entries = [base_state[p] for p in taken]
                 if sgd:
-                    bufs = [e["momentum_buffer"].view(-1) for e in entries] if momentum else None
+                    bufs = [flat(e["momentum_buffer"]) for e in entries] if momentum else None
                     kernel(ps, gs, cs, bufs, skip, values, layout=layout, **flags)
                 else:
                     vmaxs = (
-                        [e["max_exp_avg_sq"].view(-1) for e in entries]
+                        [flat(e["max_exp_avg_sq"]) for e in entries]
                         if kind == "amsgrad"
                         else None
                     )
-                    kernel(ps, gs, cs, [e["exp_avg"].view(-1) for e in entries],
-                           [e["exp_avg_sq"].view(-1) for e in entries], vmaxs, skip,
+                    kernel(ps, gs, cs, [flat(e["exp_avg"]) for e in entries],
+                           [flat(e["exp_avg_sq"]) for e in entries], vmaxs, skip,
                            [corrections[i][0] for i in chunk],
                            [corrections[i][1] for i in chunk], values, layout=layout, **flags)
                 counters["fast"] += len(chunk)

@@ -271,6 +271,13 @@ def chunks(indices: list[int]) -> list[list[int]]:
     ]
 
 
+def flat(t: Tensor) -> Tensor:
+    """A contiguous tensor's elements as a 1-d tensor on the same storage, and not a view:
+    dynamo guards a view's base (its rank and strides), so views would make a group's graph
+    depend on the ranks of its tensors (a recompile per pattern of ranks)."""
+    return t.view(-1).detach()
+
+
 def _no_duck_shapes():
     """Dynamo's "duck sizing" gives equal sizes one symbol: a group's graph would then guard
     on which of its tensors have equal sizes (a recompile per pattern, toward the limit of
@@ -282,18 +289,19 @@ def _no_duck_shapes():
 
 
 class _Variant:
-    """A compiled variant: traced (on its first call for a device and dtype) without duck
-    sizing, then called as it is (the config patch costs ~50 µs, more than the call)."""
+    """A compiled variant: traced (on its first call for a device, dtype and the ranks of
+    its first argument's tensors) without duck sizing, then called as it is (the config
+    patch costs ~50 µs, more than the call)."""
 
     __slots__ = ("compiled", "traced_for")
 
     def __init__(self, compiled):
         self.compiled = compiled
-        self.traced_for: set[tuple[torch.device, torch.dtype]] = set()
+        self.traced_for: set[tuple] = set()
 
     def __call__(self, *args, **kwargs):
-        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-        where = (first.device, first.dtype)
+        first = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+        where = (first[0].device, first[0].dtype, tuple(t.dim() for t in first))
         if where in self.traced_for:
             return self.compiled(*args, **kwargs)
         with _no_duck_shapes():
@@ -350,13 +358,14 @@ def replace_fused_(
     with torch.no_grad():  # one grad mode: a change would recompile the kernel
         for g, c in zip(grads, buffers):
             if g.numel() >= threshold and g.is_contiguous() and c.is_contiguous():
-                # Flat views: the kernel compiles once per dtype pair and device, not once
-                # per rank (fullgraph=True raises past torch's recompile limit of 8).
+                # Flat tensors (not views: dynamo guards a view's base): the kernel
+                # compiles once per dtype pair and device, not once per rank
+                # (fullgraph=True raises past torch's recompile limit of 8).
                 scalars = kernel_scalars(g.device, work_dtype(c.dtype), k1, alpha, p, q)
                 if skip is None:
-                    kernel(g.view(-1), c.view(-1), *scalars)
+                    kernel(flat(g), flat(c), *scalars)
                 else:
-                    kernel(g.view(-1), c.view(-1), skip, *scalars)
+                    kernel(flat(g), flat(c), skip, *scalars)
             else:
                 small_g.append(g)
                 small_c.append(c)

@@ -86,6 +86,7 @@ from adaptor.replacement import (
     check_alpha_beta,
     chunks,
     compile_variant,
+    flat,
     fused_supported,
     pack_scalars,
     replace_foreach_,
@@ -920,20 +921,35 @@ def _lamb_fused(
         scales, epsilons = _bias_scalars(bucket.steps, beta2, hp["beta3"], hp["eps"], dtype)
     flags = {"low_weight": low_weight, "paper_trust": hp["zero_norm_trust"] == "paper"}
     shape = (explores, skip is None, layout, tensor_lr is None)
-    for chunk in chunks(list(range(len(bucket.params)))):
+    # Per tensor: parameter, gradient, m, v[, buffer][, compensation]. Contiguous ones are
+    # flattened, so that a group's graph depends only on how many tensors it has (not on
+    # their ranks: a conv net's mix of 4-d and 2-d weights would be a graph per pattern);
+    # a tensor with a non-contiguous member goes alone, as it is.
+    members = [
+        [bucket.params[i], bucket.grads[i], *(state[i] for state in bucket.states)]
+        + ([] if bucket.comps is None else [bucket.comps[i]])
+        for i in range(len(bucket.params))
+    ]
+    contiguous = [
+        i for i, tensors in enumerate(members) if all(t.is_contiguous() for t in tensors)
+    ]
+    alone = [[i] for i in range(len(members)) if i not in set(contiguous)]
+    for chunk in chunks(contiguous) + alone:
         moments = _kernel("moments", (*shape, *flags.values(), len(chunk)), bucket.device)
         apply = _kernel("apply", (*shape, bucket.comps is None, len(chunk)), bucket.device)
-        ps = [bucket.params[i] for i in chunk]
-        ms = [bucket.states[0][i] for i in chunk]
-        vs = [bucket.states[1][i] for i in chunk]
-        cs = [bucket.states[2][i] for i in chunk] if explores else None
+        if chunk[0] in contiguous:
+            columns = [[flat(t) for t in members[i]] for i in chunk]
+        else:
+            columns = [members[i] for i in chunk]
+        ps, gs, ms, vs = ([tensors[k] for tensors in columns] for k in range(4))
+        cs = [tensors[4] for tensors in columns] if explores else None
+        comps = None if bucket.comps is None else [tensors[-1] for tensors in columns]
         group_scales = [scales[i] for i in chunk] if corrected else None
         group_epsilons = [epsilons[i] for i in chunk] if corrected else None
         coefficients = moments(
-            ps, [bucket.grads[i] for i in chunk], cs, ms, vs, skip, group_scales,
-            group_epsilons, tensor_lr, values, layout=layout, **flags,
+            ps, gs, cs, ms, vs, skip, group_scales, group_epsilons, tensor_lr, values,
+            layout=layout, **flags,
         )  # fmt: skip
-        comps = None if bucket.comps is None else [bucket.comps[i] for i in chunk]
         apply(ps, ms, vs, skip, comps, coefficients, group_scales, group_epsilons, values,
               layout=layout)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import adaptor.replacement as replacement
 from adaptor import E, check_alpha_beta
-from adaptor.replacement import replace_foreach_, replace_fused_
+from adaptor.replacement import FUSED_MIN_NUMEL, replace_foreach_, replace_fused_
 from tests.adaptor.reference import TwoBufferReference, relative_error
 
 SHAPES = [(5, 3), (7,), (2, 3, 2), ()]
@@ -201,6 +201,25 @@ def test_replace_fused_calls_the_kernel_on_flat_views_only(monkeypatch):
     seen.clear()
     replace_fused_(grads, buffers, *_near_bound(0.9, 1e-3))
     assert seen == []
+
+
+def test_replace_fused_compiles_once_for_every_rank():
+    """The compiled kernel itself (not a recording stand-in): tensors of ranks 1 to 4 add one
+    graph per dtype pair, not one per rank. Views would not do: dynamo guards a view's base
+    (its rank and strides), so the kernel gets flat tensors that are not views."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(FUSED_MIN_NUMEL + 1,), (257, 256), (3, 86, 256), (2, 2, 129, 128)]
+    generator = torch.Generator().manual_seed(4)
+    graphs = []
+    for shape in shapes:
+        g = torch.randn(shape, generator=generator)
+        c = torch.randn(shape, generator=generator)
+        expected_g = (1 + 0.5 * 0.1) * g + 0.5 * c  # g̃ = k₁·g + α·c, α = 0.5, β = 0.9
+        replace_fused_([g], [c], 0.5, 0.9)
+        torch.testing.assert_close(g, expected_g, rtol=1e-6, atol=1e-6)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(graphs)) == 1, graphs
 
 
 def test_explored_optimizer_fused_equals_foreach(monkeypatch):

@@ -1162,3 +1162,40 @@ def test_compiled_bf16_alto_with_kahan_and_skip_equals_eager():
         dtype=torch.bfloat16,
     )
     assert_all_close(compiled, eager, **COMPILE_TOLERANCE["aot_eager"])
+
+
+def test_fused_groups_take_any_ranks_and_non_contiguous_tensors_alone():
+    """Large tensors of ranks 1, 2 and 4 share a compiled group (flattened); a
+    non-contiguous one goes alone as it is. Both agree with the foreach path in float64, and
+    other rank patterns reuse the group's graphs (no recompile per pattern)."""
+    from torch._dynamo.utils import counters
+
+    def params_for(shapes, transposed):
+        generator = torch.Generator().manual_seed(7)
+        made = []
+        for i, shape in enumerate(shapes):
+            t = torch.randn(shape, generator=generator, dtype=torch.float64)
+            made.append((t.t() if i == transposed else t).detach().requires_grad_())
+        return made
+
+    def steps(optimizer, params, count):
+        for step in range(count):
+            for p, g in zip(params, grad_fn([p.detach() for p in params], step)):
+                p.grad = g
+            optimizer.step()
+
+    shapes = [(256, 260), (66000,), (8, 8, 32, 33), (300, 230), (40,)]
+    hp = dict(lr=0.01, weight_decay=1e-2, alpha=-5.0, beta=0.9)
+    fused, generic = params_for(shapes, 3), params_for(shapes, 3)
+    assert not fused[3].is_contiguous()
+    steps(ALTO(fused, fused=True, **hp), fused, 4)
+    steps(ALTO(generic, fused=False, **hp), generic, 4)
+    assert_all_close(fused, generic, **F64)
+    graphs = []
+    for pattern in ([(66100,), (8, 8, 32, 34), (250, 270), (257, 256)],
+                    [(4, 4, 64, 65), (66200,), (66300,), (262, 251)],
+                    [(262, 251), (2, 130, 256), (66400,), (4, 4, 64, 66)]):
+        others = params_for(pattern, None)
+        steps(ALTO(others, fused=True, **hp), others, 2)  # one group of four
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(graphs)) == 1, graphs
