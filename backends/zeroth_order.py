@@ -575,16 +575,20 @@ class SPSA(GradEstimator):
             if where not in scalars:
                 scalars[where] = self._kernel_scalars(p.device, p.dtype, scale, weight)
             c, w = scalars[where]
+            # Blocks that are not views (detached): dynamo guards a view's base, and the
+            # base's size (with or without a partial word) would be a second graph.
+            blocks = body.view(full, 2, 32).detach()
+            block_words = words[:full].detach()
             if weight is None:
-                _kernel("shift", p.device)(body.view(full, 2, 32), words[:full], c)
+                _kernel("shift", p.device)(blocks, block_words, c)
             elif next_words is None:
                 _kernel("grad" if first else "accumulate", p.device)(
-                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full], c, w
+                    blocks, g_body.view(full, 2, 32).detach(), block_words, c, w
                 )
             else:
                 _kernel("grad_next" if first else "accumulate_next", p.device)(
-                    body.view(full, 2, 32), g_body.view(full, 2, 32), words[:full],
-                    next_words[:full], c, w,
+                    blocks, g_body.view(full, 2, 32).detach(), block_words,
+                    next_words[:full].detach(), c, w,
                 )
             if tail.numel():
                 delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)

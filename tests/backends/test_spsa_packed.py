@@ -224,3 +224,21 @@ def test_a_raising_closure_leaves_the_packed_parameters_restored():
         # the documented drift bound of the in-place walk, u·(3|θ| + 2c) per sample begun
         bound = 2.0**-53 * (3 * start.abs() + 2e-3) * (1 + 1e-5) * ((fail + 1) // 2)
         assert ((p.detach() - start).abs() <= bound).all()
+
+
+def test_packed_kernels_compile_once_for_every_rank_and_partial_word():
+    """The kernels get blocks that are not views (dynamo guards a view's base): parameters
+    of ranks 1 to 4, with and without a partial last word, add no graph after the first."""
+    from torch._dynamo.utils import counters
+
+    from adaptor import explore
+
+    graphs = []
+    for shape in [(256, 300), (66000,), (2, 128, 260), (4, 4, 64, 65), (66001,)]:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(shape, generator=generator).requires_grad_()]
+        optimizer = explore(SPSA(seed=0, fused=True), torch.optim.SGD(params, lr=1e-3))
+        for _ in range(2):
+            optimizer.step(lambda p=params[0]: (p**2).sum())
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(graphs)) == 1, graphs
