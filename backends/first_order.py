@@ -930,17 +930,13 @@ def _lamb_fused(
         + ([] if bucket.comps is None else [bucket.comps[i]])
         for i in range(len(bucket.params))
     ]
-    contiguous = [
-        i for i, tensors in enumerate(members) if all(t.is_contiguous() for t in tensors)
-    ]
-    alone = [[i] for i in range(len(members)) if i not in set(contiguous)]
-    for chunk in chunks(contiguous) + alone:
+    contiguous = [all(t.is_contiguous() for t in tensors) for tensors in members]
+    calls = [(chunk, True) for chunk in chunks([i for i, ok in enumerate(contiguous) if ok])]
+    calls += [([i], False) for i, ok in enumerate(contiguous) if not ok]
+    for chunk, flattened in calls:
         moments = _kernel("moments", (*shape, *flags.values(), len(chunk)), bucket.device)
         apply = _kernel("apply", (*shape, bucket.comps is None, len(chunk)), bucket.device)
-        if chunk[0] in contiguous:
-            columns = [[flat(t) for t in members[i]] for i in chunk]
-        else:
-            columns = [members[i] for i in chunk]
+        columns = [[flat(t) if flattened else t for t in members[i]] for i in chunk]
         ps, gs, ms, vs = ([tensors[k] for tensors in columns] for k in range(4))
         cs = [tensors[4] for tensors in columns] if explores else None
         comps = None if bucket.comps is None else [tensors[-1] for tensors in columns]
