@@ -104,7 +104,7 @@ _ADAM_CLASSES = (torch.optim.Adam, torch.optim.AdamW)
 counters = {"fast": 0}
 
 
-# -- the pointwise kernels (flat views; compiled once per variant, count, dtype and device) --
+# -- the pointwise kernels (flat tensors; compiled once per variant, count, dtype, device) --
 #
 # Each kernel updates a group of tensors (FUSED_GROUP, or one): dynamo's per-call cost is
 # paid once per group, and the graph holds one loop per tensor. The structural settings

@@ -282,8 +282,8 @@ def _no_duck_shapes():
     """Dynamo's "duck sizing" gives equal sizes one symbol: a group's graph would then guard
     on which of its tensors have equal sizes (a recompile per pattern, toward the limit of
     8) and inductor would merge their loops. Off while a variant traces."""
-    config = getattr(torch.fx.experimental, "_config", None)
-    if config is None or not hasattr(config, "use_duck_shape"):
+    config = torch.fx.experimental._config  # imported above
+    if not hasattr(config, "use_duck_shape"):  # a torch without the option
         return contextlib.nullcontext()
     return config.patch(use_duck_shape=False)
 
