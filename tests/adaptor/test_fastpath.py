@@ -327,12 +327,8 @@ def test_kernel_scalars_are_rounded_tensors_on_cpu_and_floats_elsewhere():
     assert kernel_scalars(torch.device("meta"), torch.float32, *values) == values
 
 
-@pytest.mark.parametrize("case", ["AdamW-wd-f32", "SGD-momentum-damp-wd-f32"])
-def test_cpu_kernels_receive_no_python_float(case, monkeypatch):
-    """A Python float reaching an inductor C++ kernel is converted from float64 once per
-    element: the fast path must hand over tensors (or None for an absent term) only."""
-    make, dtype = CASES[case]
-    params, optimizer, _ = _build(make, dtype, True)
+def _record_kernel_calls(monkeypatch) -> list:
+    """Every fast-path kernel call from now on, as ``(positional, keyword)`` arguments."""
     seen = []
     original = fastpath._kernel
 
@@ -340,12 +336,22 @@ def test_cpu_kernels_receive_no_python_float(case, monkeypatch):
         kernel = original(*args, **kwargs)
 
         def call(*positional, **flags):
-            seen.append((positional, flags))
+            seen.append((positional, dict(flags)))
             return kernel(*positional, **flags)
 
         return call
 
     monkeypatch.setattr(fastpath, "_kernel", recording)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["AdamW-wd-f32", "SGD-momentum-damp-wd-f32"])
+def test_cpu_kernels_receive_no_python_float(case, monkeypatch):
+    """A Python float reaching an inductor C++ kernel is converted from float64 once per
+    element: the fast path must hand over tensors (or None for an absent term) only."""
+    make, dtype = CASES[case]
+    params, optimizer, _ = _build(make, dtype, True)
+    seen = _record_kernel_calls(monkeypatch)
     for k in range(3):
         _grads(params, k)
         optimizer.step()
@@ -428,19 +434,7 @@ def test_large_tensors_go_in_groups_then_one_by_one(case, monkeypatch):
     other two; every tensor agrees with the generic path over 10 steps."""
     make, dtype = CASES[case]
     shapes = [(256, 257 + i) for i in range(6)] + [(5,)]
-    calls = []
-    original = fastpath._kernel
-
-    def recording(*args, **kwargs):
-        kernel = original(*args, **kwargs)
-
-        def call(ps, *rest, **flags):
-            calls.append(len(ps))
-            return kernel(ps, *rest, **flags)
-
-        return call
-
-    monkeypatch.setattr(fastpath, "_kernel", recording)
+    seen = _record_kernel_calls(monkeypatch)
     runs = []
     for fused in (True, False):
         params = _many(shapes, dtype)
@@ -449,6 +443,7 @@ def test_large_tensors_go_in_groups_then_one_by_one(case, monkeypatch):
             _grads(params, k)
             optimizer.step()
         runs.append((params, optimizer))
+    calls = [len(positional[0]) for positional, _ in seen]  # tensors per call
     assert FUSED_GROUP == 4 and calls == [4, 1, 1] * 9
     for a, b in zip(runs[0][0], runs[1][0]):
         torch.testing.assert_close(a, b, **TOLERANCE[dtype])
