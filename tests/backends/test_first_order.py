@@ -455,8 +455,11 @@ FUSED_SHAPES = [(300, 300), (256, 256), (260, 256), (256, 260), (257, 258), (40,
                     betas=(0.8, 0.95))),
         # β₂ < 0.5: the lerp's other form, g̃ - (g̃ - m)·β₂
         (ALTO, dict(lr=0.01, alpha=0.5, beta=0.5, betas=(0.3, 0.95), weight_decay=1e-2)),
+        # ε₁, ε₂ and the norm's ε large enough to be seen at rtol 1e-9 (the defaults are not)
+        (ALTO, dict(lr=0.01, alpha=-5.0, beta=0.9, betas=(0.8, 0.95), weight_decay=1e-2,
+                    **BIG_EPS)),
     ],
-    ids=["ALTO", "Lamb-vanilla-clip", "ALTO-low-beta2"],
+    ids=["ALTO", "Lamb-vanilla-clip", "ALTO-low-beta2", "ALTO-big-eps"],
 )  # fmt: skip
 def test_fused_path_matches_the_float64_reference(cls, hp):
     """The compiled path itself (tensors ≥ FUSED_MIN_NUMEL) against the float64 reference at
