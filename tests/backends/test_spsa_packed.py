@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from statistics import NormalDist
 
+import pytest
 import torch
 
 from backends import SPSA
@@ -95,8 +96,9 @@ def test_compiled_packed_path_matches_a_float64_reference_and_the_generic_path()
       moves ``θ`` by an ulp, which changes ``f(θ−cΔ)`` by ~1e-16 relative, so the estimate
       by ~1e-12 relative; a wrong sign moves it by O(1));
     * ``g``, ``θ`` and the returned loss equal the generic path (``fused=False``) bit for bit;
-    * the step allocates nothing of parameter size: its largest allocation is the packed
-      words of the large parameter (``numel/8`` bytes).
+    * the step allocates nothing of parameter size: its peak allocation is the packed words
+      of the large parameters (``numel/8`` bytes each, drawn once per sample and kept for
+      its three passes).
 
     Mutations caught: the minus perturbation taken as ``+cΔ`` (``f₊ = f₋``, ``g = 0``); a
     half-word swap or shift off by one in the kernel's unpacking; the gradient written before
@@ -135,13 +137,36 @@ def test_compiled_packed_path_matches_a_float64_reference_and_the_generic_path()
 
     # one more step (kernels compiled): its peak allocation above the start, from the
     # profiler's allocator events (a dispatch-mode counter would stop torch.compile)
+    # Two large parameters: the words of both are held together (one sample's), nothing
+    # more; drawing a third time, or keeping a full-size Δ, would exceed the bound.
+    second = torch.randn(70000, generator=generator, dtype=torch.float64).requires_grad_()
+    second.grad = torch.zeros_like(second)  # the gradient exists, as after a first step
+    params = [*fused, second]
     spsa = SPSA(perturbation=c, seed=5, chunk=chunk, fused=True)
     peak = step_allocations(
-        lambda: spsa.estimate(lambda: fused[0].sum() + fused[1].sum(), [{"params": fused}]),
+        lambda: spsa.estimate(lambda: sum(p.sum() for p in params), [{"params": params}]),
         torch.device("cpu"),
     )
-    words_bytes = -(-start[0].numel() // 64) * 8  # numel/8 bytes: 1/64 of the parameter
+    words_bytes = sum(-(-n // 64) * 8 for n in (start[0].numel(), second.numel()))
     assert 0 < peak <= words_bytes + 1024, (peak, words_bytes)  # + the tail's few scalars
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_each_samples_words_are_drawn_once_per_parameter(monkeypatch, samples):
+    """The three passes of a sample (+cΔ, −2cΔ, the restore) reuse its packed words: one
+    draw per large parameter and sample, where drawing for each pass took three."""
+    draws = []
+    original = SPSA._packed_words
+
+    def counting(self, n, sample_seed, index, device):
+        draws.append((sample_seed, index))
+        return original(self, n, sample_seed, index, device)
+
+    monkeypatch.setattr(SPSA, "_packed_words", counting)
+    params = [torch.randn(n, dtype=torch.float64).requires_grad_() for n in (70000, 66000)]
+    spsa = SPSA(seed=1, samples=samples, fused=True)
+    spsa.estimate(lambda: sum(p.sum() for p in params), [{"params": params}])
+    assert sorted(draws) == sorted(set(draws)) and len(draws) == 2 * samples
 
 
 def test_compiled_float32_path_equals_the_generic_path_bit_for_bit():
