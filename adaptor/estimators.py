@@ -16,7 +16,7 @@ the explored optimizer's ``step()`` stays free of host synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import torch
@@ -94,3 +94,57 @@ def check_estimator(estimator: object) -> GradEstimator:
             "subclass adaptor.GradEstimator, which provides stateless defaults"
         )
     return estimator  # type: ignore[return-value]
+
+
+class DeferredRestore:
+    """The last pass of an estimate, left for the explored optimizer's fast path to fuse.
+
+    SPSA with one sample ends with a pass that restores ``θ ← θ + c·Δ`` (the parameters
+    are at ``θ − c·Δ`` after the second evaluation) and writes ``g = w·Δ`` into
+    ``p.grad``, ``w = (f₊ − f₋)/(2c)``; the fast path then reads ``θ`` and ``g`` again.
+    :meth:`SPSA.estimate_deferred <backends.zeroth_order.SPSA.estimate_deferred>` leaves
+    that pass undone for its large packed-sign parameters and returns this record of it:
+    the fast path's kernel (:mod:`adaptor.fastpath`) restores ``θ`` and forms ``g`` in
+    registers (writing ``g`` to ``p.grad`` as the estimator would), three array passes
+    fewer per parameter. Whatever it does not take, :meth:`finish` completes with the
+    estimator's own kernel, before anything reads those gradients; :func:`adaptor.explore`
+    also calls it when the step raises, so that no parameter is left perturbed.
+
+    ``Δ`` of a parameter is given by its packed words (:mod:`adaptor.signs`), one int64
+    word per 64 elements (the parameters here hold whole words); ``scalars(device, dtype)``
+    gives ``c`` and ``w`` as that estimator's kernels take them (rounded once to
+    ``dtype``), so that the fused pass gives the same bits.
+    """
+
+    def __init__(
+        self,
+        words: dict[int, Any],
+        shift: float,
+        scalars: Callable[[torch.device, torch.dtype], tuple[Any, Any]],
+        finish: Callable[[list[Any]], None],
+    ) -> None:
+        self._words = words  # id(parameter) -> (parameter, its words)
+        self.shift = shift
+        self.scalars = scalars
+        self._finish = finish
+
+    def words(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The packed words of ``p``'s direction, or None when ``p`` is not pending."""
+        entry = self._words.get(id(p))
+        return None if entry is None else entry[1]
+
+    def done(self, params: Sequence[torch.Tensor]) -> None:
+        """``params`` were restored and given their gradient by the caller's kernel."""
+        for p in params:
+            self._words.pop(id(p), None)
+
+    def finish(self, keep: Container[int] = ()) -> None:
+        """Restore and write the gradient of every parameter still pending, except those
+        whose ``id`` is in ``keep`` (the caller's kernel takes them)."""
+        pending = [p for key, (p, _) in self._words.items() if key not in keep]
+        self._words = {key: entry for key, entry in self._words.items() if key in keep}
+        if pending:
+            self._finish(pending)
+
+    def __len__(self) -> int:
+        return len(self._words)

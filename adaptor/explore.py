@@ -531,7 +531,37 @@ class ExploredOptimizer(Optimizer):
             self._set_group_defaults(group, f"param group {i}")
             for i, group in enumerate(self.param_groups)
         ]
-        loss = self.estimator.estimate(closure, self.param_groups)
+        pending = None
+        if self._may_defer():
+            loss, pending = self.estimator.estimate_deferred(closure, self.param_groups)
+        else:
+            loss = self.estimator.estimate(closure, self.param_groups)
+        try:
+            self._update(hparams, pending)
+        finally:
+            if pending is not None:  # on an error: no parameter is left perturbed
+                pending.finish()
+        return loss
+
+    def _may_defer(self) -> bool:
+        """Whether the estimator may leave its last pass to the fast path
+        (:class:`adaptor.estimators.DeferredRestore`): only when nothing reads the
+        gradients before the fast path's kernels (no non-finite check, no GradScaler, no
+        telemetry) and outside a torch.compile trace."""
+        return (
+            callable(getattr(self.estimator, "estimate_deferred", None))
+            and self._telemetry is None
+            and self.fused is not False
+            and getattr(self, "_fast_path", True)
+            and not self.skip_nonfinite
+            and getattr(self, "grad_scale", None) is None
+            and getattr(self, "found_inf", None) is None
+            and not torch.compiler.is_compiling()
+        )
+
+    def _update(self, hparams: list[tuple[float, float]], pending: Any) -> None:
+        """Steps 2 and 3 (replacement, base update) once the gradients are estimated;
+        ``pending``: the estimator's deferred last pass, or None."""
         self._check_grads()
         groups = self.param_groups
         if groups and ESTIMATOR_KEY in groups[0]:
@@ -551,11 +581,13 @@ class ExploredOptimizer(Optimizer):
                 else []
             )
             exclude = {id(p) for *_, params in fast for p in params}
+            if pending is not None:  # what the fast path does not take is finished now
+                pending.finish(keep=exclude)
             self._replace(hparams, skip, exclude)
             if skip is not None:
                 self._count_skips(skip)
             if fast:
-                fastpath.run(self, fast, BUFFER_KEY, skip)
+                fastpath.run(self, fast, BUFFER_KEY, skip, pending)
         with self._grads_hidden(exclude):
             if skip is None:
                 self._step_base()
@@ -563,7 +595,6 @@ class ExploredOptimizer(Optimizer):
                 self._step_base_skipping(skip)
             else:
                 self._step_base_restoring(skip)
-        return loss
 
     def _is_state_init_call(self) -> bool:
         """Whether a closure-less ``step()`` is the dry step that creates empty state.

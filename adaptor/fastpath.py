@@ -84,7 +84,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptor import shards
+from adaptor import shards, signs
+from adaptor.estimators import DeferredRestore
 from adaptor.replacement import (
     FUSED_MIN_NUMEL,
     WELL_CONDITIONED_K1,
@@ -100,8 +101,9 @@ from adaptor.replacement import (
 _DTYPES = (torch.float32, torch.float64)
 _ADAM_CLASSES = (torch.optim.Adam, torch.optim.AdamW)
 
-# Counts of parameter updates taken by each path (tests read them; cheap Python ints).
-counters = {"fast": 0}
+# Counts of parameter updates taken by the fast path, and of those that also did an
+# estimator's deferred restore (tests read them; cheap Python ints).
+counters = {"fast": 0, "deferred": 0}
 
 
 # -- the pointwise kernels (flat tensors; compiled once per variant, count, dtype, device) --
@@ -118,6 +120,21 @@ counters = {"fast": 0}
 def _write(target: Tensor, new: Tensor, skip: Tensor | None) -> None:
     """``target ← new``, or ``where(skip, target, new)``: a skipped step keeps the bits."""
     target.copy_(new if skip is None else torch.where(skip > 0, target, new))
+
+
+def _inputs(p: Tensor, g: Tensor, restore, i: int) -> tuple[Tensor, Tensor]:
+    """``θ`` and ``g`` for the update: as stored, or, with ``restore`` (SPSA's deferred last
+    pass: the words of each tensor, ``c``, ``w``), ``θ + c·Δ`` and ``w·Δ`` formed from the
+    packed signs, with ``w·Δ`` written to ``p.grad`` as the estimator would write it (the
+    same functions as its own kernel: the same bits). The tensors come viewed as
+    ``(numel/64, 2, 32)``, the shape of the unpacked words."""
+    if restore is None:
+        return p, g
+    words, shift, weight = restore
+    positive = signs.positive(words[i])
+    g_new = signs.signed(positive, weight, g.dtype)
+    g.copy_(g_new)
+    return signs.shift(p, positive, shift), g_new
 
 
 def _direction(p: Tensor, g: Tensor, c: Tensor, skip: Tensor | None, k1, alpha, pc, qc, wd,
@@ -139,14 +156,14 @@ _ADAM_NAMES = ("k1", "alpha", "pc", "qc", "lerp_weight", "beta2", "one_minus_bet
 
 
 def _sgd_(ps: list[Tensor], gs: list[Tensor], cs: list[Tensor], bufs: list[Tensor] | None,
-          skip: Tensor | None, values, *, layout: tuple[str, ...], maximize: bool,
-          nesterov: bool) -> None:
+          skip: Tensor | None, values, restore=None, *, layout: tuple[str, ...],
+          maximize: bool, nesterov: bool) -> None:
     k1, alpha, pc, qc, neg_lr, wd, momentum, damp1 = (
         scalar(values, layout, name) for name in _SGD_NAMES
     )
     for i in range(len(ps)):
-        p = ps[i]
-        d = _direction(p, gs[i], cs[i], skip, k1, alpha, pc, qc, wd, maximize)
+        p, g = _inputs(ps[i], gs[i], restore, i)
+        d = _direction(p, g, cs[i], skip, k1, alpha, pc, qc, wd, maximize)
         if bufs is None:  # no momentum
             u = d
         else:
@@ -154,19 +171,20 @@ def _sgd_(ps: list[Tensor], gs: list[Tensor], cs: list[Tensor], bufs: list[Tenso
             b = buf * momentum + d * damp1
             _write(buf, b, skip)
             u = d + b * momentum if nesterov else b
-        _write(p, p + u * neg_lr, skip)
+        _write(ps[i], p + u * neg_lr, skip)
 
 
 def _adam_(ps: list[Tensor], gs: list[Tensor], cs: list[Tensor], ms: list[Tensor],
            vs: list[Tensor], vmaxs: list[Tensor] | None, skip: Tensor | None,
-           step_sizes: list[Tensor], bias_corrections2_sqrt: list[Tensor], values, *,
-           layout: tuple[str, ...], maximize: bool, low_weight: bool) -> None:
+           step_sizes: list[Tensor], bias_corrections2_sqrt: list[Tensor], values,
+           restore=None, *, layout: tuple[str, ...], maximize: bool,
+           low_weight: bool) -> None:
     k1, alpha, pc, qc, lerp_weight, beta2, one_minus_beta2, eps, wd, decay = (
         scalar(values, layout, name) for name in _ADAM_NAMES
     )
     for i in range(len(ps)):
-        p, m, v = ps[i], ms[i], vs[i]
-        d = _direction(p, gs[i], cs[i], skip, k1, alpha, pc, qc, wd, maximize)  # wd: coupled λ
+        (p, g), m, v = _inputs(ps[i], gs[i], restore, i), ms[i], vs[i]
+        d = _direction(p, g, cs[i], skip, k1, alpha, pc, qc, wd, maximize)  # wd: coupled λ
         # torch.lerp(m, d, w) with w = 1 − β₁, written out as ATen computes it (for w < 0.5:
         # m + w·(d − m); else d − (d − m)·(1 − w)): inductor's lerp would specialise on w.
         # lerp_weight is w in the first form and β₁ = 1 − w in the second.
@@ -179,7 +197,7 @@ def _adam_(ps: list[Tensor], gs: list[Tensor], cs: list[Tensor], ms: list[Tensor
         else:
             denom = torch.sqrt(v_new) / bias_corrections2_sqrt[i] + eps
         decayed = p if decay is None else p * decay  # AdamW: θ·(1 − lr·λ)
-        _write(p, decayed - step_sizes[i] * (m_new / denom), skip)
+        _write(ps[i], decayed - step_sizes[i] * (m_new / denom), skip)
         _write(m, m_new, skip)
         _write(v, v_new, skip)
 
@@ -351,9 +369,16 @@ def plan(optimizer: Any, hparams: Iterable[tuple[float, float]], buffer_key: str
 
 
 @torch.no_grad()
-def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = None) -> None:
+def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = None,
+        pending: DeferredRestore | None = None) -> None:
     """Replacement and base update for every chosen parameter: one kernel call per
-    FUSED_GROUP parameters of a device and dtype (``adaptor.replacement.chunks``)."""
+    FUSED_GROUP parameters of a device and dtype (``adaptor.replacement.chunks``).
+
+    ``pending``: the estimator's deferred last pass (SPSA), never with a skip flag; its
+    parameters get ``θ + c·Δ`` and ``g = w·Δ`` inside the same kernel (``_inputs``).
+    """
+    if pending is not None and skip is not None:
+        raise ValueError("a deferred restore cannot be fused into a step with a skip flag")
     base_state = optimizer.base.state
     own_state = optimizer._own_state
     for kind, group, alpha, beta, params in chosen:
@@ -393,32 +418,44 @@ def run(optimizer: Any, chosen: list, buffer_key: str, skip: Tensor | None = Non
                      "decay": 1.0 - lr * wd if decoupled and wd != 0 else None}
             flags = {"maximize": maximize, "low_weight": low_weight}
             corrections = _bias_corrections(steps, lr, beta1, beta2, [p.dtype for p in params])
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        buckets: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for index, p in enumerate(params):
-            buckets.setdefault((p.device, p.dtype), []).append(index)
-        for (device, dtype), indices in buckets.items():
+            deferred = pending is not None and pending.words(p) is not None
+            buckets.setdefault((p.device, p.dtype, deferred), []).append(index)
+        for (device, dtype, deferred), indices in buckets.items():
             values, layout = pack_scalars(device, dtype, named)
+            # A deferred restore's tensors are shaped as its unpacked words (see _inputs)
+            view = signs.blocks if deferred else flat
             for chunk in chunks(indices):
-                variant = (kind, layout, tuple(flags.items()), skip is None, len(chunk))
+                variant = (kind, layout, tuple(flags.items()), skip is None, deferred,
+                           len(chunk))
                 kernel = _kernel("sgd" if sgd else "adam", device, variant)
                 taken = [params[i] for i in chunk]
-                ps = [flat(p) for p in taken]
-                gs = [flat(p.grad) for p in taken]
-                cs = [flat(own_state[p][buffer_key]) for p in taken]
+                ps = [view(p) for p in taken]
+                gs = [view(p.grad) for p in taken]
+                cs = [view(own_state[p][buffer_key]) for p in taken]
                 entries = [base_state[p] for p in taken]
+                restore = None
+                if deferred:
+                    restore = ([pending.words(p) for p in taken],
+                               *pending.scalars(device, dtype))
                 if sgd:
-                    bufs = [flat(e["momentum_buffer"]) for e in entries] if momentum else None
-                    kernel(ps, gs, cs, bufs, skip, values, layout=layout, **flags)
+                    bufs = [view(e["momentum_buffer"]) for e in entries] if momentum else None
+                    kernel(ps, gs, cs, bufs, skip, values, restore, layout=layout, **flags)
                 else:
                     vmaxs = (
-                        [flat(e["max_exp_avg_sq"]) for e in entries]
+                        [view(e["max_exp_avg_sq"]) for e in entries]
                         if kind == "amsgrad"
                         else None
                     )
-                    kernel(ps, gs, cs, [flat(e["exp_avg"]) for e in entries],
-                           [flat(e["exp_avg_sq"]) for e in entries], vmaxs, skip,
+                    kernel(ps, gs, cs, [view(e["exp_avg"]) for e in entries],
+                           [view(e["exp_avg_sq"]) for e in entries], vmaxs, skip,
                            [corrections[i][0] for i in chunk],
-                           [corrections[i][1] for i in chunk], values, layout=layout, **flags)
+                           [corrections[i][1] for i in chunk], values, restore,
+                           layout=layout, **flags)
+                if deferred:
+                    pending.done(taken)
+                    counters["deferred"] += len(chunk)
                 counters["fast"] += len(chunk)
         if not sgd and skip is not None:
             # As torch's fused Adam under found_inf: advanced, then taken back where skipped.

@@ -320,7 +320,8 @@ def compile_variant(function, tag: str, options: dict | None = None):
     new dtype or device (sizes are symbolic and, without duck sizing, unrelated).
     """
     code = function.__code__.replace(co_name=f"{function.__name__}{tag}")
-    copy = types.FunctionType(code, function.__globals__, code.co_name)
+    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__)
+    copy.__kwdefaults__ = function.__kwdefaults__
     return _Variant(torch.compile(copy, dynamic=True, fullgraph=True, options=options))
 
 

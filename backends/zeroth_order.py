@@ -34,15 +34,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adaptor.estimators import Closure, GradEstimator
+from adaptor.estimators import Closure, DeferredRestore, GradEstimator
 from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported, kernel_scalars
+from adaptor.signs import WORD_BITS
+from adaptor.signs import positive as _positive
+from adaptor.signs import shift as _shift
+from adaptor.signs import signed as _signed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _MASK64 = (1 << 64) - 1
 _FUSED_DTYPES = (torch.float32, torch.float64)
-# Rademacher signs come packed: one random 64-bit word gives the signs of 64 elements.
-WORD_BITS = 64
 
 
 def _mix(*values: int) -> int:
@@ -96,33 +98,6 @@ def _unpack_bits_(out: Tensor, words: Tensor) -> Tensor:
         shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=words.device)
     bits = octets.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
     return flat.copy_(bits.view(-1)[: flat.numel()])
-
-
-def _positive(words: Tensor) -> Tensor:
-    """``Δ > 0`` for the ``64·len(words)`` elements, shape ``(len(words), 2, 32)``.
-
-    Each int64 word is read as its two int32 halves (low half first: the little-endian
-    layout), so that bit ``e mod 64`` of word ``e // 64`` is bit ``e mod 32`` of half
-    ``(e mod 64) // 32``: inductor vectorises 32-bit shifts on CPU, not 64-bit ones (a
-    64-bit form ran 30 times slower). The bit is shifted into the sign position and tested
-    with ``< 0``: a shift and a compare per vector, where ``(h >> e) & 1 != 0`` took four
-    operations (AVX2 has no integer ``!=``). Inside a compiled kernel nothing of parameter
-    size is materialised.
-    """
-    halves = words.view(torch.int32).view(-1, 2, 1)
-    shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=words.device)  # 31 − e
-    return (halves << shifts) < 0
-
-
-def _shift(p: Tensor, positive: Tensor, scale: Tensor | float) -> Tensor:
-    # θ ± scale selected, not θ + (±1)·scale formed: the same rounding (both are θ ± scale
-    # rounded once), one conversion and one product fewer per element (~15% on CPU)
-    return torch.where(positive, p + scale, p - scale)
-
-
-def _signed(positive: Tensor, weight: Tensor | float, dtype: torch.dtype) -> Tensor:
-    # Δ·weight with Δ = ±1 exact in any dtype: rounds as the eager ``Δ·weight`` does
-    return torch.where(positive, 1.0, -1.0).to(dtype) * weight
 
 
 def _shift_kernel(p: Tensor, words: Tensor, scale: Tensor | float) -> None:
@@ -555,6 +530,7 @@ class SPSA(GradEstimator):
         first: bool = False,
         then: int | None = None,
         drawn: dict[tuple[int, int], Tensor] | None = None,
+        sample_seed: int | None = None,
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
         entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
@@ -564,8 +540,10 @@ class SPSA(GradEstimator):
         The last ``numel mod 64`` elements (a partial word) are updated eagerly, with the
         same arithmetic. ``drawn``: the words already drawn in this step, by (sample seed,
         parameter index); words drawn here are added to it (each sample's words are used
-        by three passes: drawn once, not three times)."""
-        sample_seed = self._sample_seed(sample)
+        by three passes: drawn once, not three times). ``sample_seed``: the sample's seed,
+        when the pass runs after the step counter advanced (a deferred restore)."""
+        if sample_seed is None:
+            sample_seed = self._sample_seed(sample)
         then_seed = None if then is None else self._sample_seed(then)
         scalars: dict[tuple[torch.device, torch.dtype], tuple] = {}
 
@@ -809,6 +787,26 @@ class SPSA(GradEstimator):
 
     def estimate(self, closure: Closure | None, param_groups: Sequence[dict]) -> Any:
         """Write the SPSA estimate into ``p.grad``; return ``mean_s (f₊ + f₋)/2``."""
+        return self._estimate(closure, param_groups, defer=False)[0]
+
+    def estimate_deferred(
+        self, closure: Closure | None, param_groups: Sequence[dict]
+    ) -> tuple[Any, DeferredRestore | None]:
+        """:meth:`estimate`, with the last pass of some parameters left to the caller.
+
+        With one sample, the packed one-pass kernels' parameters that hold whole words
+        (``numel`` a multiple of 64) are left at ``θ − cΔ`` with their gradient unwritten;
+        the returned :class:`~adaptor.estimators.DeferredRestore` describes that pass (the
+        words, ``c`` and ``w = (f₊ − f₋)/(2c)``) for a kernel that fuses it with the
+        update, and its ``finish()`` does it for whatever the caller does not take. The
+        caller must take or finish every parameter before anything reads them. Returns
+        ``(loss, None)`` when nothing is deferred (the estimate is then complete).
+        """
+        return self._estimate(closure, param_groups, defer=True)
+
+    def _estimate(
+        self, closure: Closure | None, param_groups: Sequence[dict], defer: bool
+    ) -> tuple[Any, DeferredRestore | None]:
         if closure is None:
             raise ValueError(
                 "SPSA needs a closure that returns the loss (it evaluates the loss at "
@@ -818,6 +816,7 @@ class SPSA(GradEstimator):
             raise TypeError(f"SPSA closure must be callable, got {type(closure).__name__}")
         entries = self._entries(param_groups)
         total: Tensor | float
+        pending: DeferredRestore | None = None
         if entries:
             exact = self.exact_restore
             if exact is None:
@@ -825,24 +824,29 @@ class SPSA(GradEstimator):
             if exact:
                 total = self._estimate_rounded(closure, entries)
             elif self.samples == 1:
-                total = self._estimate_one(closure, entries)
+                total, pending = self._estimate_one(closure, entries, defer)
             else:
                 total = self._estimate_many(closure, entries)
         else:  # nothing to perturb: the loss at θ is exact
             total = self._evaluate(closure)
-        sharded = {id(grad) for _, grad in self._sharded}
-        for _, p, grad in entries:
-            if id(grad) not in sharded and p.grad is not grad:
-                p.grad = grad
-        for p, grad in self._sharded:
-            if p.grad is None or p.grad.to_local().data_ptr() != grad.data_ptr():
-                p.grad = torch.distributed.tensor.DTensor.from_local(
-                    grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                    stride=p.stride(),
-                )
-        self._shards, self._sharded = {}, []
-        self._advance()
-        return total
+        try:
+            sharded = {id(grad) for _, grad in self._sharded}
+            for _, p, grad in entries:
+                if id(grad) not in sharded and p.grad is not grad:
+                    p.grad = grad
+            for p, grad in self._sharded:
+                if p.grad is None or p.grad.to_local().data_ptr() != grad.data_ptr():
+                    p.grad = torch.distributed.tensor.DTensor.from_local(
+                        grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                        stride=p.stride(),
+                    )
+            self._shards, self._sharded = {}, []
+            self._advance()
+        except BaseException:
+            if pending is not None:  # no parameter is left perturbed
+                pending.finish()
+            raise
+        return total, pending
 
     def _buckets(
         self, entries: Sequence[tuple[int, Tensor, Tensor]]
@@ -854,17 +858,21 @@ class SPSA(GradEstimator):
         return [(params[0].device, params, grads) for (params, grads), _ in grouped.values()]
 
     def _estimate_one(
-        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]
-    ) -> Tensor | float:
+        self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]], defer: bool
+    ) -> tuple[Tensor | float, DeferredRestore | None]:
         """``samples == 1``: ``Δ`` lives in ``p.grad``; no other full-size tensor.
 
         The fast entries (:meth:`_fast_entries`) keep nothing in ``p.grad`` until the end:
         ``θ += cΔ`` and ``θ −= 2cΔ`` are one pass each, and the restore ``θ += cΔ`` writes
-        ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass.
+        ``g = (f₊ − f₋)/(2c)·Δ`` in the same pass. With ``defer``, that last pass is left
+        undone for the fast entries of whole words and described by the returned
+        :class:`DeferredRestore` (see :meth:`estimate_deferred`).
         """
         c = self.perturbation
         fast_indices = self._fast_entries(entries)
         fast = [entry for entry in entries if entry[0] in fast_indices]
+        deferred = [e for e in fast if defer and e[1].numel() % WORD_BITS == 0]
+        now = [e for e in fast if not (defer and e[1].numel() % WORD_BITS == 0)]
         rest = [entry for entry in entries if entry[0] not in fast_indices]
         self._fill_directions_(rest)
         buckets = self._buckets(rest) if rest else []
@@ -884,6 +892,7 @@ class SPSA(GradEstimator):
 
         # the multiple of cΔ currently added to θ (the generic and the fast entries)
         offset = fast_offset = 0.0
+        pending = None
         try:
             shift(c)
             offset = fast_offset = 1.0
@@ -893,18 +902,46 @@ class SPSA(GradEstimator):
             f_minus = self._evaluate(closure)
             f_plus, f_minus = self._average_over_ranks(f_plus, f_minus, entries[0][1])
             scale = (f_plus - f_minus) / (2.0 * c)
-            if fast:  # restore and write the gradient in one pass
+            if now:  # restore and write the gradient in one pass
                 with torch.no_grad():
-                    self._fused_pass_(fast, 0, c, weight=scale, first=True, drawn=drawn)
+                    self._fused_pass_(now, 0, c, weight=scale, first=True, drawn=drawn)
+            # from here the deferred entries' restore is the DeferredRestore's
+            pending = self._deferred(deferred, scale, drawn) if deferred else None
             fast_offset = 0.0
             shift(c, packed=False)
             offset = 0.0
+            for device, _, grads in buckets:
+                torch._foreach_mul_(grads, _on(scale, device))
+        except BaseException:
+            if pending is not None:
+                pending.finish()
+            raise
         finally:
             if offset or fast_offset:
                 shift(-offset * c, generic=bool(offset), packed=bool(fast_offset))
-        for device, _, grads in buckets:
-            torch._foreach_mul_(grads, _on(scale, device))
-        return (f_plus + f_minus) / 2.0
+        return (f_plus + f_minus) / 2.0, pending
+
+    def _deferred(
+        self,
+        entries: Sequence[tuple[int, Tensor, Tensor]],
+        weight: Tensor | float,
+        drawn: dict[tuple[int, int], Tensor],
+    ) -> DeferredRestore:
+        """The record of the restore pass left undone for ``entries`` (their words drawn)."""
+        c, sample_seed = self.perturbation, self._sample_seed(0)
+        by_id = {id(entry[1]): entry for entry in entries}
+
+        def finish(params: list[Tensor]) -> None:
+            with torch.no_grad():
+                self._fused_pass_([by_id[id(p)] for p in params], 0, c, weight=weight,
+                                  first=True, drawn=drawn, sample_seed=sample_seed)
+
+        return DeferredRestore(
+            {id(p): (p, drawn[sample_seed, index]) for index, p, _ in entries},
+            c,
+            lambda device, dtype: self._kernel_scalars(device, dtype, c, weight),
+            finish,
+        )
 
     def _estimate_many(
         self, closure: Closure, entries: Sequence[tuple[int, Tensor, Tensor]]

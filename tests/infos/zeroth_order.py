@@ -35,7 +35,7 @@ def _adam(params, lr=1e-2, **kw):
 
 
 def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_base=True,
-                shapes=None):
+                shapes=None, adaptor=None):
     spsa = {"seed": 0, **(spsa or {})}
 
     def build(params, alpha=alpha, beta=beta, state_dtype=None, skip_nonfinite=False,
@@ -45,7 +45,7 @@ def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_ba
         # itself writes parameters only to perturb and restore them (restored exactly for
         # bf16/fp16), so it takes none of the three.
         del kahan
-        adaptor_options, estimator_options = {}, {}
+        adaptor_options, estimator_options = dict(adaptor or {}), {}
         if state_dtype is not None:
             adaptor_options["state_dtype"] = state_dtype
         if skip_nonfinite:
@@ -91,9 +91,10 @@ def _spsa_entry(name, base_factory, *, spsa=None, alpha=-5.0, beta=0.99, with_ba
 
 
 # The packed one-pass kernels (SPSA(fused=True)) take Rademacher parameters of at least
-# FUSED_MIN_NUMEL elements: two such tensors (one with a partial last 64-bit word: 320·257
+# FUSED_MIN_NUMEL elements: two such tensors (one with a partial last 64-bit word: 300·257
 # elements) beside two small ones that take the generic path in the same step.
-PACKED_SHAPES = ((256, 256), (256,), (320, 257), (64,))
+PACKED_SHAPES = ((256, 256), (256,), (300, 257), (64,))
+assert torch.Size(PACKED_SHAPES[2]).numel() % 64  # a partial last word (77100 = 64·1204 + 44)
 assert sum(1 for s in PACKED_SHAPES if torch.Size(s).numel() >= FUSED_MIN_NUMEL) == 2
 
 INFOS = [
@@ -117,5 +118,17 @@ INFOS = [
         alpha=0.5,
         beta=0.01,
         shapes=PACKED_SHAPES,
+    ),
+    # E's fast path too (fused=True): the restore of the whole-word 256×256 parameter is
+    # deferred into the fast path's kernel (adaptor.estimators.DeferredRestore); the
+    # partial-word one is restored by SPSA's kernel, the small ones by the generic path.
+    _spsa_entry(
+        "SPSA(fused)+E(SGD, fused): restore fused into the update",
+        _sgd,
+        spsa={"fused": True},
+        alpha=0.5,
+        beta=0.01,
+        shapes=PACKED_SHAPES,
+        adaptor={"fused": True},
     ),
 ]
