@@ -39,6 +39,15 @@ AdamW step; grouped, at 1.85–1.95 ×. The kernels take flat tensors that are n
 dtype (:func:`adaptor.replacement.pack_scalars`): inductor would otherwise convert each
 Python float from float64 inside the loop, once per element.
 
+**SPSA's last pass** (``run(..., pending)``). Under ``explore(SPSA(...), base)`` with one
+sample, SPSA leaves its large whole-word parameters at ``θ − c·Δ`` with the gradient unwritten
+(:class:`adaptor.estimators.DeferredRestore`); the kernel then forms ``θ + c·Δ`` and
+``g = w·Δ`` from the packed words in registers (the arithmetic of SPSA's own kernel,
+:mod:`adaptor.signs`: the same bits), writes ``g`` to ``p.grad`` and updates from them. SPSA's
+restore pass (``θ`` read and written, ``g`` written) and this kernel's reads of ``θ`` and ``g``
+become one pass: 5 arrays instead of 8 for SGD. Such tensors come in shaped
+``(numel/64, 2, 32)``, as the unpacked words are.
+
 Parameters of the same group that the fast path does not take still go through the base's
 ``step()``, with the fast parameters' gradients hidden (``None``) during it: hooks registered
 on the base instance see only those.

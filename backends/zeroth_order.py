@@ -35,7 +35,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptor.estimators import Closure, DeferredRestore, GradEstimator
-from adaptor.replacement import FUSED_MIN_NUMEL, fused_supported, kernel_scalars
+from adaptor.replacement import (
+    FUSED_MIN_NUMEL,
+    chunks,
+    compile_variant,
+    fused_supported,
+    kernel_scalars,
+)
 from adaptor.signs import WORD_BITS
 from adaptor.signs import positive as _positive
 from adaptor.signs import shift as _shift
@@ -100,69 +106,77 @@ def _unpack_bits_(out: Tensor, words: Tensor) -> Tensor:
     return flat.copy_(bits.view(-1)[: flat.numel()])
 
 
-def _shift_kernel(p: Tensor, words: Tensor, scale: Tensor | float) -> None:
-    """``θ ← θ + scale·Δ`` for ``θ`` viewed as ``(len(words), 2, 32)``: the eager arithmetic."""
-    p.copy_(_shift(p, _positive(words), scale))
+# The kernels take lists: a group of FUSED_GROUP tensors (or one) per call, each viewed as
+# ``(len(words), 2, 32)``, one loop per tensor (dynamo's per-call cost, ~0.1 ms on a CPU
+# core, is paid once per group: see adaptor.replacement.chunks).
 
 
-def _shift_grad_kernel(
-    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
-) -> None:
+def _shift_kernel(ps: list[Tensor], words: list[Tensor], scale: Tensor | float) -> None:
+    """``θ ← θ + scale·Δ``: the eager arithmetic."""
+    for i in range(len(ps)):
+        ps[i].copy_(_shift(ps[i], _positive(words[i]), scale))
+
+
+def _shift_grad_kernel(ps: list[Tensor], gs: list[Tensor], words: list[Tensor],
+                       scale: Tensor | float, weight: Tensor | float) -> None:
     """``θ ← θ + scale·Δ`` and ``g ← weight·Δ`` in one pass over ``θ`` and ``g``."""
-    positive = _positive(words)
-    p.copy_(_shift(p, positive, scale))
-    g.copy_(_signed(positive, weight, g.dtype))
+    for i in range(len(ps)):
+        positive = _positive(words[i])
+        ps[i].copy_(_shift(ps[i], positive, scale))
+        gs[i].copy_(_signed(positive, weight, gs[i].dtype))
 
 
-def _shift_accumulate_kernel(
-    p: Tensor, g: Tensor, words: Tensor, scale: Tensor | float, weight: Tensor | float
-) -> None:
+def _shift_accumulate_kernel(ps: list[Tensor], gs: list[Tensor], words: list[Tensor],
+                             scale: Tensor | float, weight: Tensor | float) -> None:
     """``θ ← θ + scale·Δ`` and ``g ← g + weight·Δ`` in one pass over ``θ`` and ``g``."""
-    positive = _positive(words)
-    p.copy_(_shift(p, positive, scale))
-    g.copy_(g + _signed(positive, weight, g.dtype))
+    for i in range(len(ps)):
+        positive = _positive(words[i])
+        ps[i].copy_(_shift(ps[i], positive, scale))
+        gs[i].copy_(gs[i] + _signed(positive, weight, gs[i].dtype))
 
 
-def _shift_grad_next_kernel(
-    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
-    weight: Tensor | float,
-) -> None:
+def _shift_grad_next_kernel(ps: list[Tensor], gs: list[Tensor], words: list[Tensor],
+                            next_words: list[Tensor], scale: Tensor | float,
+                            weight: Tensor | float) -> None:
     """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← weight·Δ``: one sample's restore and the
     next sample's ``+cΔ'`` (its words ``next_words``) in one pass, rounded as two passes."""
-    positive = _positive(words)
-    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
-    g.copy_(_signed(positive, weight, g.dtype))
+    for i in range(len(ps)):
+        positive = _positive(words[i])
+        ps[i].copy_(_shift(_shift(ps[i], positive, scale), _positive(next_words[i]), scale))
+        gs[i].copy_(_signed(positive, weight, gs[i].dtype))
 
 
-def _shift_accumulate_next_kernel(
-    p: Tensor, g: Tensor, words: Tensor, next_words: Tensor, scale: Tensor | float,
-    weight: Tensor | float,
-) -> None:
+def _shift_accumulate_next_kernel(ps: list[Tensor], gs: list[Tensor], words: list[Tensor],
+                                  next_words: list[Tensor], scale: Tensor | float,
+                                  weight: Tensor | float) -> None:
     """``θ ← (θ + scale·Δ) + scale·Δ'`` and ``g ← g + weight·Δ`` in one pass."""
-    positive = _positive(words)
-    p.copy_(_shift(_shift(p, positive, scale), _positive(next_words), scale))
-    g.copy_(g + _signed(positive, weight, g.dtype))
+    for i in range(len(ps)):
+        positive = _positive(words[i])
+        ps[i].copy_(_shift(_shift(ps[i], positive, scale), _positive(next_words[i]), scale))
+        gs[i].copy_(gs[i] + _signed(positive, weight, gs[i].dtype))
 
 
-# One function (one code object) per kind: dynamo's cache and its recompile limit of 8 are per
-# code object, and each kind then only recompiles for a new dtype or device.
 _KERNELS: dict[str, Callable[..., None]] = {
     "shift": _shift_kernel, "grad": _shift_grad_kernel, "accumulate": _shift_accumulate_kernel,
     "grad_next": _shift_grad_next_kernel, "accumulate_next": _shift_accumulate_next_kernel,
 }
-_compiled: dict[str, Callable[..., None]] = {}
+_compiled: dict[tuple[str, int], Callable[..., None]] = {}
 
 
-def _kernel(kind: str, device: torch.device) -> Callable[..., None]:
-    """The compiled kernel (built on first use), or the same function uncompiled on meta and
-    while an outer ``torch.compile`` traces (no nested compile)."""
+def _kernel(kind: str, device: torch.device, count: int) -> Callable[..., None]:
+    """The compiled kernel of ``kind`` for groups of ``count`` tensors (built on first use),
+    or the same function uncompiled on meta and while an outer ``torch.compile`` traces (no
+    nested compile)."""
     if not fused_supported(device):
         return _KERNELS[kind]
-    kernel = _compiled.get(kind)
+    kernel = _compiled.get((kind, count))
     if kernel is None:
-        # dynamic=True: one kernel for every size; the scalars (c, the weight) come as
-        # kernel_scalars, 0-d tensors on CPU and floats on CUDA, neither specialised
-        kernel = _compiled[kind] = torch.compile(_KERNELS[kind], dynamic=True, fullgraph=True)
+        # One code object per kind and count (compile_variant): dynamo's cache and its
+        # recompile limit of 8 are per code object, and each then only recompiles for a new
+        # dtype or device. dynamic=True: one kernel for every size; the scalars (c, the
+        # weight) come as kernel_scalars, 0-d tensors on CPU and floats on CUDA, neither
+        # specialised.
+        kernel = _compiled[kind, count] = compile_variant(_KERNELS[kind], f"_{count}")
     return kernel
 
 
@@ -209,9 +223,12 @@ class SPSA(GradEstimator):
     only allocation is the packed words (``numel/8`` bytes per parameter, 1/32 of a
     float32 parameter), drawn once per sample and kept for its three passes (with
     ``samples > 1`` also the next sample's, drawn by the restore that looks ahead): at most
-    1/16 of the float32 parameters' bytes. (Drawing them again for each pass, as before,
-    cost about 3 ms per step on one CPU core for a 16.8M-parameter model.) The results are
-    bit for bit those of the generic path (same signs, same arithmetic). ``fused=None``
+    1/16 of the float32 parameters' bytes (drawing them again for each pass, as before,
+    cost about 3 ms per step on one CPU core for a 16.8M-parameter model). Under
+    ``explore(..., fused=True)`` over torch's SGD/Adam/AdamW with one sample, the restore
+    of the parameters that hold whole words is done by E's fast-path kernel instead, fused
+    with the update (:meth:`estimate_deferred`). The results are bit for bit those of the
+    generic path (same signs, same arithmetic). ``fused=None``
     (default): on CUDA only; on CPU the first step compiles two kernels (up to four with
     ``samples > 1``: seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and
     the weight enter as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded
@@ -533,8 +550,9 @@ class SPSA(GradEstimator):
         sample_seed: int | None = None,
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
-        entries: the packed words of one parameter (``numel/8`` bytes) are drawn, then one
-        kernel reads and writes ``θ`` (and writes ``g``) once. With ``then`` (and a weight)
+        entries: the packed words of each parameter (``numel/8`` bytes) are drawn, then one
+        kernel per group of FUSED_GROUP parameters of a device and dtype reads and writes
+        each ``θ`` (and writes ``g``) once. With ``then`` (and a weight)
         the same pass goes on to ``θ += scale·Δ_then`` (the next sample's first shift),
         rounded as a second pass would round it; the next words are drawn beside the first.
         The last ``numel mod 64`` elements (a partial word) are updated eagerly, with the
@@ -545,7 +563,6 @@ class SPSA(GradEstimator):
         if sample_seed is None:
             sample_seed = self._sample_seed(sample)
         then_seed = None if then is None else self._sample_seed(then)
-        scalars: dict[tuple[torch.device, torch.dtype], tuple] = {}
 
         def words_of(seed: int, index: int, p: Tensor) -> Tensor:
             if drawn is None:
@@ -555,6 +572,10 @@ class SPSA(GradEstimator):
                 words = drawn[seed, index] = self._packed_words(p.numel(), seed, index, p.device)
             return words
 
+        # Per device and dtype: the whole-word bodies of the parameters, as the kernels take
+        # them (blocks that are not views, detached: dynamo guards a view's base, and the
+        # base's size, with or without a partial word, would be a second graph).
+        bodies: dict[tuple[torch.device, torch.dtype], list[tuple]] = {}
         for index, p, grad in entries:
             words = words_of(sample_seed, index, p)
             next_words = None if then_seed is None else words_of(then_seed, index, p)
@@ -562,25 +583,11 @@ class SPSA(GradEstimator):
             flat, g_flat = p.view(-1), grad.view(-1)
             body, tail = flat[: full * WORD_BITS], flat[full * WORD_BITS :]
             g_body, g_tail = g_flat[: full * WORD_BITS], g_flat[full * WORD_BITS :]
-            where = (p.device, p.dtype)
-            if where not in scalars:
-                scalars[where] = self._kernel_scalars(p.device, p.dtype, scale, weight)
-            c, w = scalars[where]
-            # Blocks that are not views (detached): dynamo guards a view's base, and the
-            # base's size (with or without a partial word) would be a second graph.
-            blocks = body.view(full, 2, 32).detach()
-            block_words = words[:full].detach()
-            if weight is None:
-                _kernel("shift", p.device)(blocks, block_words, c)
-            elif next_words is None:
-                _kernel("grad" if first else "accumulate", p.device)(
-                    blocks, g_body.view(full, 2, 32).detach(), block_words, c, w
-                )
-            else:
-                _kernel("grad_next" if first else "accumulate_next", p.device)(
-                    blocks, g_body.view(full, 2, 32).detach(), block_words,
-                    next_words[:full].detach(), c, w,
-                )
+            bodies.setdefault((p.device, p.dtype), []).append((
+                body.view(full, 2, 32).detach(), g_body.view(full, 2, 32).detach(),
+                words[:full].detach(),
+                None if next_words is None else next_words[:full].detach(),
+            ))
             if tail.numel():
                 delta = _unpack_bits_(torch.empty_like(tail), words[full:]).mul_(2.0).sub_(1.0)
                 tail.add_(delta, alpha=scale)
@@ -590,6 +597,23 @@ class SPSA(GradEstimator):
                     if next_words is not None:
                         delta = _unpack_bits_(delta, next_words[full:]).mul_(2.0).sub_(1.0)
                         tail.add_(delta, alpha=scale)
+        if weight is None:
+            kind = "shift"
+        elif then_seed is None:
+            kind = "grad" if first else "accumulate"
+        else:
+            kind = "grad_next" if first else "accumulate_next"
+        for (device, dtype), items in bodies.items():
+            c, w = self._kernel_scalars(device, dtype, scale, weight)
+            for chunk in chunks(range(len(items))):
+                ps, gs, words, next_words = ([items[i][k] for i in chunk] for k in range(4))
+                kernel = _kernel(kind, device, len(chunk))
+                if kind == "shift":
+                    kernel(ps, words, c)
+                elif then_seed is None:
+                    kernel(ps, gs, words, c, w)
+                else:
+                    kernel(ps, gs, words, next_words, c, w)
 
     def _fill_direction_(
         self, out: Tensor, sample_seed: int, index: int, signs: bool = True

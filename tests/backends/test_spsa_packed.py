@@ -118,7 +118,7 @@ def test_compiled_packed_path_matches_a_float64_reference_and_the_generic_path()
             for on, ps in ((True, fused), (False, generic))
         )
         used = {"shift", "grad"} if samples == 1 else {"shift", "grad_next", "accumulate"}
-        assert used <= set(zo._compiled), "the compiled kernels did not run"
+        assert used <= {kind for kind, _ in zo._compiled}, "the compiled kernels did not run"
         assert torch.equal(fused_loss, generic_loss)
         for p, q in zip(fused, generic):
             assert torch.equal(p.grad, q.grad)
@@ -202,7 +202,9 @@ def test_compiled_float32_path_equals_the_generic_path_bit_for_bit():
                     lambda ps=ps, loss=loss: loss(ps), [{"params": ps}])
                 for on, ps in ((True, fused), (False, generic))
             )
-            assert samples == 1 or {"grad_next", "accumulate_next"} <= set(zo._compiled)
+            assert samples == 1 or {"grad_next", "accumulate_next"} <= {
+                kind for kind, _ in zo._compiled
+            }
             assert fused_loss == generic_loss, (name, samples)
             for p, q in zip(fused, generic):
                 assert p.grad.abs().max() > 0, (name, samples)
@@ -267,3 +269,39 @@ def test_packed_kernels_compile_once_for_every_rank_and_partial_word():
             optimizer.step(lambda p=params[0]: (p**2).sum())
         graphs.append(counters["stats"]["unique_graphs"])
     assert len(set(graphs)) == 1, graphs
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_five_large_parameters_go_in_a_group_of_four_and_one(monkeypatch, samples):
+    """One kernel call per FUSED_GROUP (4) large parameters of a device and dtype, then the
+    rest one by one; the result is the generic path's, bit for bit."""
+    calls = []
+    original = zo._kernel
+
+    def recording(kind, device, count):
+        kernel = original(kind, device, count)
+
+        def call(ps, *args):
+            calls.append((kind, len(ps)))
+            return kernel(ps, *args)
+
+        return call
+
+    monkeypatch.setattr(zo, "_kernel", recording)
+    shapes = [(256, 300), (66000,), (2, 128, 260), (4, 4, 64, 65), (66001,), (7,)]
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    weights = [torch.randn(s, generator=generator) for s in shapes]
+    runs = []
+    for fused in (True, False):
+        params = [t.clone().requires_grad_() for t in start]
+        spsa = SPSA(seed=2, samples=samples, fused=fused)
+        loss = spsa.estimate(lambda ps=params: _loss(ps, weights), [{"params": params}])
+        runs.append((params, loss))
+    # +cΔ once, then −2cΔ and the restore per sample (the next sample's +cΔ rides along)
+    passes = 2 * samples + 1
+    assert sorted(count for _, count in calls) == [1] * passes + [4] * passes
+    assert torch.equal(runs[0][1], runs[1][1])
+    for p, q in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(p.grad, q.grad)
