@@ -123,7 +123,7 @@ INFOS = [
     # deferred into the fast path's kernel (adaptor.estimators.DeferredRestore); the
     # partial-word one is restored by SPSA's kernel, the small ones by the generic path.
     _spsa_entry(
-        "SPSA(fused)+E(SGD, fused): restore fused into the update",
+        "SPSA(fused)+E(SGD, fused), restore fused into the update",
         _sgd,
         spsa={"fused": True},
         alpha=0.5,
