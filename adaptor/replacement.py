@@ -168,42 +168,46 @@ def _replace_lists_masked_(
             target.copy_(torch.where(keep, c, new))
 
 
-def _replace_pointwise_(g: Tensor, c: Tensor, k1: float, alpha: float, p: float, q: float) -> None:
+def _replace_pointwise_(gs: list[Tensor], cs: list[Tensor], k1, alpha, p, q) -> None:
     # One read of g and c and one write of each when compiled (the foreach chain needs four
     # passes over both). Computed in the work dtype, rounded once on each write.
-    work = work_dtype(c.dtype)
-    c_work = c.to(work)
-    g_tilde = g.to(work) * k1 + c_work * alpha
-    c.copy_(c_work * p + g_tilde * q)
-    g.copy_(g_tilde)
+    for i in range(len(gs)):
+        g, c = gs[i], cs[i]
+        work = work_dtype(c.dtype)
+        c_work = c.to(work)
+        g_tilde = g.to(work) * k1 + c_work * alpha
+        c.copy_(c_work * p + g_tilde * q)
+        g.copy_(g_tilde)
 
 
 def _replace_pointwise_masked_(
-    g: Tensor, c: Tensor, skip: Tensor, k1: float, alpha: float, p: float, q: float
+    gs: list[Tensor], cs: list[Tensor], skip: Tensor, k1, alpha, p, q
 ) -> None:
     # As above; where skip is 1 the buffer is written back unchanged (bit-identical: the
     # up-cast to the work dtype and back is exact).
-    work = work_dtype(c.dtype)
-    c_work = c.to(work)
-    g_tilde = g.to(work) * k1 + c_work * alpha
-    c.copy_(torch.where(skip > 0, c_work, c_work * p + g_tilde * q))
-    g.copy_(g_tilde)
+    for i in range(len(gs)):
+        g, c = gs[i], cs[i]
+        work = work_dtype(c.dtype)
+        c_work = c.to(work)
+        g_tilde = g.to(work) * k1 + c_work * alpha
+        c.copy_(torch.where(skip > 0, c_work, c_work * p + g_tilde * q))
+        g.copy_(g_tilde)
 
 
-_compiled_kernels: dict[bool, object] = {}
+_compiled_kernels: dict[tuple[bool, int], object] = {}
 
 
-def _kernel(masked: bool = False):
-    """The compiled pointwise kernel, built on first use (compiling costs seconds)."""
-    kernel = _compiled_kernels.get(masked)
+def _kernel(masked: bool, count: int):
+    """The compiled pointwise kernel for groups of ``count`` tensors, built on first use
+    (compiling costs seconds)."""
+    kernel = _compiled_kernels.get((masked, count))
     if kernel is None:
         # dynamic=True: one kernel for every shape; floats are not specialised in recent
-        # torch, so scheduling α does not recompile. Two functions (masked or not), so that
-        # each stays within torch's recompile limit across dtypes.
+        # torch, so scheduling α does not recompile. One code object per (masked, count)
+        # (compile_variant), so that each stays within torch's recompile limit across
+        # dtypes.
         function = _replace_pointwise_masked_ if masked else _replace_pointwise_
-        kernel = _compiled_kernels[masked] = torch.compile(
-            function, dynamic=True, fullgraph=True
-        )
+        kernel = _compiled_kernels[masked, count] = compile_variant(function, f"_{count}")
     return kernel
 
 
@@ -353,22 +357,28 @@ def replace_fused_(
         replace_foreach_(grads, buffers, alpha, beta, skip)
         return
     small_g, small_c = [], []
-    kernel = _kernel(masked=skip is not None)
     # At least 2 elements: a one-element view would make dynamo specialise on size 1.
     threshold = max(FUSED_MIN_NUMEL, 2)
+    # Per device and dtype pair: flat tensors (not views: dynamo guards a view's base), so
+    # that a kernel compiles once per dtype pair and device, not once per rank
+    # (fullgraph=True raises past torch's recompile limit of 8); FUSED_GROUP per call.
+    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[tuple]] = {}
+    for g, c in zip(grads, buffers):
+        if g.numel() >= threshold and g.is_contiguous() and c.is_contiguous():
+            buckets.setdefault((g.device, g.dtype, c.dtype), []).append((flat(g), flat(c)))
+        else:
+            small_g.append(g)
+            small_c.append(c)
     with torch.no_grad():  # one grad mode: a change would recompile the kernel
-        for g, c in zip(grads, buffers):
-            if g.numel() >= threshold and g.is_contiguous() and c.is_contiguous():
-                # Flat tensors (not views: dynamo guards a view's base): the kernel
-                # compiles once per dtype pair and device, not once per rank
-                # (fullgraph=True raises past torch's recompile limit of 8).
-                scalars = kernel_scalars(g.device, work_dtype(c.dtype), k1, alpha, p, q)
+        for (device, _, c_dtype), pairs in buckets.items():
+            scalars = kernel_scalars(device, work_dtype(c_dtype), k1, alpha, p, q)
+            for chunk in chunks(list(range(len(pairs)))):
+                gs = [pairs[i][0] for i in chunk]
+                cs = [pairs[i][1] for i in chunk]
+                kernel = _kernel(skip is not None, len(chunk))
                 if skip is None:
-                    kernel(flat(g), flat(c), *scalars)
+                    kernel(gs, cs, *scalars)
                 else:
-                    kernel(flat(g), flat(c), skip, *scalars)
-            else:
-                small_g.append(g)
-                small_c.append(c)
+                    kernel(gs, cs, skip, *scalars)
     if small_g:
         replace_foreach_(small_g, small_c, alpha, beta, skip)

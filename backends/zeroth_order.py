@@ -605,7 +605,7 @@ class SPSA(GradEstimator):
             kind = "grad_next" if first else "accumulate_next"
         for (device, dtype), items in bodies.items():
             c, w = self._kernel_scalars(device, dtype, scale, weight)
-            for chunk in chunks(range(len(items))):
+            for chunk in chunks(list(range(len(items)))):
                 ps, gs, words, next_words = ([items[i][k] for i in chunk] for k in range(4))
                 kernel = _kernel(kind, device, len(chunk))
                 if kind == "shift":

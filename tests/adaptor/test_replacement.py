@@ -137,7 +137,7 @@ def test_replace_fused_equals_the_foreach_path(dtype, monkeypatch):
     and the tensors have different shapes and ranks (one kernel, dynamic shapes).
     """
     monkeypatch.setattr(replacement, "FUSED_MIN_NUMEL", 0)
-    shapes = [(33, 7), (5,), (4, 3, 2)]
+    shapes = [(33, 7), (5,), (4, 3, 2), (6, 6), (9,)]  # a group of four, then one
     fused_buffers = [torch.zeros(shape, dtype=dtype) for shape in shapes]
     foreach_buffers = [torch.zeros(shape, dtype=dtype) for shape in shapes]
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
@@ -158,7 +158,7 @@ def test_replace_fused_equals_the_foreach_path(dtype, monkeypatch):
 def test_replace_fused_keeps_small_tensors_on_the_foreach_path(monkeypatch):
     """Below FUSED_MIN_NUMEL no kernel is built or called, and the result is still right."""
     calls = []
-    monkeypatch.setattr(replacement, "_kernel", lambda masked=False: calls.append(1) or _no_kernel)
+    monkeypatch.setattr(replacement, "_kernel", lambda *args: calls.append(1) or _no_kernel)
     grads = [torch.randn(4, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)]
     buffers = [torch.zeros_like(g) for g in grads]
     expected = [TwoBufferReference()(g, -5.0, 0.99) for g in grads]
@@ -172,20 +172,22 @@ def _no_kernel(*args):
 
 
 def test_replace_fused_calls_the_kernel_on_flat_views_only(monkeypatch):
-    """One compiled kernel per dtype: tensors of every rank reach it as flat views.
+    """One compiled kernel per dtype: tensors of every rank reach it as flat views, four
+    per call (FUSED_GROUP), the remainder one by one.
 
     A kernel compiled per rank recompiles for every new rank and, being ``fullgraph``,
     raises once torch's recompile limit (8) is passed (ranks 0-5 in two dtypes would).
     Non-contiguous tensors take the foreach path. Near the bound (1 + α(1-β) small) the
     kernel is not used at all (see the near-bound examples above).
     """
-    seen = []
+    seen, groups = [], []
 
-    def recording_kernel(g, c, *coefficients):
-        seen.append((g.dim(), c.dim()))
-        replacement._replace_pointwise_(g, c, *coefficients)
+    def recording_kernel(gs, cs, *coefficients):
+        seen.extend((g.dim(), c.dim()) for g, c in zip(gs, cs))
+        groups.append(len(gs))
+        replacement._replace_pointwise_(gs, cs, *coefficients)
 
-    monkeypatch.setattr(replacement, "_kernel", lambda masked=False: recording_kernel)
+    monkeypatch.setattr(replacement, "_kernel", lambda masked, count: recording_kernel)
     monkeypatch.setattr(replacement, "FUSED_MIN_NUMEL", 0)
     shapes = [(), (3,), (3, 2), (2, 3, 2), (2, 1, 2, 3), (1, 2, 1, 2, 2, 1)]
     grads = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
@@ -196,6 +198,7 @@ def test_replace_fused_calls_the_kernel_on_flat_views_only(monkeypatch):
     # The one-element tensor (shape ()) takes the foreach path: a size-1 view would make
     # the kernel specialise (and recompile) on size 1.
     assert seen == [(1, 1)] * (len(shapes) - 1)
+    assert groups == [4, 1]
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-14, atol=1e-15)
     seen.clear()
