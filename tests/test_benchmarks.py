@@ -145,3 +145,29 @@ def test_the_plan_refuses_a_row_measured_versus_no_earlier_row():
             cli._plan(["test"], ["mlp16m"])
     finally:
         cli._suite = original
+
+
+def test_traffic_twins_read_and_write_exactly_the_arrays_they_name():
+    """ALTO's twin: pass 1 reads θ, g, c, m, v and writes c, m, v (their sum halved); pass 2
+    reads θ, m, v and writes θ. Starting from zero state: c = m = v = (θ + g)/2, then
+    θ ← (θ + m + v)/2 = θ + g/2; g is only read. The four large tensors go in one call."""
+    from adaptor.replacement import FUSED_MIN_NUMEL
+    from benchmarks.suites.first_order import TrafficTwin
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(FUSED_MIN_NUMEL + k, generator=generator) for k in range(4)]
+    params.append(torch.randn(10, generator=generator))  # small: left alone, as ours
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    start = [(p.clone(), p.grad.clone()) for p in params]
+    twin = TrafficTwin(params, (("p g c m v", "c m v"), ("p m v", "p")))
+    twin.step()
+    for (p0, g0), p in zip(start, params):
+        if p.numel() < FUSED_MIN_NUMEL:
+            assert torch.equal(p, p0)
+            continue
+        torch.testing.assert_close(p, p0 + g0 / 2)
+        assert torch.equal(p.grad, g0)
+    for name in "cmv":
+        for (p0, g0), array in zip(start, twin.state[name]):
+            torch.testing.assert_close(array, (p0 + g0) / 2)
