@@ -12,6 +12,11 @@ the base optimizer. The protocol is deliberately small so that users can write t
 
 Estimators must not read device values on the host (no ``.item()``, ``bool(tensor)``):
 the explored optimizer's ``step()`` stays free of host synchronisation.
+
+An estimator may also offer ``estimate_deferred(closure, param_groups) -> (loss, pending)``:
+the same estimate with its last pass over some parameters left undone and described by a
+:class:`DeferredRestore` (or ``None``), which the explored optimizer's fast path fuses into
+its update kernel (SPSA does: its restore and gradient write, see ``adaptor.fastpath``).
 """
 
 from __future__ import annotations
