@@ -83,20 +83,19 @@ def _bf16_step(optimizer, _params):
 
 
 def _copy_pass(reads: list[torch.Tensor], writes: list[torch.Tensor], *, per_read: int,
-               per_write: int) -> torch.Tensor:
+               per_write: int) -> None:
     """Per tensor (``per_read`` arrays of ``reads`` and ``per_write`` of ``writes`` each):
-    one loop that reads its arrays and writes their sum into its written arrays, and sums
-    it (a reduction, as ALTO's first pass has)."""
-    total = reads[0].new_zeros(())
+    one loop that reads its arrays and writes their mean into its written arrays. No
+    reduction: inductor would split such a loop in two and read the arrays twice (ALTO's
+    pass 1 keeps one loop with ``realize_reads_threshold=1``), and a floor must not cost
+    more than the optimizer it bounds."""
     for i in range(len(reads) // per_read):
         mine = reads[i * per_read : (i + 1) * per_read]
         value = mine[0]
         for array in mine[1:]:
             value = value + array
         for array in writes[i * per_write : (i + 1) * per_write]:
-            array.copy_(value * 0.5)
-        total = total + value.sum()
-    return total
+            array.copy_(value * (1.0 / per_read))
 
 
 _TWINS = itertools.count()
@@ -109,10 +108,10 @@ class TrafficTwin:
     parameter, ``g`` its gradient, any other name a state array of the twin's own). torch
     AdamW's fused step is ``(("p g m v", "p m v"),)``; ALTO's two passes are
     ``(("p g c m v", "c m v"), ("p m v", "p"))``. Each pass is one compiled call per four
-    large tensors, as ours, with a reduction per tensor (ALTO's first pass has two). The
-    values are meaningless; only the time counts: a twin's ratio to torch's fused AdamW is
-    what moving those arrays alone costs on this machine, to set beside an optimizer's
-    ratio and its counted floor.
+    large tensors, as ours, writing the mean of the arrays it reads (no other arithmetic, no
+    reduction). The values are meaningless; only the time counts: a twin's ratio to torch's
+    fused AdamW is what moving those arrays alone costs on this machine, to set beside an
+    optimizer's ratio and its counted floor.
     """
 
     def __init__(self, params, passes: tuple[tuple[str, str], ...]) -> None:
