@@ -97,6 +97,12 @@ PACKED_SHAPES = ((256, 256), (256,), (300, 257), (64,))
 assert torch.Size(PACKED_SHAPES[2]).numel() % 64  # a partial last word (77100 = 64·1204 + 44)
 assert sum(1 for s in PACKED_SHAPES if torch.Size(s).numel() >= FUSED_MIN_NUMEL) == 2
 
+def _packed_entry(name, fused=None):
+    """SPSA's packed one-pass kernels under E(SGD) on PACKED_SHAPES; ``fused``: E's."""
+    return _spsa_entry(name, _sgd, spsa={"fused": True}, alpha=0.5, beta=0.01,
+                       shapes=PACKED_SHAPES, adaptor={"fused": fused})
+
+
 INFOS = [
     _spsa_entry("SPSA+E(SGD)", _sgd, alpha=0.5, beta=0.01),
     _spsa_entry("SPSA+SGD (alpha=0)", _sgd, alpha=0.0, with_base=False),
@@ -111,24 +117,9 @@ INFOS = [
     _spsa_entry(
         "SPSA(seed=None)+E(Adam)", _adam, spsa={"seed": None}, with_base=False
     ),
-    _spsa_entry(
-        "SPSA(fused, packed one-pass kernels)+E(SGD)",
-        _sgd,
-        spsa={"fused": True},
-        alpha=0.5,
-        beta=0.01,
-        shapes=PACKED_SHAPES,
-    ),
+    _packed_entry("SPSA(fused, packed one-pass kernels)+E(SGD)"),
     # E's fast path too (fused=True): the restore of the whole-word 256×256 parameter is
     # deferred into the fast path's kernel (adaptor.estimators.DeferredRestore); the
     # partial-word one is restored by SPSA's kernel, the small ones by the generic path.
-    _spsa_entry(
-        "SPSA(fused)+E(SGD, fused), restore fused into the update",
-        _sgd,
-        spsa={"fused": True},
-        alpha=0.5,
-        beta=0.01,
-        shapes=PACKED_SHAPES,
-        adaptor={"fused": True},
-    ),
+    _packed_entry("SPSA(fused)+E(SGD, fused), restore fused into the update", fused=True),
 ]
