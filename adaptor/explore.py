@@ -547,9 +547,15 @@ class ExploredOptimizer(Optimizer):
         """Whether the estimator may leave its last pass to the fast path
         (:class:`adaptor.estimators.DeferredRestore`): only when nothing reads the
         gradients before the fast path's kernels (no non-finite check, no GradScaler, no
-        telemetry) and outside a torch.compile trace."""
+        telemetry), outside a torch.compile trace, and when ``estimate_deferred`` comes
+        from the class that defines ``estimate`` (a subclass that overrides ``estimate``
+        alone must have it called)."""
+        mro = type(self.estimator).__mro__
+        defines_estimate = next((c for c in mro if "estimate" in c.__dict__), None)
+        defines_deferred = next((c for c in mro if "estimate_deferred" in c.__dict__), None)
         return (
-            callable(getattr(self.estimator, "estimate_deferred", None))
+            defines_deferred is not None
+            and defines_deferred is defines_estimate
             and self._telemetry is None
             and self.fused is not False
             and getattr(self, "_fast_path", True)

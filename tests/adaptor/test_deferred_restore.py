@@ -136,3 +136,23 @@ def test_nothing_is_deferred_when_the_gradients_are_read_first(option):
     before = fastpath.counters["deferred"]
     _run("sgd", torch.float32, steps=3, **option)
     assert fastpath.counters["deferred"] == before
+
+
+def test_a_subclass_that_overrides_estimate_alone_is_called():
+    """``estimate_deferred`` would bypass an overridden ``estimate``: such a subclass is
+    estimated through its own ``estimate`` (nothing deferred)."""
+    calls = []
+
+    class Counting(SPSA):
+        def estimate(self, closure, param_groups):
+            calls.append(1)
+            return super().estimate(closure, param_groups)
+
+    param = torch.randn(256, 256).requires_grad_()
+    optimizer = explore(Counting(seed=1, fused=True), torch.optim.SGD([param], lr=1e-2),
+                        alpha=0.5, beta=0.1, fused=True)
+    before = fastpath.counters["deferred"]
+    for _ in range(3):
+        optimizer.step(lambda: param.sin().sum())
+    assert len(calls) == 3
+    assert fastpath.counters["deferred"] == before
