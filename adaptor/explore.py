@@ -510,6 +510,10 @@ class ExploredOptimizer(Optimizer):
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Estimate the gradient, replace it in place, then run ``base.step()``.
 
+        With an estimator that offers ``estimate_deferred`` (SPSA) and the fast path on, the
+        estimator's last pass over the fast path's parameters (SPSA's restore and gradient
+        write) runs inside the fast path's kernel (:class:`adaptor.estimators.DeferredRestore`).
+
         ``closure`` is evaluated by the estimator (for :class:`Autograd`: under
         ``enable_grad``, and it must call ``backward``). Returns the estimator's loss.
 
