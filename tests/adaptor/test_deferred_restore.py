@@ -156,3 +156,41 @@ def test_a_subclass_that_overrides_estimate_alone_is_called():
         optimizer.step(lambda: param.sin().sum())
     assert len(calls) == 3
     assert fastpath.counters["deferred"] == before
+
+
+def test_the_cuda_scalar_form_agrees_and_does_not_recompile_as_c_changes():
+    """On CUDA the fused restore gets ``c`` as a Python float (``kernel_scalars`` off CPU)
+    and ``w`` as the loss's 0-d tensor. The same compiled kernel, given that form here on
+    CPU tensors, equals the CPU form (``c`` a 0-d tensor), bit for bit, and a new ``c`` at
+    every call does not recompile it (the float is an input, not a constant of the graph)."""
+    from torch._dynamo.utils import counters
+
+    from adaptor.replacement import pack_scalars
+    from adaptor.signs import blocks
+
+    cpu = torch.device("cpu")
+    kernel = fastpath._kernel("sgd", cpu, ("cuda-form-test", True))
+    generator = torch.Generator().manual_seed(6)
+    n = 1 << 16
+    start = [torch.randn(n, generator=generator) for _ in range(3)]  # θ, g, c
+    words = torch.empty(n // 64, dtype=torch.int64).random_(-(2**63), None,
+                                                           generator=generator)
+    float_form = [t.clone() for t in start]
+    tensor_form = [t.clone() for t in start]
+    named = {"k1": 1.05, "alpha": 0.5, "pc": 0.9, "qc": 0.05, "neg_lr": -0.01, "wd": None,
+             "momentum": None, "damp1": None}
+    values, layout = pack_scalars(cpu, torch.float32, named)
+    graphs = []
+    for k in range(6):
+        c = 1e-3 * (1 + k)
+        weight = torch.tensor(0.3 + k, dtype=torch.float64)  # a float64 loss difference
+        for form, shift, w in ((float_form, c, weight),
+                               (tensor_form, torch.tensor(c, dtype=torch.float32),
+                                weight.to(torch.float32))):
+            ps, gs, cs = ([blocks(t)] for t in form)
+            kernel(ps, gs, cs, None, None, values, ([words], shift, w), layout=layout,
+                   maximize=False, nesterov=False)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1], f"recompiled as c changed: {graphs}"
+    for a, b in zip(float_form, tensor_form):
+        assert torch.equal(a, b)
