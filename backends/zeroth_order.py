@@ -229,8 +229,9 @@ class SPSA(GradEstimator):
     of the parameters that hold whole words is done by E's fast-path kernel instead, fused
     with the update (:meth:`estimate_deferred`). The results are bit for bit those of the
     generic path (same signs, same arithmetic). ``fused=None``
-    (default): on CUDA only; on CPU the first step compiles two kernels (up to four with
-    ``samples > 1``: seconds to tens of seconds), ``fused=True`` opts in; there ``c`` and
+    (default): on CUDA only; on CPU the first step compiles two kinds of kernel (up to four
+    with ``samples > 1``), each for the group sizes it meets (four tensors per call, then
+    one): seconds to tens of seconds. ``fused=True`` opts in; there ``c`` and
     the weight enter as 0-d tensors of the parameters' dtype (``kernel_scalars``), rounded
     once as the eager ops round them. On ``meta`` and while an outer ``torch.compile``
     traces the step the same kernel functions run uncompiled.
