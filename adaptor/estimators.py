@@ -124,12 +124,10 @@ class DeferredRestore:
     def __init__(
         self,
         words: dict[int, Any],
-        shift: float,
         scalars: Callable[[torch.device, torch.dtype], tuple[Any, Any]],
         finish: Callable[[list[Any]], None],
     ) -> None:
         self._words = words  # id(parameter) -> (parameter, its words)
-        self.shift = shift
         self.scalars = scalars
         self._finish = finish
 
@@ -150,6 +148,3 @@ class DeferredRestore:
         self._words = {key: entry for key, entry in self._words.items() if key in keep}
         if pending:
             self._finish(pending)
-
-    def __len__(self) -> int:
-        return len(self._words)

@@ -547,27 +547,27 @@ class SPSA(GradEstimator):
         weight: Tensor | float | None = None,
         first: bool = False,
         then: int | None = None,
-        drawn: dict[tuple[int, int], Tensor] | None = None,
+        *,
+        drawn: dict[tuple[int, int], Tensor],
         sample_seed: int | None = None,
     ) -> None:
         """``θ += scale·Δ_s`` (with ``weight``: and ``g (+)= weight·Δ_s``) for the fast
-        entries: the packed words of each parameter (``numel/8`` bytes) are drawn, then one
+        entries: the packed words of each parameter (``numel/8`` bytes) are drawn (or taken
+        from ``drawn``), then one
         kernel per group of FUSED_GROUP parameters of a device and dtype reads and writes
         each ``θ`` (and writes ``g``) once. With ``then`` (and a weight)
         the same pass goes on to ``θ += scale·Δ_then`` (the next sample's first shift),
         rounded as a second pass would round it; the next words are drawn beside the first.
         The last ``numel mod 64`` elements (a partial word) are updated eagerly, with the
         same arithmetic. ``drawn``: the words already drawn in this step, by (sample seed,
-        parameter index); words drawn here are added to it (each sample's words are used
-        by three passes: drawn once, not three times). ``sample_seed``: the sample's seed,
+        parameter index); words drawn here are added to it (each sample's words serve its
+        three passes: drawn once, not three times). ``sample_seed``: the sample's seed,
         when the pass runs after the step counter advanced (a deferred restore)."""
         if sample_seed is None:
             sample_seed = self._sample_seed(sample)
         then_seed = None if then is None else self._sample_seed(then)
 
         def words_of(seed: int, index: int, p: Tensor) -> Tensor:
-            if drawn is None:
-                return self._packed_words(p.numel(), seed, index, p.device)
             words = drawn.get((seed, index))
             if words is None:
                 words = drawn[seed, index] = self._packed_words(p.numel(), seed, index, p.device)
@@ -896,8 +896,10 @@ class SPSA(GradEstimator):
         c = self.perturbation
         fast_indices = self._fast_entries(entries)
         fast = [entry for entry in entries if entry[0] in fast_indices]
-        deferred = [e for e in fast if defer and e[1].numel() % WORD_BITS == 0]
-        now = [e for e in fast if not (defer and e[1].numel() % WORD_BITS == 0)]
+        # with defer, the restore of the entries of whole words is left to the caller
+        whole = {index for index, p, _ in fast if defer and p.numel() % WORD_BITS == 0}
+        deferred = [entry for entry in fast if entry[0] in whole]
+        now = [entry for entry in fast if entry[0] not in whole]
         rest = [entry for entry in entries if entry[0] not in fast_indices]
         self._fill_directions_(rest)
         buckets = self._buckets(rest) if rest else []
@@ -963,7 +965,6 @@ class SPSA(GradEstimator):
 
         return DeferredRestore(
             {id(p): (p, drawn[sample_seed, index]) for index, p, _ in entries},
-            c,
             lambda device, dtype: self._kernel_scalars(device, dtype, c, weight),
             finish,
         )
@@ -1015,7 +1016,7 @@ class SPSA(GradEstimator):
                     apply(sample, c, weight, first=sample == 0)
                     fast_offset = 0.0
                     if fast:
-                        self._fused_pass_(fast, sample, c, weight, sample == 0, then, drawn)
+                        self._fused_pass_(fast, sample, c, weight, sample == 0, then, drawn=drawn)
                         seed = self._sample_seed(sample)
                         for key in [key for key in drawn if key[0] == seed]:
                             del drawn[key]
