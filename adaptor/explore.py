@@ -560,13 +560,20 @@ class ExploredOptimizer(Optimizer):
         return (
             defines_deferred is not None
             and defines_deferred is defines_estimate
-            and self._telemetry is None
-            and self.fused is not False
-            and getattr(self, "_fast_path", True)
+            and self._fast_path_on()
             and not self.skip_nonfinite
             and getattr(self, "grad_scale", None) is None
             and getattr(self, "found_inf", None) is None
             and not torch.compiler.is_compiling()
+        )
+
+    def _fast_path_on(self) -> bool:
+        """Whether :mod:`adaptor.fastpath` may take parameters: never with telemetry or
+        ``fused=False`` (its own eligibility rules then apply per parameter)."""
+        return (
+            self._telemetry is None
+            and self.fused is not False
+            and getattr(self, "_fast_path", True)  # off only for benchmarks
         )
 
     def _update(self, hparams: list[tuple[float, float]], pending: Any) -> None:
@@ -583,13 +590,7 @@ class ExploredOptimizer(Optimizer):
             # Parameters the fast path takes (replacement + torch's SGD/Adam update in one
             # kernel, see adaptor.fastpath; the skip flag masks its writes); never with
             # telemetry.
-            fast = (
-                fastpath.plan(self, hparams, BUFFER_KEY, skip)
-                if self._telemetry is None
-                and self.fused is not False
-                and getattr(self, "_fast_path", True)  # off only for benchmarks
-                else []
-            )
+            fast = fastpath.plan(self, hparams, BUFFER_KEY, skip) if self._fast_path_on() else []
             exclude = {id(p) for *_, params in fast for p in params}
             if pending is not None:  # what the fast path does not take is finished now
                 pending.finish(keep=exclude)
