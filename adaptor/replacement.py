@@ -168,29 +168,19 @@ def _replace_lists_masked_(
             target.copy_(torch.where(keep, c, new))
 
 
-def _replace_pointwise_(gs: list[Tensor], cs: list[Tensor], k1, alpha, p, q) -> None:
+def _replace_pointwise_(gs: list[Tensor], cs: list[Tensor], skip: Tensor | None, k1, alpha, p,
+                        q) -> None:
     # One read of g and c and one write of each when compiled (the foreach chain needs four
-    # passes over both). Computed in the work dtype, rounded once on each write.
+    # passes over both). Computed in the work dtype, rounded once on each write. Where
+    # ``skip`` is 1 the buffer is written back unchanged (bit-identical: the up-cast to the
+    # work dtype and back is exact).
     for i in range(len(gs)):
         g, c = gs[i], cs[i]
         work = work_dtype(c.dtype)
         c_work = c.to(work)
         g_tilde = g.to(work) * k1 + c_work * alpha
-        c.copy_(c_work * p + g_tilde * q)
-        g.copy_(g_tilde)
-
-
-def _replace_pointwise_masked_(
-    gs: list[Tensor], cs: list[Tensor], skip: Tensor, k1, alpha, p, q
-) -> None:
-    # As above; where skip is 1 the buffer is written back unchanged (bit-identical: the
-    # up-cast to the work dtype and back is exact).
-    for i in range(len(gs)):
-        g, c = gs[i], cs[i]
-        work = work_dtype(c.dtype)
-        c_work = c.to(work)
-        g_tilde = g.to(work) * k1 + c_work * alpha
-        c.copy_(torch.where(skip > 0, c_work, c_work * p + g_tilde * q))
+        new = c_work * p + g_tilde * q
+        c.copy_(new if skip is None else torch.where(skip > 0, c_work, new))
         g.copy_(g_tilde)
 
 
@@ -206,8 +196,8 @@ def _kernel(masked: bool, count: int):
         # torch, so scheduling α does not recompile. One code object per (masked, count)
         # (compile_variant), so that each stays within torch's recompile limit across
         # dtypes.
-        function = _replace_pointwise_masked_ if masked else _replace_pointwise_
-        kernel = _compiled_kernels[masked, count] = compile_variant(function, f"_{count}")
+        tag = f"_{'masked' if masked else 'plain'}_{count}"
+        kernel = _compiled_kernels[masked, count] = compile_variant(_replace_pointwise_, tag)
     return kernel
 
 
@@ -375,10 +365,6 @@ def replace_fused_(
             for chunk in chunks(list(range(len(pairs)))):
                 gs = [pairs[i][0] for i in chunk]
                 cs = [pairs[i][1] for i in chunk]
-                kernel = _kernel(skip is not None, len(chunk))
-                if skip is None:
-                    kernel(gs, cs, *scalars)
-                else:
-                    kernel(gs, cs, skip, *scalars)
+                _kernel(skip is not None, len(chunk))(gs, cs, skip, *scalars)
     if small_g:
         replace_foreach_(small_g, small_c, alpha, beta, skip)
