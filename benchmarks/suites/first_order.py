@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from adaptor.replacement import FUSED_MIN_NUMEL, chunks, compile_variant, flat
 from backends.first_order import ALTO, AdaBelief, Lamb
 from benchmarks.harness import Row, Suite
 
@@ -115,22 +116,18 @@ class TrafficTwin:
     """
 
     def __init__(self, params, passes: tuple[tuple[str, str], ...]) -> None:
-        from adaptor.replacement import FUSED_MIN_NUMEL, chunks, compile_variant, flat
-
         self.params = [p for p in params if p.numel() >= FUSED_MIN_NUMEL]
         self.passes = [(reads.split(), writes.split()) for reads, writes in passes]
         names = {name for reads, writes in self.passes for name in reads + writes} - {"p", "g"}
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in names}
-        self.flat, self.chunks = flat, chunks
         # a code object per twin: each compiles its own few graphs (dynamo's limit is 8 each)
         self.kernel = compile_variant(_copy_pass, f"_twin{next(_TWINS)}")
 
     @torch.no_grad()
     def step(self) -> None:
-        arrays = {"p": [self.flat(p) for p in self.params],
-                  "g": [self.flat(p.grad) for p in self.params]}
-        arrays.update({name: [self.flat(t) for t in ts] for name, ts in self.state.items()})
-        for chunk in self.chunks(list(range(len(self.params)))):
+        arrays = {"p": [flat(p) for p in self.params], "g": [flat(p.grad) for p in self.params]}
+        arrays.update({name: [flat(t) for t in ts] for name, ts in self.state.items()})
+        for chunk in chunks(list(range(len(self.params)))):
             for reads, writes in self.passes:
                 self.kernel([arrays[name][i] for i in chunk for name in reads],
                             [arrays[name][i] for i in chunk for name in writes],
