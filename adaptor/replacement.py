@@ -257,12 +257,15 @@ def scalar(values: Tensor | Sequence[float], layout: tuple[str, ...], name: str)
 FUSED_GROUP = 4
 
 
-def chunks(indices: list[int]) -> list[list[int]]:
-    """``indices`` as groups of FUSED_GROUP, then single ones."""
-    full = len(indices) - len(indices) % FUSED_GROUP
-    return [indices[i : i + FUSED_GROUP] for i in range(0, full, FUSED_GROUP)] + [
-        [i] for i in indices[full:]
-    ]
+def chunks(indices: list[int], sizes: tuple[int, ...] = (FUSED_GROUP,)) -> list[list[int]]:
+    """``indices`` as groups of ``sizes[0]`` while they last, then of ``sizes[1]``, ...,
+    then single ones (by default groups of FUSED_GROUP, then singles)."""
+    groups, start = [], 0
+    for size in sizes:
+        while len(indices) - start >= size:
+            groups.append(indices[start : start + size])
+            start += size
+    return groups + [[i] for i in indices[start:]]
 
 
 def flat(t: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import adaptor.replacement as replacement
 from adaptor import E, check_alpha_beta
-from adaptor.replacement import FUSED_MIN_NUMEL, replace_foreach_, replace_fused_
+from adaptor.replacement import FUSED_MIN_NUMEL, chunks, replace_foreach_, replace_fused_
 from tests.adaptor.reference import TwoBufferReference, relative_error
 
 SHAPES = [(5, 3), (7,), (2, 3, 2), ()]
@@ -274,3 +274,16 @@ def test_check_alpha_beta_accepts_the_open_range():
         check_alpha_beta(1, 0, where="param group 3")  # |1| < 1/(1-0) fails, and says where
     assert check_alpha_beta(-5, 0.99) == (-5.0, 0.99)
     assert all(type(x) is float for x in check_alpha_beta(-5, 0.99))
+
+
+def test_chunks_take_each_size_while_it_lasts_then_single_ones():
+    """The default is groups of FUSED_GROUP (4) then single ones; Lamb/ALTO's (8, 4) take
+    eights, then fours, then single ones (at most three tensor counts per variant)."""
+    assert chunks(list(range(6))) == [[0, 1, 2, 3], [4], [5]]
+    assert chunks(list(range(11)), (8, 4)) == [list(range(8)), [8], [9], [10]]
+    assert chunks(list(range(21)), (8, 4)) == [
+        list(range(8)), list(range(8, 16)), [16, 17, 18, 19], [20]
+    ]
+    assert chunks(list(range(8)), (8, 4)) == [list(range(8))]  # exactly full
+    assert chunks(list(range(4))) == [[0, 1, 2, 3]]
+    assert chunks([], (8, 4)) == []

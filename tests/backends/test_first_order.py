@@ -442,8 +442,9 @@ def test_load_state_dict_puts_step_counters_on_the_parameter_device_and_dtype():
         assert fresh.state[p]["step"].device == p.device
 
 
-# Five tensors ≥ FUSED_MIN_NUMEL (the compiled passes take the first four in one call,
-# FUSED_GROUP = 4, and the fifth alone; two of them of equal size) and one below.
+# Five tensors ≥ FUSED_MIN_NUMEL (two of them of equal size) and one below, riding along:
+# the compiled passes take the first four in one call, then the fifth and the small one
+# alone (groups of 8, then 4, then single ones).
 FUSED_SHAPES = [(300, 300), (256, 256), (260, 256), (256, 260), (257, 258), (40,)]
 
 
@@ -485,19 +486,74 @@ def test_fused_path_matches_the_float64_reference(cls, hp):
     assert not torch.equal(ours[1], theta0[1])  # the zero tensor moved (ratio 1)
 
 
-def test_fused_alto_keeps_the_raw_gradient_of_the_tensors_it_takes():
-    """The compiled pass keeps g̃ in registers: ``p.grad`` of a large tensor is the raw
-    gradient after the step; a small tensor (foreach path) holds g̃ = g + α(1-β)g at the
-    first step, as on the unfused paths."""
-    theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
+@pytest.mark.parametrize("cls", [ALTO, Lamb])
+def test_fused_calls_take_small_tensors_along_in_groups_of_eight_then_four(cls, monkeypatch):
+    """Ten flattenable tensors (five large, five small of ranks 1-2) go in one call of eight,
+    then two single ones; a small non-contiguous one and a one-element one take the foreach
+    path. Every tensor matches the float64 reference at rtol 1e-9 (the riders' loops are the
+    compiled pass's own), with a missing gradient at one step."""
+    from backends import first_order
+
+    counts = []
+    real = first_order._kernel
+
+    def recording(name, variant, device):
+        kernel = real(name, variant, device)
+
+        def call(*args, **kwargs):
+            if name == "moments":
+                counts.append(len(args[0]))
+            return kernel(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(first_order, "_kernel", recording)
+    shapes = [*FUSED_SHAPES[:5], (40,), (3, 7), (2,), (33,), (5, 5), (40,), ()]
+    theta0 = initial(torch.float64, shapes=shapes, zero_last=False)
     params = [t.clone().requires_grad_() for t in theta0]
+    strided = torch.zeros(40, 2, dtype=torch.float64)
+    strided[:, 1] = theta0[-2]
+    params[-2] = strided[:, 1].detach().requires_grad_()
+    assert not params[-2].is_contiguous()
+    hp = dict(lr=0.01, weight_decay=1e-2, betas=(0.8, 0.95))
+    if cls is ALTO:
+        hp.update(alpha=-5.0, beta=0.9)
+    optimizer = cls(params, fused=True, **hp)
+    skip = {(1, 6)}
+    for step in range(4):
+        grads = grad_fn([p.detach() for p in params], step)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (step, i) in skip else g.clone()
+        optimizer.step()
+    assert counts == [8, 1, 1] + [8, 1] + [8, 1, 1] * 2  # step 1: one gradient missing
+    reference_hp = {**hp}
+    alpha, beta = reference_hp.pop("alpha", 0.0), reference_hp.pop("beta", 0.0)
+    expected = reference_lamb(theta0, alpha=alpha, beta=beta, steps=4, skip=skip,
+                              **reference_hp)  # fmt: skip
+    assert_all_close([p.detach() for p in params], expected, **F64)
+
+
+def test_fused_alto_keeps_the_raw_gradient_of_the_tensors_it_takes():
+    """The compiled pass keeps g̃ in registers: ``p.grad`` of every tensor it takes (the
+    large ones and the small contiguous ones riding along in their calls) is the raw
+    gradient after the step; a small non-contiguous tensor (foreach path) holds
+    g̃ = g + α(1-β)g at the first step, as on the unfused paths, and so does a bucket
+    without a large tensor (float32 here, all foreach)."""
+    theta0 = initial(torch.float64, shapes=FUSED_SHAPES, zero_last=False)
+    strided = torch.randn(40, 2, dtype=torch.float64)[:, 0]
+    small32 = torch.randn(30, dtype=torch.float32)
+    params = [t.clone().requires_grad_() for t in [*theta0, strided, small32]]
     optimizer = ALTO(params, lr=0.01, alpha=-5.0, beta=0.9, fused=True)
-    grads = grad_fn([p.detach() for p in params], 0)
+    grads = grad_fn([p.detach() for p in params[: len(theta0)]], 0)
+    grads += [torch.randn(40, 2, dtype=torch.float64)[:, 1], torch.randn(30)]
     for p, g in zip(params, grads):
-        p.grad = g.clone()
+        p.grad = g if not g.is_contiguous() else g.clone()  # clone() would make it contiguous
+    grads = [g.clone() for g in grads]
+    assert not params[-2].grad.is_contiguous()
     optimizer.step()
-    assert all(torch.equal(p.grad, g) for p, g in zip(params[:-1], grads[:-1]))
-    torch.testing.assert_close(params[-1].grad, grads[-1] * (1 - 5.0 * 0.1), **F64)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params[:-2], grads[:-2]))
+    for p, g in zip(params[-2:], grads[-2:]):
+        torch.testing.assert_close(p.grad, g * (1 - 5.0 * 0.1))
 
 
 def test_fused_steps_under_a_changing_beta2_do_not_recompile_past_the_limit():
