@@ -24,7 +24,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +148,10 @@ def step_allocations(step: Callable[[], Any], device: torch.device) -> int:
 
 
 def state_tensors(optimizer: object, seen: set[int] | None = None) -> Iterable[torch.Tensor]:
-    """Tensors held as state by an optimizer and the optimizers it wraps (deduplicated)."""
+    """Tensors held as state by an optimizer and the optimizers it wraps (deduplicated).
+
+    Any mapping counts, not only dicts: ``E.state[p]`` is a view merging the adaptor's
+    buffer with the base's entry (counted as a dict only, the adaptor's buffer was missed)."""
     seen = set() if seen is None else seen
     if id(optimizer) in seen:
         return
@@ -161,7 +164,7 @@ def state_tensors(optimizer: object, seen: set[int] | None = None) -> Iterable[t
             if id(value) not in seen:
                 seen.add(id(value))
                 yield value
-        elif isinstance(value, dict):
+        elif isinstance(value, Mapping):
             stack.extend(value.values())
         elif isinstance(value, (list, tuple)):
             stack.extend(value)

@@ -171,3 +171,41 @@ def test_traffic_twins_read_and_write_exactly_the_arrays_they_name():
     for name in "cmv":
         for (p0, g0), array in zip(start, twin.state[name]):
             torch.testing.assert_close(array, (p0 + g0) / 5)
+
+
+def test_state_column_counts_the_adaptors_buffer_beside_the_bases_state():
+    """State bytes per parameter byte, after a step: E's buffer (1 per parameter) is counted
+    with the base's state, seen through ``E.state``'s merged entries, and each tensor once
+    (the base's m and v are reachable from both). The expected numbers are the state layout:
+    SGD 0, SGD with momentum 1 (its buffer), Adam 2 (m, v), each + 1 under E; ALTO 3.
+
+    Mutation caught: counting ``dict`` entries only (E's entries are a Mapping view: E(SGD)
+    read 0.0, E(Adam) 2.0)."""
+    from adaptor import explore
+    from adaptor.estimators import Autograd
+    from backends import ALTO
+    from benchmarks.harness import state_bytes_per_param_byte
+
+    def step(optimizer, params):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        return state_bytes_per_param_byte(optimizer, params)
+
+    def params():
+        return [torch.zeros(8, 4, requires_grad=True), torch.zeros(4, requires_grad=True)]
+
+    cases = {
+        "SGD": (lambda ps: torch.optim.SGD(ps, lr=0.1), 0.0),
+        "SGD momentum": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 1.0),
+        "Adam": (lambda ps: torch.optim.Adam(ps), 2.0),
+        "E(SGD)": (lambda ps: explore(Autograd(), torch.optim.SGD(ps, lr=0.1)), 1.0),
+        "E(SGD momentum)": (
+            lambda ps: explore(Autograd(), torch.optim.SGD(ps, lr=0.1, momentum=0.9)), 2.0
+        ),
+        "E(Adam)": (lambda ps: explore(Autograd(), torch.optim.Adam(ps)), 3.0),
+        "ALTO": (lambda ps: ALTO(ps), 3.0),
+    }
+    for name, (make, expected) in cases.items():
+        ps = params()
+        assert step(make(ps), ps) == expected, name
