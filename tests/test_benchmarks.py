@@ -152,7 +152,7 @@ def test_traffic_twins_read_and_write_exactly_the_arrays_they_name():
     θ, m, v and writes θ (their mean). Starting from zero state: c = m = v = (θ + g)/5, then
     θ ← (θ + m + v)/3; g is only read."""
     from adaptor.replacement import FUSED_MIN_NUMEL
-    from benchmarks.suites.first_order import TrafficTwin
+    from benchmarks.twins import TrafficTwin
 
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(FUSED_MIN_NUMEL + k, generator=generator) for k in range(4)]
@@ -209,3 +209,32 @@ def test_state_column_counts_the_adaptors_buffer_beside_the_bases_state():
     for name, (make, expected) in cases.items():
         ps = params()
         assert step(make(ps), ps) == expected, name
+
+
+def test_spsa_twin_evaluates_twice_and_moves_the_nine_arrays_it_names():
+    """Two evaluations, θ read and written before each (the mean of θ alone: unchanged),
+    then θ, c ← (θ + c)/2 and g ← (θ + c)/2 with c starting at 0; small tensors left alone,
+    as ours. Mutation caught: a pass dropped or its arrays swapped."""
+    from adaptor.replacement import FUSED_MIN_NUMEL
+    from benchmarks.suites.zeroth_order import SPSATwin
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(FUSED_MIN_NUMEL + k, generator=generator) for k in range(5)]
+    params.append(torch.randn(10, generator=generator))
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    start = [(p.clone(), p.grad.clone()) for p in params]
+    twin = SPSATwin(params)
+    calls, perturbs = [], []
+    kernel = twin.perturb.kernel
+    twin.perturb.kernel = lambda *a, **k: perturbs.append(len(a[0])) or kernel(*a, **k)
+    assert twin.step(lambda: calls.append(1) or torch.tensor(float(len(calls)))) == 1.0
+    assert len(calls) == 2
+    assert perturbs == [4, 1, 4, 1]  # θ in place before each evaluation, four tensors a call
+    for (p0, g0), p, c in zip(start, params, twin.update.state["c"] + [None]):
+        if c is None:
+            assert torch.equal(p, p0) and torch.equal(p.grad, g0)
+            continue
+        torch.testing.assert_close(p, p0 / 2)
+        torch.testing.assert_close(p.grad, p0 / 2)
+        torch.testing.assert_close(c, p0 / 2)

@@ -23,6 +23,7 @@ from torch.func import functional_call
 from adaptor import E, explore
 from backends.zeroth_order import SPSA
 from benchmarks.harness import DRY_RUN_MODEL, Row, Suite, build_model
+from benchmarks.twins import TrafficTwin
 
 BATCH = 64
 _MODELS: dict[tuple, tuple[nn.Module, list[str], torch.Tensor]] = {}
@@ -88,6 +89,29 @@ class SPSAThenBase:
         return loss
 
 
+class SPSATwin:
+    """The traffic twin of ``SPSA(fused=True)`` + ``E(SGD, fused=True)`` with one sample: the
+    same two forward passes, and copy passes (``benchmarks.twins.TrafficTwin``,
+    four large tensors per call) that move the arrays its three passes move: θ read and
+    written before each evaluation, then θ and E's buffer c read and θ, c and g written (the
+    update with SPSA's restore and gradient write fused in: 9 arrays). No random words, no
+    arithmetic beyond a mean, no Python beyond the calls: its ratio is what the evaluations
+    and the traffic alone cost on this machine, a floor for that row."""
+
+    def __init__(self, params) -> None:
+        self.perturb = TrafficTwin(params, (("p", "p"),))
+        self.update = TrafficTwin(params, (("p c", "p c g"),))
+
+    @torch.no_grad()
+    def step(self, closure):
+        self.perturb.step()
+        loss = closure()
+        self.perturb.step()
+        closure()
+        self.update.step()
+        return loss
+
+
 def _sgd(params):
     return torch.optim.SGD(params, lr=1e-4)
 
@@ -119,6 +143,8 @@ SUITE = Suite(
         Row("SPSA fused+E(SGD) fused (floor 2x)",
             lambda p: explore(SPSA(seed=0, fused=True), _sgd(p), fused=True),
             step=_closure_step),
+        Row("traffic twin of SPSA fused+E(SGD) fused: 2 forwards, copies of its 9 arrays",
+            SPSATwin, step=_closure_step),
         Row("SPSA fused+E(Adam) fused (floor 2x)",
             lambda p: explore(SPSA(seed=0, fused=True), _adam(p), fused=True),
             step=_closure_step),
@@ -135,5 +161,8 @@ SUITE = Suite(
         "x baseline = SPSA step time in forward passes of the same model and batch",
         "floor: 2 x samples forward passes; the rest is perturbation, drawing Δ, the update",
         "state: E's one buffer per parameter (1.0); SPSA itself keeps two Python integers",
+        "traffic twin: the same two forward passes and copy kernels that move the 9 arrays of "
+        "the fused one-sample step (θ before each evaluation; θ, c read and θ, c, g written): "
+        "what the evaluations and the traffic alone cost here, a floor for the row above it",
     ],
 )
