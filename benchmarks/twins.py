@@ -18,17 +18,19 @@ from adaptor.replacement import FUSED_MIN_NUMEL, chunks, compile_variant, flat
 def _copy_pass(reads: list[torch.Tensor], writes: list[torch.Tensor], *, per_read: int,
                per_write: int) -> None:
     """Per tensor (``per_read`` arrays of ``reads`` and ``per_write`` of ``writes`` each):
-    one loop that reads its arrays and writes their mean into its written arrays. No
+    one loop that reads its arrays and writes their mean into its written arrays, negated
+    when it reads one array (``θ ← θ·1`` is folded by inductor into no pass at all). No
     reduction: inductor would split such a loop in two and read the arrays twice (ALTO's
     pass 1 keeps one loop with ``realize_reads_threshold=1``), and a floor must not cost
     more than the optimizer it bounds."""
+    scale = -1.0 if per_read == 1 else 1.0 / per_read
     for i in range(len(reads) // per_read):
         mine = reads[i * per_read : (i + 1) * per_read]
         value = mine[0]
         for array in mine[1:]:
             value = value + array
         for array in writes[i * per_write : (i + 1) * per_write]:
-            array.copy_(value * (1.0 / per_read))
+            array.copy_(value * scale)
 
 
 _TWINS = itertools.count()

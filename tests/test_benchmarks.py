@@ -212,9 +212,9 @@ def test_state_column_counts_the_adaptors_buffer_beside_the_bases_state():
 
 
 def test_spsa_twin_evaluates_twice_and_moves_the_nine_arrays_it_names():
-    """Two evaluations, θ read and written before each (the mean of θ alone: unchanged),
-    then θ, c ← (θ + c)/2 and g ← (θ + c)/2 with c starting at 0; small tensors left alone,
-    as ours. Mutation caught: a pass dropped or its arrays swapped."""
+    """Two evaluations, θ read and written before each (negated: ``θ ← θ`` would be folded
+    into no pass), then θ, c ← (θ + c)/2 and g ← (θ + c)/2 with c starting at 0; small
+    tensors left alone, as ours. Mutation caught: a pass dropped or its arrays swapped."""
     from adaptor.replacement import FUSED_MIN_NUMEL
     from benchmarks.suites.zeroth_order import SPSATwin
 
@@ -225,11 +225,18 @@ def test_spsa_twin_evaluates_twice_and_moves_the_nine_arrays_it_names():
         p.grad = torch.randn(p.shape, generator=generator)
     start = [(p.clone(), p.grad.clone()) for p in params]
     twin = SPSATwin(params)
-    calls, perturbs = [], []
+    calls, perturbs, seen = [], [], []
     kernel = twin.perturb.kernel
     twin.perturb.kernel = lambda *a, **k: perturbs.append(len(a[0])) or kernel(*a, **k)
-    assert twin.step(lambda: calls.append(1) or torch.tensor(float(len(calls)))) == 1.0
-    assert len(calls) == 2
+
+    def closure():  # records θ as each evaluation sees it
+        seen.append([p.clone() for p in params[:5]])
+        calls.append(1)
+        return torch.tensor(float(len(calls)))
+
+    assert twin.step(closure) == 1.0
+    assert len(calls) == 2 and len(seen) == 2
+    assert all(torch.equal(x, -p0) for x, (p0, _) in zip(seen[0], start[:5]))
     assert perturbs == [4, 1, 4, 1]  # θ in place before each evaluation, four tensors a call
     for (p0, g0), p, c in zip(start, params, twin.update.state["c"] + [None]):
         if c is None:

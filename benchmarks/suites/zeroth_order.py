@@ -101,6 +101,7 @@ class SPSATwin:
     def __init__(self, params) -> None:
         self.perturb = TrafficTwin(params, (("p", "p"),))
         self.update = TrafficTwin(params, (("p c", "p c g"),))
+        self.state = self.update.state  # c, as E's buffer: the state column reads 1.0
 
     @torch.no_grad()
     def step(self, closure):
