@@ -896,8 +896,9 @@ def _members(bucket: _Bucket, i: int) -> list[Tensor]:
 def _lamb_fused(
     bucket: _Bucket, skip: Tensor | None, *, fallback: Callable[..., None], **hp: Any
 ) -> None:
-    """A bucket with a large tensor through the two compiled passes (its small
-    non-flat_ok tensors through ``fallback``); one without, all through ``fallback``."""
+    """A bucket with a large tensor through the two compiled passes (but for its small
+    tensors that cannot be flattened or have fewer than 2 elements: ``fallback``); a bucket
+    without one, all through ``fallback``."""
     explores = len(bucket.states) == 3
     is_large = [p.numel() >= FUSED_MIN_NUMEL for p in bucket.params]
     k1 = alpha = persist = inject = None
@@ -1174,9 +1175,9 @@ class ALTO(Lamb):
     ``exp_avg_sq`` (v) and ``explore_buffer`` (c). After ``step()``, ``p.grad`` holds ``g̃``
     (the replacement is in place, as in the adaptor), except for the tensors the compiled
     path takes (``fused=True``: the tensors of a device/dtype bucket holding one of at least
-    65536 elements, but for small non-contiguous ones): there ``g̃`` is never written out
-    and ``p.grad`` keeps the raw gradient. ``ALTO.explores`` is ``True``: the adaptor refuses
-    to wrap an optimizer that already explores.
+    65536 elements, but for small non-contiguous ones and those of one element): there
+    ``g̃`` is never written out and ``p.grad`` keeps the raw gradient. ``ALTO.explores`` is
+    ``True``: the adaptor refuses to wrap an optimizer that already explores.
 
     Defaults are the paper's for batches ≥ 1K: ``alpha=-5``, ``beta=0.99``,
     ``betas=(0.9, 0.99)``, ``weight_decay=1e-4``, ε₁ = ε₂ = 1e-6, ε₃ = 1e-10, no gradient
