@@ -4,8 +4,10 @@ The compiled kernels run only on tensors of at least ``adaptor.replacement.FUSED
 (65536) elements; smaller ones take the foreach path. The other entries of the table are far
 below that size, so without these entries the fused path — the default on CUDA — would never
 run under the generic tests (meta device, host-read probe, resume, copies, hooks, bad state
-dicts, non-finite steps). Each entry mixes two large tensors with two small ones, so that the
-compiled and the foreach halves of one step both run.
+dicts, non-finite steps). Each entry mixes two large tensors with small ones, so that the
+compiled and the foreach halves of one step both run: E's fast path leaves every small tensor
+to the generic path; Lamb and ALTO take small contiguous ones along in their compiled calls
+and leave the one-element tensor to the foreach path.
 
 Compiling takes seconds per kernel on CPU: ``fused_compile=True`` limits these entries to the
 float32 tests and puts their tests in one xdist group (one worker compiles each kernel).
@@ -24,9 +26,10 @@ from adaptor.replacement import FUSED_MIN_NUMEL
 from backends.first_order import ALTO, Lamb
 from tests.optim_db import OptimizerInfo
 
-# Two compiled-path tensors (256·256 and 320·256 elements) and two foreach-path ones; the
-# param-group test splits them [:2] / [2:], one of each kind per group.
-SHAPES = ((256, 256), (256,), (320, 256), (64,))
+# Two large tensors (256·256 and 320·256 elements) and three small ones, one of them of a
+# single element (the foreach path under Lamb and ALTO too); the param-group test splits
+# them [:2] / [2:], a large and a small one in each group.
+SHAPES = ((256, 256), (256,), (320, 256), (64,), (1,))
 assert sum(1 for s in SHAPES if torch.Size(s).numel() >= FUSED_MIN_NUMEL) == 2
 
 _E_KEYS = ("state_dtype", "skip_nonfinite")
