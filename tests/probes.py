@@ -151,3 +151,64 @@ def host_read_probe(
                 setattr(torch.Tensor, name, original)
             else:
                 delattr(torch.Tensor, name)
+
+
+# -- inside compiled kernels ------------------------------------------------------------------
+
+# What a traced ``t.item()``, ``float(t)``, ``int(t)`` or ``t.tolist()`` leaves in a graph:
+# a method or function of one of these names (an aten overload's name ends in ``.default``).
+_GRAPH_READS = ("item", "tolist", "_local_scalar_dense")
+
+
+def _reads_value(node: torch.fx.Node) -> bool:
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.split(".")[0] in _GRAPH_READS
+
+
+@contextlib.contextmanager
+def compiled_graph_reads() -> Iterator[tuple[list[str], list[str]]]:
+    """Yields ``(graphs, reads)``: the names of the graphs the library compiles while the
+    context is open, and ``"graph: node"`` for each node of them that reads a value on the
+    host.
+
+    The probe above sees Python calls only. Inside a kernel compiled by
+    ``adaptor.replacement.compile_variant`` dynamo traces ``float(t)`` (or ``t.item()``,
+    ``int(t)``) into the graph as an ``item`` node, with ``fullgraph=True`` and no error: on
+    CPU the C++ kernel then reads the value without a Python call, on CUDA it synchronises.
+    Here every kernel is compiled anew (the library's kernel caches are replaced by empty
+    ones, and put back on exit) with a backend that keeps the graph and runs it as it is.
+    """
+    import adaptor.fastpath as fastpath
+    import adaptor.replacement as replacement
+    import backends.first_order as first_order
+    import backends.zeroth_order as zeroth_order
+
+    caches = [(replacement, "_compiled_kernels"), (fastpath, "_compiled"),
+              (first_order, "_compiled"), (zeroth_order, "_compiled")]  # fmt: skip
+    saved = [getattr(module, name) for module, name in caches]
+    real_compile = torch.compile
+    graphs: list[str] = []
+    reads: list[str] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs):
+        name = f"graph {len(graphs)}"
+        graphs.append(name)
+        reads.extend(f"{name}: {node.format_node()}" for node in gm.graph.nodes
+                     if _reads_value(node))  # fmt: skip
+        return gm.forward
+
+    def compile_keeping(function, **kwargs):
+        kwargs.pop("options", None)  # inductor's, and the graph is not handed to inductor
+        return real_compile(function, backend=keep, **kwargs)
+
+    try:
+        for module, name in caches:
+            setattr(module, name, {})
+        torch.compile = compile_keeping
+        yield graphs, reads
+    finally:
+        torch.compile = real_compile
+        for (module, name), cache in zip(caches, saved):
+            setattr(module, name, cache)

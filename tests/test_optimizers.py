@@ -18,7 +18,7 @@ from tests.optim_db import (
     run_steps,
     step_with_empty_grads,
 )
-from tests.probes import host_read_probe
+from tests.probes import compiled_graph_reads, host_read_probe
 
 by_name = pytest.mark.parametrize("info", entries())
 
@@ -62,6 +62,22 @@ def test_no_host_reads_in_steady_state_step(info):
         with host_read_probe() as reads:
             optimizer.step()
     assert reads == [], f"host reads inside step(): {reads}"
+
+
+@pytest.mark.parametrize(
+    "info", entries(when=lambda info: info.fused_compile and info.shapes is not None)
+)
+def test_compiled_kernels_read_no_value_on_the_host(info):
+    """The entries whose tensors are large enough for the compiled kernels (the CUDA
+    default), with their kernels traced anew: no graph holds a host read (``item``,
+    ``tolist``), which the probe of the test above cannot see inside a compiled kernel.
+    Mutation caught: ``float(ratio)`` in Lamb/ALTO's compiled pass 1."""
+    params = make_params(info)
+    optimizer = info.build(params)
+    with compiled_graph_reads() as (graphs, reads):
+        run_steps(info, optimizer, params, range(3))
+    assert graphs, "no kernel was compiled: the entry's compiled path did not run"
+    assert reads == [], f"host reads inside compiled kernels: {reads}"
 
 
 @by_name
